@@ -1,0 +1,146 @@
+"""The ``wbc`` command: each sub-command parses its options, then calls one function of the modules beside it.
+
+Problems with the user's input (``WbcError``) print one line naming the problem and the fix, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wbc_trust import config
+from wbc_trust.errors import WbcError
+from wbc_trust.trust.cli import trust_app
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Classify white blood cells and tell how far to trust each answer.")
+app.add_typer(trust_app, name="trust")
+console = Console()
+
+ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file (.safetensors); default: the shipped model")]
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="image folder: class folders, Kaggle Train/Test-A/Test-B, or PBC")],
+    out: Annotated[Path, typer.Option(help="run folder for model.safetensors, history, curves, split")],
+    arch: Annotated[str, typer.Option(help="cnn | vgg16 | resnet50 | efficientnet_lite0")] = "efficientnet_lite0",
+    epochs: int = config.EPOCHS,
+    batch_size: int = config.BATCH_SIZE,
+    lr: float = config.LEARNING_RATE,
+    img_size: Annotated[Optional[int], typer.Option(help="input size in pixels; default per architecture")] = None,
+    seed: int = config.SEED,
+    pretrained: Annotated[Optional[str], typer.Option(help="imagenet | PATH to a weights file | none")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT/checkpoint.pt")] = False,
+    max_images: Annotated[Optional[int], typer.Option(help="use at most this many images per split (quick runs)")] = None,
+) -> None:
+    """Train a model; the best-on-validation weights go to OUT/model.safetensors."""
+    from wbc_trust.train import TrainConfig, train as run_training
+
+    result = run_training(TrainConfig(
+        data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
+        pretrained=pretrained, freeze_backbone=freeze_backbone, resume=resume, max_images=max_images,
+    ))
+    console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {out / 'model.safetensors'}")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="labelled image folder")],
+    out: Annotated[Path, typer.Option(help="folder for metrics.json, report, confusion matrix, predictions.csv")],
+    model: ModelOption = None,
+) -> None:
+    """Evaluate a model on a labelled folder (its held-out test split if it is the model's own training data)."""
+    from wbc_trust.evaluate import evaluate as run_evaluation
+
+    metrics = run_evaluation(model, data, out)
+    print_metrics(metrics)
+    console.print(f"written to {out}/: metrics.json, classification_report.txt, confusion_matrix.png, predictions.csv")
+
+
+def print_metrics(metrics: dict) -> None:
+    """Per-class table, confusion matrix and headline numbers, as a person would want to read them."""
+    table = Table(title=f"accuracy {metrics['accuracy']:.2%} · macro-F1 {metrics['macro_f1']:.2%} · "
+                        f"{metrics['n_images']} images, {metrics.get('n_unreadable', 0)} unreadable")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+    matrix = Table(title="confusion matrix (rows = truth, columns = prediction)")
+    matrix.add_column("")
+    for name in metrics["classes"]:
+        matrix.add_column(name[:4], justify="right")
+    for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
+        matrix.add_row(name, *map(str, row))
+    console.print(matrix)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (searched recursively)")],
+    model: ModelOption = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="write one row per file to this CSV")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
+    from wbc_trust.data import find_unlabelled
+    from wbc_trust.predict import Predictor
+
+    predictor = Predictor(model)
+    results = predictor.predict_files(find_unlabelled(paths))
+    if csv:
+        predictor.write_csv(results, csv)
+    if as_json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        table = Table()
+        for column in ("file", "class", "confidence", *[c[:4] for c in predictor.classes], "flag"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            probs = [f"{r.probabilities[c]:.3f}" for c in predictor.classes] if r.probabilities else [""] * len(predictor.classes)
+            table.add_row(Path(r.path).name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "", *probs, r.flag)
+        console.print(table)
+    if csv:
+        console.print(f"wrote {len(results)} rows to {csv}")
+    if all(r.prediction is None for r in results):
+        raise WbcError("none of the files could be read as images (see the flag column)")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="where to write the evaluation files")] = Path("demo_out")) -> None:
+    """Evaluate the shipped default model on the shipped sample of PBC images it never trained on."""
+    from wbc_trust.evaluate import evaluate as run_evaluation
+    from wbc_trust.predict import Predictor
+
+    metrics = run_evaluation(None, config.SAMPLE_DATA_DIR, out)
+    print_metrics(metrics)
+    predictor = Predictor()
+    examples = [sorted((config.SAMPLE_DATA_DIR / c).iterdir())[0] for c in config.CLASSES]
+    table = Table(title="a few predictions")
+    for column in ("file", "true class", "predicted", "confidence"):
+        table.add_column(column)
+    for path, r in zip(examples, predictor.predict_files(examples, progress=False)):
+        table.add_row(path.name, path.parent.name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "")
+    console.print(table)
+    console.print(f"confusion matrix and per-image predictions: {out}/confusion_matrix.png, {out}/predictions.csv")
+
+
+def main() -> None:
+    """Entry point of ``wbc``: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except WbcError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The data layer: find images in any supported layout, read them safely, split them, cache them, augment them.
+
+One image's way in: ``find_dataset`` lists ``(path, class)`` records → ``read_image`` opens one file and checks it →
+``load_images`` decodes and resizes every image once (cached on disk) → ``ImageTensorDataset`` serves them to training
+with the seed's augmentation, or unchanged to evaluation and prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from wbc_trust import config
+from wbc_trust.errors import WbcError
+
+Image.MAX_IMAGE_PIXELS = config.MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported, never half-read
+
+
+class UnreadableImage(Exception):
+    """A file that is not a usable image; ``str(exc)`` is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image file and its class index (``None`` when the class is unknown, e.g. files to predict)."""
+
+    path: Path
+    label: int | None
+
+
+@dataclass
+class DatasetIndex:
+    """What ``find_dataset`` found: the images per split and what it left out."""
+
+    root: Path
+    layout: str  # "class-folders" or "kaggle"
+    splits: dict[str, list[Record]]  # "all", or "train" (to be split into train/val), "test", "test_b"
+    ignored_classes: dict[str, int] = field(default_factory=dict)  # folder name → number of files left out
+
+    def summary(self) -> dict:
+        """A JSON-able description that is stored in model metadata and printed by the CLI."""
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "splits": {name: _class_counts(records) for name, records in self.splits.items()},
+            "ignored_classes": self.ignored_classes,
+        }
+
+
+def _class_counts(records: Iterable[Record]) -> dict[str, int]:
+    counts = Counter(config.CLASSES[r.label] for r in records if r.label is not None)
+    return {c: counts.get(c, 0) for c in config.CLASSES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading one image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_image_name(path: Path) -> bool:
+    """True when the file ending is one we read (case-insensitive)."""
+    return path.suffix.lower() in config.IMAGE_EXTENSIONS
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white (the background of a smear)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size else 0.0
+        scale = 255.0 / peak if peak > 255 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
+    """Open one image file (or its bytes), check it fully, and return it as RGB, optionally resized to size×size.
+
+    Raises ``UnreadableImage`` with a human reason (not an image, truncated, too many pixels, ...).
+    Multi-frame files give their first frame; EXIF rotation is applied.
+    """
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from exc
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.seek(0)
+            if size is not None and image.format == "JPEG":
+                image.draft("RGB", (size, size))  # decode at reduced scale: same result every time, much faster
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(
+            f"image too large (over {config.MAX_IMAGE_PIXELS:,} pixels): refused as a possible decompression bomb"
+        ) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnreadableImage("not an image file (unknown format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise UnreadableImage(f"broken or truncated image ({exc})") from exc
+    if min(image.size) < 1:
+        raise UnreadableImage("image has no pixels")
+    image = _to_rgb(image)
+    if size is not None:
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → uint8 tensor 3×H×W (the cache format)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding images
+# ---------------------------------------------------------------------------------------------------------------
+
+_KAGGLE_SPLITS = {"train": "train", "test-a": "test", "test-b": "test_b"}
+
+
+def _subdirs(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def list_files(folder: Path) -> list[Path]:
+    """All image-named files below ``folder`` (recursive, sorted; hidden files included so broken ones get reported)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))
+
+
+def _class_folder_records(folder: Path, ignored: dict[str, int]) -> list[Record]:
+    records: list[Record] = []
+    for name, sub in _subdirs(folder).items():
+        if name in config.CLASSES:
+            label = config.CLASSES.index(name)
+            records.extend(Record(p, label) for p in list_files(sub))
+        else:
+            ignored[sub.name] = ignored.get(sub.name, 0) + len(list_files(sub))
+    return records
+
+
+def find_dataset(root: str | Path, require_all_classes: bool = True) -> DatasetIndex:
+    """Find the labelled images below ``root``.
+
+    Understands class folders in any letter case (``Neutrophil/``, ``NEUTROPHIL/``), the Kaggle "White Blood Cells
+    Dataset" layout (``Train/ Test-A/ Test-B/`` with class folders inside), and PBC's layout, whose extra classes
+    (platelet, ig, ...) are reported in ``ignored_classes`` and left out.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise WbcError(f"data folder {root} does not exist: check the path (--data)")
+    if not root.is_dir():
+        raise WbcError(f"{root} is a file, not a folder: pass a folder with one sub-folder per class")
+    ignored: dict[str, int] = {}
+    subdirs = _subdirs(root)
+    if "train" in subdirs and ("test-a" in subdirs or "test" in subdirs):
+        layout = "kaggle"
+        splits = {}
+        for name, sub in subdirs.items():
+            split = _KAGGLE_SPLITS.get(name, "test" if name == "test" else None)
+            if split is not None:
+                splits[split] = _class_folder_records(sub, ignored)
+    else:
+        layout = "class-folders"
+        splits = {"all": _class_folder_records(root, ignored)}
+    records = [r for rs in splits.values() for r in rs]
+    if not records:
+        if not any(name in config.CLASSES for name in subdirs):
+            raise WbcError(
+                f"no class folders in {root}: expected sub-folders named {', '.join(config.CLASSES)} "
+                "(any letter case), or the Kaggle layout Train/ Test-A/ Test-B/"
+            )
+        raise WbcError(f"no image files in the class folders of {root}: add .jpg/.png/.bmp/.tif images")
+    present = {config.CLASSES[r.label] for r in records if r.label is not None}
+    missing = [c for c in config.CLASSES if c not in present]
+    if missing and require_all_classes:
+        raise WbcError(
+            f"class folder(s) {', '.join(missing)} missing or empty in {root}: every class needs images to train on"
+        )
+    return DatasetIndex(root=root, layout=layout, splits=splits, ignored_classes=ignored)
+
+
+def find_unlabelled(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of files to predict; raises on a missing path."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise WbcError(f"{p} does not exist: pass image files or folders that contain images")
+        files.extend(list_files(p) if p.is_dir() else [p])
+    if not files:
+        raise WbcError(f"no image files found in {', '.join(map(str, paths))}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: byte-identical duplicates share it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def split_records(
+    records: Sequence[Record],
+    digests: Sequence[str],
+    fractions: dict[str, float],
+    seed: int = config.SEED,
+) -> dict[str, list[Record]]:
+    """Stratified, seeded split that keeps byte-identical files (even with different labels) on one side.
+
+    ``fractions`` maps split names other than "train" to their share, e.g. ``{"val": .15, "test": .15}``.
+    Groups of identical files are split as units, stratified by the first member's class.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(i)
+    keys = list(groups)
+    strata = [records[groups[k][0]].label for k in keys]
+    assignment: dict[str, list[str]] = {}
+    remaining, remaining_strata, left = keys, strata, 1.0
+    for name, share in fractions.items():
+        remaining, taken, remaining_strata, _ = train_test_split(
+            remaining, remaining_strata, test_size=share / left, stratify=remaining_strata, random_state=seed
+        )
+        assignment[name] = taken
+        left -= share
+    assignment["train"] = remaining
+    return {name: [records[i] for k in sorted(ks) for i in groups[k]] for name, ks in assignment.items()}
+
+
+def relative_paths(records: Iterable[Record], root: Path) -> list[str]:
+    """Paths relative to the data root, as written to split.json and model metadata."""
+    return [str(r.path.relative_to(root)) for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode once, cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImages:
+    """Decoded, resized images of a list of records, plus the ones that could not be read."""
+
+    records: list[Record]  # readable ones, aligned with ``images``
+    images: torch.Tensor  # uint8 N×3×S×S
+    digests: list[str]  # SHA-256 of each readable file
+    unreadable: list[tuple[Path, str]]  # (path, reason)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([r.label if r.label is not None else -1 for r in self.records], dtype=torch.long)
+
+
+def cache_dir() -> Path:
+    """Where decoded images are cached: ``$WBC_CACHE_DIR`` or ``~/.cache/wbc-trust``."""
+    return Path(os.environ.get("WBC_CACHE_DIR", Path.home() / ".cache" / "wbc-trust"))
+
+
+def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, str, str | None]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, "", f"cannot read file: {exc.strerror or exc}"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return image_to_tensor(read_image(data, size)), digest, None
+    except UnreadableImage as exc:
+        return None, digest, str(exc)
+
+
+def _cache_key(paths: Sequence[Path], size: int) -> str:
+    h = hashlib.sha256(f"v1|{size}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def load_images(records: Sequence[Record], size: int, desc: str = "decoding images", cache: bool = True) -> LoadedImages:
+    """Decode and resize every image once (threads; JPEG draft mode), caching the result on disk for the next run.
+
+    Unreadable files are reported (path and reason) and left out, never trained or evaluated on.
+    """
+    records = list(records)
+    key_file = cache_dir() / f"{_cache_key([r.path for r in records], size)}.pt" if cache else None
+    if key_file is not None and key_file.exists():
+        try:
+            blob = torch.load(key_file, weights_only=True)
+            ok = set(blob["ok"])
+            return LoadedImages(
+                records=[r for i, r in enumerate(records) if i in ok],
+                images=blob["images"],
+                digests=blob["digests"],
+                unreadable=[(Path(p), why) for p, why in blob["unreadable"]],
+            )
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            key_file.unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(
+            tqdm(pool.map(lambda r: _decode(r.path, size), records), total=len(records), desc=desc, unit="img",
+                 leave=False, disable=len(records) < 50)
+        )
+    ok_idx = [i for i, (t, _, _) in enumerate(results) if t is not None]
+    images = (
+        torch.stack([results[i][0] for i in ok_idx]) if ok_idx else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    )
+    loaded = LoadedImages(
+        records=[records[i] for i in ok_idx],
+        images=images,
+        digests=[results[i][1] for i in ok_idx],
+        unreadable=[(records[i].path, results[i][2]) for i, (t, _, why) in enumerate(results) if t is None],
+    )
+    if key_file is not None:
+        blob = {
+            "ok": ok_idx,
+            "images": images,
+            "digests": loaded.digests,
+            "unreadable": [(str(p), why) for p, why in loaded.unreadable],
+        }
+        atomic_write(key_file, lambda f: torch.save(blob, f))
+    return loaded
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any written file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write`` for text files (JSON, CSV, reports)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation and the training dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_transform() -> v2.Transform:
+    """The seed's augmentation: rotation ±20°, zoom 20 %, width/height shift 10 %, flips, brightness (uint8 in)."""
+    return v2.Compose(
+        [
+            v2.RandomAffine(
+                degrees=config.AUG_ROTATION_DEG,
+                translate=(config.AUG_SHIFT, config.AUG_SHIFT),
+                scale=(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM),
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=_background_fill(),
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(brightness=config.AUG_BRIGHTNESS),
+        ]
+    )
+
+
+def _background_fill() -> list[float]:
+    """Fill revealed corners with a smear-background-like light pink instead of black."""
+    return [225.0, 215.0, 205.0]
+
+
+class ImageTensorDataset(Dataset):
+    """Cached uint8 images + labels → float [0, 1] tensors, augmented when a transform is given."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image.float().div_(255.0), self.labels[i]

@@ -1,0 +1,114 @@
+"""The one place that saves and loads a model file: safetensors weights plus JSON metadata.
+
+safetensors holds only tensors, so opening a model file can never run code (unlike a pickle). The metadata says
+everything needed to use the model without the training run: architecture, classes in order, input size,
+normalisation, data summary, validation metrics, calibration, credit.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from wbc_trust import config
+from wbc_trust.data import atomic_write
+from wbc_trust.errors import WbcError
+from wbc_trust.models import ARCHS, WbcClassifier, build_model
+
+FORMAT = "wbc-trust-model"
+FORMAT_VERSION = 1
+_META_KEY = "wbc_trust"
+
+
+def save_model(path: Path, model: WbcClassifier, meta: dict) -> None:
+    """Write weights + metadata atomically (temporary file, then rename): a crash never leaves half a model."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    blob = save(state, metadata={_META_KEY: json.dumps(meta)})
+    atomic_write(Path(path), lambda f: f.write(blob))
+
+
+def read_metadata(path: Path) -> dict:
+    """Read and validate only the metadata of a model file (fast: the weights are not loaded)."""
+    path = Path(path)
+    if not path.exists():
+        raise WbcError(f"model file {path} does not exist: train one with `wbc train` or drop --model for the default")
+    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
+        raise WbcError(
+            f"{path} is a pickle-based file, which could run code when opened: wbc-trust only loads .safetensors "
+            "model files written by `wbc train`"
+        )
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len < 100_000_000:
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(header_len))
+        meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise WbcError(f"{path} is not a safetensors model file ({exc}): pass a file written by `wbc train`") from exc
+    _validate(path, meta)
+    return meta
+
+
+def _validate(path: Path, meta: object) -> None:
+    problem = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        problem = "it has no wbc-trust metadata (a safetensors file from another tool?)"
+    elif meta.get("format_version", 0) > FORMAT_VERSION:
+        problem = f"it was written by a newer wbc-trust (format {meta['format_version']}); upgrade wbc-trust"
+    elif meta.get("arch") not in ARCHS:
+        problem = f"unknown architecture {meta.get('arch')!r}"
+    elif not (isinstance(meta.get("classes"), list) and len(meta["classes"]) >= 2
+              and all(isinstance(c, str) for c in meta["classes"])):
+        problem = "its class list is missing or malformed"
+    elif not (isinstance(meta.get("img_size"), int) and 16 <= meta["img_size"] <= 1024):
+        problem = f"its input size {meta.get('img_size')!r} is not a whole number of pixels between 16 and 1024"
+    if problem:
+        raise WbcError(f"{path} is not a usable wbc-trust model: {problem}. Pass a file written by `wbc train`")
+
+
+def load_model(path: Path | None = None) -> tuple[WbcClassifier, dict]:
+    """Load a model file (the shipped default when ``path`` is None) in eval mode, with its metadata."""
+    path = Path(path) if path is not None else config.DEFAULT_MODEL_PATH
+    meta = read_metadata(path)
+    model = build_model(meta["arch"], num_classes=len(meta["classes"]))
+    try:
+        state = load_file(str(path))
+        model.net.load_state_dict(state)
+    except (SafetensorError, RuntimeError) as exc:
+        raise WbcError(f"the weights in {path} do not fit its metadata ({meta['arch']}): the file is damaged") from exc
+    model.eval()
+    return model, meta
+
+
+def run_manifest() -> dict:
+    """Package versions, git commit and platform: stored in every model so a result can be reproduced."""
+    versions = {}
+    for pkg in ("wbc-trust", "torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn"):
+        try:
+            versions[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=config.PACKAGE_DIR, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,64 @@
+"""Every figure wbc-trust draws (matplotlib, headless), each saved atomically as PNG."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from wbc_trust.data import atomic_write  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Render to PNG in memory, then write atomically; closes the figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+
+
+def training_curves(history: Sequence[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """Counts per (true, predicted) class, rows = truth."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=ax, cmap="Blues", colorbar=False,
+                                                                      xticks_rotation=30)
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 5,
+                  title: str = "") -> None:
+    """A grid of RGB images (H×W×3, uint8 or float in [0, 1]) with a caption under each."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)

@@ -1,0 +1,264 @@
+"""The training loop: data folder → split → cached images → model → best-on-validation ``model.safetensors``.
+
+Writes into the run folder: ``model.safetensors``, ``checkpoint.pt`` (for ``--resume``), ``history.json``,
+``curves.png``, ``split.json`` and, when the data has a held-out test split, ``test/metrics.json`` & co.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from wbc_trust import config, plots
+from wbc_trust.data import (
+    ImageTensorDataset,
+    LoadedImages,
+    atomic_write,
+    find_dataset,
+    load_images,
+    relative_paths,
+    split_records,
+    train_transform,
+    write_json,
+)
+from wbc_trust.errors import WbcError
+from wbc_trust.evaluate import compute_metrics, write_outputs
+from wbc_trust.modelfile import run_manifest, save_model
+from wbc_trust.models import autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``wbc train`` accepts; stored in the model's metadata."""
+
+    data: Path
+    out: Path
+    arch: str = "efficientnet_lite0"
+    epochs: int = config.EPOCHS
+    batch_size: int = config.BATCH_SIZE
+    lr: float = config.LEARNING_RATE
+    img_size: int | None = None  # None → the architecture's default
+    seed: int = config.SEED
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    resume: bool = False
+    patience: int = config.EARLY_STOP_PATIENCE
+    label_smoothing: float = config.LABEL_SMOOTHING
+    max_images: int | None = None  # cap per split for quick runs and tests
+    bf16: bool | None = None  # None → on where the CPU supports it natively
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed → same split, same initialisation, same augmentation order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Splits:
+    """Decoded images per split, and what the split file records."""
+
+    loaded: dict[str, LoadedImages]
+    split_file: dict
+
+
+def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
+    """Find the data, decode it once, split it (duplicates kept on one side) and write ``split.json``."""
+    index = find_dataset(cfg.data, require_all_classes=True)
+    if index.ignored_classes:
+        print("left out (not white-cell classes): "
+              + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items()))
+    if index.layout == "kaggle":
+        pool, fractions, fixed = index.splits["train"], {"val": config.VAL_FRACTION}, {
+            k: v for k, v in index.splits.items() if k != "train"}
+    else:
+        pool, fractions, fixed = index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
+    loaded_pool = load_images(pool, img_size, desc="decoding training images")
+    for path, reason in loaded_pool.unreadable:
+        print(f"skipped unreadable file {path}: {reason}")
+    parts = split_records(loaded_pool.records, loaded_pool.digests, fractions, seed=cfg.seed)
+    position = {r.path: i for i, r in enumerate(loaded_pool.records)}
+    loaded: dict[str, LoadedImages] = {}
+    for name, records in parts.items():
+        idx = [position[r.path] for r in records]
+        if cfg.max_images:
+            idx = idx[:: max(1, len(idx) // cfg.max_images)][: cfg.max_images]
+        loaded[name] = LoadedImages(
+            records=[loaded_pool.records[i] for i in idx],
+            images=loaded_pool.images[idx],
+            digests=[loaded_pool.digests[i] for i in idx],
+            unreadable=[],
+        )
+    for name, records in fixed.items():
+        loaded[name] = load_images(records, img_size, desc=f"decoding {name} images")
+    split_file = {
+        "data_root": str(index.root),
+        "layout": index.layout,
+        "seed": cfg.seed,
+        "fractions": fractions,
+        "unreadable": [[str(p), why] for p, why in loaded_pool.unreadable],
+        **{name: relative_paths(li.records, index.root) for name, li in loaded.items()},
+    }
+    write_json(cfg.out / "split.json", split_file)
+    return Splits(loaded, split_file), index.summary()
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (n / (k · count)) so rare basophils and lymphocytes count as much as neutrophils."""
+    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
+    return counts.sum() / (n_classes * counts)
+
+
+def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module) -> tuple[float, dict, torch.Tensor]:
+    probs = predict_probs(model, loaded.images)
+    labels = loaded.labels
+    loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
+    metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
+    return loss, metrics, probs
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one model; returns the best validation metrics (and test metrics when a test split exists)."""
+    cfg.out = Path(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    img_size = cfg.img_size or config.DEFAULT_IMG_SIZE.get(cfg.arch) or 224
+    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    seed_everything(cfg.seed)
+    splits, data_summary = prepare_splits(cfg, img_size)
+    train_set, val_set = splits.loaded["train"], splits.loaded["val"]
+    print(f"{cfg.arch} at {img_size} px, {'bf16 autocast' if use_bf16 else 'fp32'}: "
+          f"{len(train_set.records)} training, {len(val_set.records)} validation images")
+
+    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=config.WEIGHT_DECAY)
+    loader = DataLoader(
+        ImageTensorDataset(train_set.images, train_set.labels, train_transform()),
+        batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set.records) > cfg.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
+    )
+    weights = class_weights(train_set.labels, len(config.CLASSES))
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    eval_criterion = nn.NLLLoss()
+
+    checkpoint_path, model_path = cfg.out / "checkpoint.pt", cfg.out / "model.safetensors"
+    history: list[dict] = []
+    start_epoch, best, stale = 1, None, 0
+    if cfg.resume:
+        if not checkpoint_path.exists():
+            raise WbcError(f"--resume: no checkpoint.pt in {cfg.out}; start without --resume")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history, best, stale = state["history"], state["best"], state["stale"]
+        start_epoch = state["epoch"] + 1
+        print(f"resuming after epoch {state['epoch']}")
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+        for images, labels in bar:
+            images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(use_bf16):
+                logits = model(images)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += float(loss.detach()) * len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val_loss, val_metrics, _ = _evaluate_split(model, val_set, eval_criterion)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_metrics["accuracy"],
+            "val_macro_f1": val_metrics["macro_f1"],
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        improved = best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+              f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
+              + ("  (best so far, saved)" if improved else ""))
+        if improved:
+            best, stale = row, 0
+            save_model(model_path, model, _metadata(cfg, img_size, data_summary, splits, row, use_bf16))
+        else:
+            stale += 1
+        state = {
+            "model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "history": history, "best": best, "stale": stale, "epoch": epoch,
+        }
+        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+        write_json(cfg.out / "history.json", history)
+        plots.training_curves(history, cfg.out / "curves.png")
+        if stale >= cfg.patience:
+            print(f"early stop: no validation improvement for {cfg.patience} epochs")
+            break
+
+    result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+              "train_seconds": history[-1]["seconds"]}
+    for name in ("test", "test_b"):
+        if name in splits.loaded and splits.loaded[name].records:
+            result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
+    return result
+
+
+def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
+    """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
+    from wbc_trust.modelfile import load_model
+
+    model, meta = load_model(model_path)
+    probs = predict_probs(model, loaded.images).numpy()
+    y_true = loaded.labels.numpy()
+    metrics = compute_metrics(y_true, probs.argmax(1), meta["classes"])
+    metrics["n_unreadable"] = len(loaded.unreadable)
+    metrics["evaluated"] = f"held-out {out.name} split of the training data"
+    write_outputs(out, metrics, probs, loaded.records, y_true, meta["classes"])
+    print(f"held-out {out.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+          f"({metrics['n_images']} images) → {out}")
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "n_images")}
+
+
+def _metadata(cfg: TrainConfig, img_size: int, data_summary: dict, splits: Splits, best: dict, bf16: bool) -> dict:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {
+        "arch": cfg.arch,
+        "classes": list(config.CLASSES),
+        "img_size": img_size,
+        "mean": list(config.IMAGENET_MEAN),
+        "std": list(config.IMAGENET_STD),
+        "input": "RGB in [0, 1], whole image resized to img_size × img_size; normalisation is inside the model",
+        "data": {
+            **data_summary,
+            "seed": cfg.seed,
+            "n_train": len(splits.loaded["train"].records),
+            "n_val": len(splits.loaded["val"].records),
+            "test_files": splits.split_file.get("test", []),
+        },
+        "validation": {k: best[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
+        "training": {**settings, "bf16": bf16},
+        "credit": config.PBC_CREDIT,
+        "manifest": run_manifest(),
+    }

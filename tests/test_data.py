@@ -1,0 +1,129 @@
+"""The data layer on real PBC images: layouts, the corrupt file, duplicate-aware splits, the cache, augmentation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
+from wbc_trust import config
+from wbc_trust.data import (
+    Record,
+    UnreadableImage,
+    file_digest,
+    image_to_tensor,
+    find_dataset,
+    load_images,
+    read_image,
+    split_records,
+    train_transform,
+)
+from wbc_trust.errors import WbcError
+
+
+def test_class_folders_in_any_letter_case(tmp_path: Path) -> None:
+    names = {"basophil": "Basophil", "eosinophil": "EOSINOPHIL", "lymphocyte": "lymphocyte",
+             "monocyte": "MoNoCyTe", "neutrophil": "Neutrophil"}
+    index = find_dataset(make_tree(tmp_path, 3, names))
+    assert index.layout == "class-folders"
+    counts = index.summary()["splits"]["all"]
+    assert counts == {c: 3 for c in config.CLASSES}
+
+
+def test_kaggle_layout_train_test_a_test_b(tmp_path: Path) -> None:
+    make_tree(tmp_path / "Train", 4, {c: c.capitalize() for c in config.CLASSES})
+    make_tree(tmp_path / "Test-A", 2, {c: c.capitalize() for c in config.CLASSES}, offset=10)
+    make_tree(tmp_path / "Test-B", 1, {c: c.upper() for c in config.CLASSES}, offset=20)
+    index = find_dataset(tmp_path)
+    assert index.layout == "kaggle"
+    assert {k: len(v) for k, v in index.splits.items()} == {"train": 20, "test": 10, "test_b": 5}
+    assert all(r.path.parent.parent.name == "Test-A" for r in index.splits["test"])
+
+
+def test_pbc_layout_reports_and_drops_extra_classes(tmp_path: Path) -> None:
+    make_tree(tmp_path, 2)
+    platelets = tmp_path / "platelet"
+    platelets.mkdir()
+    for src in sorted((PBC.parent / "pbc-non-wbc" / "platelet").iterdir())[:3]:
+        shutil.copy(src, platelets / src.name)
+    index = find_dataset(tmp_path)
+    assert index.ignored_classes == {"platelet": 3}
+    assert len(index.splits["all"]) == 10
+
+
+def test_corrupt_file_is_reported_and_skipped(tmp_path: Path) -> None:
+    with pytest.raises(UnreadableImage, match="not an image"):
+        read_image(CORRUPT_FILE)
+    records = [Record(CORRUPT_FILE, 4)] + [Record(p, 4) for p in pbc_files("neutrophil", 3)]
+    loaded = load_images(records, 32, cache=False)
+    assert [p for p, _ in loaded.unreadable] == [CORRUPT_FILE]
+    assert len(loaded.records) == 3 and loaded.images.shape == (3, 3, 32, 32)
+    assert CORRUPT_FILE not in [r.path for r in loaded.records]
+
+
+def test_images_are_decoded_once_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))
+    records = [Record(p, 0) for p in pbc_files("basophil", 5)]
+    first = load_images(records, 48)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    second = load_images(records, 48)
+    assert torch.equal(first.images, second.images) and first.digests == second.digests
+
+
+def test_duplicates_stay_on_one_side_of_the_split() -> None:
+    """The real conflicting pair (neutrophil == eosinophil bytes) and real same-class duplicates never straddle."""
+    records = [Record(p, config.CLASSES.index(p.parent.name)) for p in CONFLICTING_PAIR]
+    for cls in ("basophil", "eosinophil"):
+        records += [Record(p, config.CLASSES.index(cls)) for p in pbc_files(cls, 150)]
+    records += [Record(p, config.CLASSES.index(c)) for c in ("lymphocyte", "monocyte", "neutrophil") for p in pbc_files(c, 60)]
+    digests = [file_digest(r.path) for r in records]
+    assert len(set(digests)) < len(digests), "the sample must contain real duplicates"
+    for seed in range(5):
+        parts = split_records(records, digests, {"val": 0.2, "test": 0.2}, seed=seed)
+        side = {}
+        for name, part in parts.items():
+            for r in part:
+                side.setdefault(digests[records.index(r)], set()).add(name)
+        assert all(len(s) == 1 for s in side.values())
+        assert sum(len(p) for p in parts.values()) == len(records)
+
+
+def test_split_is_stratified_and_seeded() -> None:
+    records = [Record(p, config.CLASSES.index(c)) for c in config.CLASSES for p in pbc_files(c, 40)]
+    digests = [file_digest(r.path) for r in records]
+    a = split_records(records, digests, {"val": 0.25}, seed=3)
+    b = split_records(records, digests, {"val": 0.25}, seed=3)
+    c = split_records(records, digests, {"val": 0.25}, seed=4)
+    assert a == b and a != c
+    val_counts = [sum(r.label == i for r in a["val"]) for i in range(5)]
+    assert max(val_counts) - min(val_counts) <= 2
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "no-class-folders", "not-there"])
+def test_bad_folders_raise_clear_errors(tmp_path: Path, problem: str) -> None:
+    if problem == "missing":
+        make_tree(tmp_path, 2)
+        shutil.rmtree(tmp_path / "monocyte")
+        match = "monocyte missing"
+    elif problem == "empty":
+        match = "no class folders"
+    elif problem == "no-class-folders":
+        (tmp_path / "cats").mkdir()
+        shutil.copy(pbc_files("basophil", 1)[0], tmp_path / "cats" / "a.jpg")
+        match = "no class folders"
+    else:
+        tmp_path = tmp_path / "nope"
+        match = "does not exist"
+    with pytest.raises(WbcError, match=match):
+        find_dataset(tmp_path)
+
+
+def test_augmentation_changes_training_images_only() -> None:
+    image = image_to_tensor(read_image(pbc_files("monocyte", 1)[0], 64))
+    torch.manual_seed(0)
+    augmented = [train_transform()(image) for _ in range(4)]
+    assert all(a.shape == image.shape and a.dtype == torch.uint8 for a in augmented)
+    assert sum(not torch.equal(a, image) for a in augmented) >= 3

@@ -1,0 +1,119 @@
+"""A real (tiny) training run: it saves a model file that loads, evaluates and predicts; model-file checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORRUPT_FILE, pbc_files
+from wbc_trust import config
+from wbc_trust.errors import WbcError
+from wbc_trust.evaluate import evaluate
+from wbc_trust.modelfile import load_model, read_metadata
+from wbc_trust.models import build_model
+from wbc_trust.predict import Predictor
+
+
+def test_training_writes_every_artefact(tiny_run: Path) -> None:
+    for name in ("model.safetensors", "checkpoint.pt", "history.json", "curves.png", "split.json"):
+        assert (tiny_run / name).stat().st_size > 0, name
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert history[0]["epoch"] == 1 and 0 <= history[0]["val_accuracy"] <= 1
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"]) and not set(split["train"]) & set(split["val"])
+    meta = read_metadata(tiny_run / "model.safetensors")
+    assert meta["arch"] == "cnn" and meta["classes"] == list(config.CLASSES) and meta["img_size"] == 64
+    assert meta["data"]["test_files"] == split["test"]
+    assert "PBC" in meta["credit"] and meta["manifest"]["versions"]["torch"]
+
+
+def test_saved_model_loads_and_predicts_like_the_trained_one(tiny_run: Path) -> None:
+    model, meta = load_model(tiny_run / "model.safetensors")
+    checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    reference = build_model("cnn")
+    reference.net.load_state_dict(checkpoint["model"])
+    reference.eval()
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_evaluate_on_training_data_uses_only_the_test_split(tiny_run: Path, small_tree: Path, tmp_path: Path) -> None:
+    metrics = evaluate(tiny_run / "model.safetensors", small_tree, tmp_path)
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert metrics["n_images"] == len(split["test"]) and "held-out test split" in metrics["evaluated"]
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "classes", "per_class", "confusion_matrix", "n_images", "n_unreadable"):
+        assert key in written
+    assert set(written["per_class"]["basophil"]) == {"precision", "recall", "f1", "support"}
+    assert sum(map(sum, written["confusion_matrix"])) == written["n_images"]
+    for name in ("classification_report.txt", "confusion_matrix.png", "predictions.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_predict_rows_include_unreadable_files(tiny_run: Path, tmp_path: Path) -> None:
+    predictor = Predictor(tiny_run / "model.safetensors")
+    files = [pbc_files("eosinophil", 1)[0], CORRUPT_FILE, pbc_files("basophil", 1)[0]]
+    results = predictor.predict_files(files)
+    assert [r.path for r in results] == [str(f) for f in files]
+    assert results[1].prediction is None and results[1].flag.startswith("unreadable: ")
+    assert results[0].prediction in config.CLASSES and abs(sum(results[0].probabilities.values()) - 1) < 1e-4
+    predictor.write_csv(results, tmp_path / "out.csv")
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert list(rows[0])[:9] == ["path", "prediction", "confidence", "p_basophil", "p_eosinophil", "p_lymphocyte",
+                                 "p_monocyte", "p_neutrophil", "flag"]
+    assert rows[1]["prediction"] == "" and rows[1]["flag"].startswith("unreadable")
+
+
+def test_default_model_is_accurate_on_the_shipped_sample(default_model: Path, tmp_path: Path) -> None:
+    metrics = evaluate(None, config.SAMPLE_DATA_DIR, tmp_path)
+    assert metrics["n_images"] >= 190
+    assert metrics["accuracy"] >= 0.97, metrics["accuracy"]
+    assert default_model.stat().st_size < 20 * 2**20
+
+
+def test_model_files_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    pickle_file = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pickle_file)
+    with pytest.raises(WbcError, match="pickle"):
+        read_metadata(pickle_file)
+    text_file = tmp_path / "model.safetensors"
+    text_file.write_text("hello, I am not a model")
+    with pytest.raises(WbcError, match="not a safetensors model file"):
+        load_model(text_file)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(WbcError, match="no wbc-trust metadata"):
+        load_model(foreign)
+
+
+def test_local_pretrained_weights_file_is_used(tmp_path: Path) -> None:
+    """--pretrained PATH loads a local state dict (the offline path for VGG16/ResNet50 ImageNet weights)."""
+    source = build_model("resnet50")
+    weights = tmp_path / "resnet50.pth"
+    torch.save(source.net.state_dict(), weights)
+    model = build_model("resnet50", pretrained=str(weights), freeze_backbone=True)
+    assert torch.equal(model.net.conv1.weight, source.net.conv1.weight)
+    trainable = {n for n, p in model.net.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+
+
+def test_efficientnet_lite0_imagenet_weights_install_offline() -> None:
+    model = build_model("efficientnet_lite0", pretrained="imagenet")
+    assert model.net.conv_stem.weight.abs().sum() > 0
+    # real ImageNet features: the first conv filters are far from their random initialisation scale
+    fresh = build_model("efficientnet_lite0")
+    assert not torch.allclose(model.net.conv_stem.weight, fresh.net.conv_stem.weight)
+
+
+def test_missing_imagenet_download_names_both_ways(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: torchvision must try to download
+    with pytest.raises(WbcError, match="--pretrained PATH") as info:
+        build_model("vgg16", pretrained="imagenet")
+    assert "--pretrained imagenet" in str(info.value)
