@@ -14,6 +14,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 #: Decompression-bomb guard: images with more pixels than this are refused with a clear reason.
 MAX_IMAGE_PIXELS: int = 64_000_000
+#: Files larger than this are refused before they are read into memory (a 64-megapixel 16-bit RGB TIFF is ~400 MB).
+MAX_IMAGE_FILE_BYTES: int = 512 * 2**20
 
 #: ImageNet statistics; the normalisation lives inside every model (inputs are RGB in [0, 1]).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -13,7 +13,6 @@ import json
 import os
 import struct
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.errors import WbcError
 
-Image.MAX_IMAGE_PIXELS = config.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = config.MAX_IMAGE_PIXELS  # Pillow's own guard; read_image checks the exact limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported, never half-read
 
 
@@ -81,20 +80,76 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in config.IMAGE_EXTENSIONS
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; transparent pixels become white (the background of a smear)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+#: Pillow modes whose samples are 16-bit, and formats whose 32-bit "I" mode holds 16-bit samples.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+
+#: What Pillow raises on malformed files: the exceptions its own fuzz tests accept (Tests/oss-fuzz/test_fuzzers.py),
+#: plus the parser errors its plugins let through. Anything else is a bug, and the fuzz test looks for it.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError, NotImplementedError,
+                  OverflowError)
+
+
+def _to_rgb(image: Image.Image, source_format: str | None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, keeping brightness relative to the file's own range.
+
+    Pillow's own conversion clips 16-bit pixels at 255 (a 16-bit photo turns white), so 16-bit samples are scaled by
+    255/65535 here. Pillow gives 16-bit PNG/PGM/PPM samples as "I;16" or "I" (PGM/PPM already rescaled to 0..65535);
+    other 32-bit integer and floating-point images carry no brightness range, so they are refused instead of guessed.
+    Transparent pixels become white (the background of a smear).
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and source_format in _SIXTEEN_BIT_I_FORMATS):
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size else 0.0
-        scale = 255.0 / peak if peak > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise UnreadableImage("pixel values outside the 16-bit range: save the image as 8- or 16-bit")
+        image = Image.fromarray(np.rint(array * (255.0 / 65535.0)).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise UnreadableImage(f"{kind} pixels have no fixed brightness range: save the image as 8- or 16-bit")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:  # a mode Pillow cannot turn into RGB
+        raise UnreadableImage(f"unsupported colour mode {image.mode} ({exc})") from exc
+
+
+def _read_bytes(source: Path | bytes) -> bytes:
+    """The file's bytes, refusing empty and over-sized files before anything is decoded."""
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            n_bytes = Path(source).stat().st_size
+            if n_bytes > config.MAX_IMAGE_FILE_BYTES:
+                raise UnreadableImage(
+                    f"file too large ({n_bytes / 2**20:,.0f} MB; the limit is {config.MAX_IMAGE_FILE_BYTES / 2**20:,.0f} MB)"
+                )
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from exc
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    return data
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """The decompression-bomb guard, checked from the header before any pixel is decoded.
+
+    Pillow's own guard (``Image.MAX_IMAGE_PIXELS``) only raises above twice its limit and warns below; this is the exact
+    limit, and needs no process-wide warning filter (which would not be thread-safe under ``load_images``' threads).
+    """
+    if width * height > config.MAX_IMAGE_PIXELS:
+        raise UnreadableImage(
+            f"image too large ({width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{config.MAX_IMAGE_PIXELS:,}): refused as a possible decompression bomb"
+        )
+    if min(width, height) < 1:
+        raise UnreadableImage("image has no pixels")
 
 
 def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
@@ -103,32 +158,24 @@ def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
     Raises ``UnreadableImage`` with a human reason (not an image, truncated, too many pixels, ...).
     Multi-frame files give their first frame; EXIF rotation is applied.
     """
+    data = _read_bytes(source)
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except OSError as exc:
-        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from exc
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.seek(0)
-            if size is not None and image.format == "JPEG":
-                image.draft("RGB", (size, size))  # decode at reduced scale: same result every time, much faster
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        image = Image.open(io.BytesIO(data))
+        image.seek(0)
+        _check_pixels(*image.size)
+        source_format = image.format
+        if size is not None and source_format == "JPEG":
+            image.draft("RGB", (size, size))  # decode at reduced scale: same result every time, much faster
+        image.load()
+        image = _to_rgb(ImageOps.exif_transpose(image), source_format)
+    except Image.DecompressionBombError as exc:  # Pillow's guard fires in Image.open, before ours can
         raise UnreadableImage(
             f"image too large (over {config.MAX_IMAGE_PIXELS:,} pixels): refused as a possible decompression bomb"
         ) from exc
     except Image.UnidentifiedImageError as exc:
         raise UnreadableImage("not an image file (unknown format)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except _DECODE_ERRORS as exc:
         raise UnreadableImage(f"broken or truncated image ({exc})") from exc
-    if min(image.size) < 1:
-        raise UnreadableImage("image has no pixels")
-    image = _to_rgb(image)
     if size is not None:
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return image
@@ -288,9 +335,9 @@ def cache_dir() -> Path:
 
 def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, str, str | None]:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return None, "", f"cannot read file: {exc.strerror or exc}"
+        data = _read_bytes(path)
+    except UnreadableImage as exc:
+        return None, "", str(exc)
     digest = hashlib.sha256(data).hexdigest()
     try:
         return image_to_tensor(read_image(data, size)), digest, None
