@@ -133,6 +133,31 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the evaluation f
     console.print(f"confusion matrix and per-image predictions: {out}/confusion_matrix.png, {out}/predictions.csv")
 
 
+@app.command("app")
+def serve_app(
+    model: ModelOption = None,
+    port: int = config.APP_PORT,
+    address: Annotated[str, typer.Option(help="network address to listen on; 0.0.0.0 = every interface")] = "localhost",
+    models_dir: Annotated[Optional[Path], typer.Option(help="folder the app lists model files from")] = None,
+) -> None:
+    """Open the web app: upload cell images, see class, trust and Grad-CAM; stop with Ctrl+C."""
+    from wbc_trust.app import launch
+
+    raise typer.Exit(launch(port, address, model, models_dir))
+
+
+@app.command("export-onnx")
+def export_onnx(
+    out: Annotated[Path, typer.Argument(help="the .onnx file to write")],
+    model: ModelOption = None,
+) -> None:
+    """Export a model to ONNX for onnxruntime (`wbc predict --backend onnx --model OUT.onnx`)."""
+    from wbc_trust.onnx_export import export_onnx as run_export
+
+    meta = run_export(model, out)
+    console.print(f"wrote {out}: {meta['arch']}, {meta['img_size']} px, classes {', '.join(meta['classes'])}")
+
+
 def main() -> None:
     """Entry point of ``wbc``: user errors become one line on stderr and exit code 2."""
     try:

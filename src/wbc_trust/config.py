@@ -53,3 +53,21 @@ PBC_CREDIT: str = (
     "Trained on the PBC dataset: Acevedo A. et al., 'A dataset of microscopic peripheral blood cell images "
     "for development of automatic recognition systems', Data in Brief 30 (2020) 105474, CC BY 4.0."
 )
+
+#: The web app (``wbc app`` / ``streamlit run app_streamlit.py``). Uploads larger than this many MB are refused
+#: (the same number is server.maxUploadSize in .streamlit/config.toml), at most this many images are analysed per
+#: batch, and originals are shown at most this many pixels wide.
+APP_PORT: int = 8501
+APP_MAX_UPLOAD_MB: int = 20
+APP_MAX_FILES: int = 200
+APP_DISPLAY_PX: int = 320
+#: Streamlit options every launch of the app uses (``wbc app`` passes them as flags; .streamlit/config.toml mirrors
+#: them for ``streamlit run``): no stack traces in the browser, no usage statistics, no file watcher.
+APP_STREAMLIT_OPTIONS: dict[str, object] = {
+    "server.maxUploadSize": APP_MAX_UPLOAD_MB,
+    "server.headless": True,
+    "server.fileWatcherType": "none",
+    "client.showErrorDetails": "none",
+    "client.toolbarMode": "viewer",
+    "browser.gatherUsageStats": False,
+}

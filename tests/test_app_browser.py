@@ -1,0 +1,142 @@
+"""The web app driven in a real headless Chromium (Debian's, through Playwright): a real cell image gets its class and a
+Grad-CAM picture; a file that is not an image gets a message, and the app keeps working afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wbc_trust import config
+from wbc_trust.app import display_name, streamlit_command
+
+from conftest import pbc_files
+
+CHROMIUM = Path("/usr/bin/chromium")
+#: Flags that keep a headless Chromium from reaching the network or needing a GPU or sandbox inside CI containers.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+#: Seconds to wait for the server and for each result (the first one includes loading the model).
+TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = TIMEOUT_S) -> None:
+    """Wait until Streamlit's health endpoint answers ``ok`` (the URL Docker's HEALTHCHECK polls)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the app exited with code {process.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"the app at {url} did not become healthy in {timeout} s")
+
+
+def start_app(command: list[str], cwd: Path) -> subprocess.Popen:
+    """Start a server command (output kept in ``cwd/server.log``)."""
+    log = open(cwd / "server.log", "wb")  # noqa: SIM115 - closed with the process by the caller's fixture
+    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app served by ``wbc app``'s command on a free localhost port, from a folder without a config file."""
+    port = free_port()
+    cwd = tmp_path_factory.mktemp("app")
+    process = start_app(streamlit_command(port=port, address="127.0.0.1"), cwd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Debian's Chromium, headless, driven by Playwright (no browser download)."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed: run scripts/setup.sh as root")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_app(browser, url: str):
+    """A fresh page (its own Streamlit session) showing the app, ready for uploads."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_S * 1000)
+    page.goto(url)
+    page.get_by_text("Drop one or many cell images").wait_for()
+    return page
+
+
+def upload(page, files: list[Path] | list[dict]) -> None:
+    """Put files into the image uploader, as a person dropping them would."""
+    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(files)
+
+
+def test_real_image_shows_class_and_gradcam(app_url: str, browser, tmp_path: Path) -> None:
+    from wbc_trust.predict import Predictor
+
+    image = pbc_files("eosinophil", 1)[0]
+    expected = Predictor().predict_files([image], progress=False)[0].prediction
+    page = open_app(browser, app_url)
+    upload(page, [image])
+    page.get_by_text(f"Predicted class: {expected}").wait_for()
+    gradcam = page.get_by_test_id("stImage").filter(has_text="Grad-CAM").locator("img")
+    gradcam.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=gradcam.element_handle())
+    assert page.get_by_test_id("stException").count() == 0
+    assert page.get_by_role("button", name="Download CSV").is_visible()
+    page.screenshot(path=tmp_path / "good_image.png", full_page=True)
+    assert (tmp_path / "good_image.png").stat().st_size > 10_000
+
+
+def test_non_image_gets_a_message_and_the_app_keeps_working(app_url: str, browser, tmp_path: Path) -> None:
+    page = open_app(browser, app_url)
+    upload(page, [{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are lab notes, not a picture\n"}])
+    page.get_by_text("could not be read as an image").wait_for()
+    assert page.get_by_test_id("stException").count() == 0, "a stack trace reached the browser"
+    page.get_by_role("button", name="Download CSV").wait_for()
+    page.screenshot(path=tmp_path / "bad_upload.png", full_page=True)
+    # the same session still classifies a real image after the bad one
+    page.get_by_role("button", name="Remove notes.jpg").click()
+    upload(page, pbc_files("lymphocyte", 1))
+    page.get_by_text("Predicted class:").wait_for()
+    assert page.get_by_text("could not be read as an image").count() == 0
+
+
+def test_streamlit_config_file_matches_wbc_app() -> None:
+    """``streamlit run app_streamlit.py`` (reads .streamlit/config.toml) and ``wbc app`` (flags) set the same limits."""
+    tomllib = pytest.importorskip("tomllib")
+    toml = tomllib.loads((Path(__file__).parents[1] / ".streamlit" / "config.toml").read_text())
+    for key, value in config.APP_STREAMLIT_OPTIONS.items():
+        section, name = key.split(".")
+        assert toml[section][name] == value, key
+    assert toml["server"]["maxUploadSize"] == config.APP_MAX_UPLOAD_MB
+
+
+def test_upload_names_are_only_displayed_escaped() -> None:
+    assert display_name("../../etc/passwd") == "passwd"
+    assert display_name("C:\\lab\\cell_1.png") == "cell\\_1\\.png"
+    assert display_name("[click](x.png)") == "\\[click\\]\\(x\\.png\\)"
