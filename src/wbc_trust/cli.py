@@ -133,6 +133,18 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the evaluation f
     console.print(f"confusion matrix and per-image predictions: {out}/confusion_matrix.png, {out}/predictions.csv")
 
 
+@app.command()
+def audit(
+    data: Annotated[Path, typer.Argument(help="labelled image folder (class folders, Kaggle or PBC layout)")],
+    out: Annotated[Path, typer.Option(help="folder for audit.json and class_balance.png")] = Path("audit_out"),
+) -> None:
+    """Check a labelled folder: unreadable files, duplicates (also under different labels), near-duplicates, balance."""
+    from wbc_trust.trust.audit import format_summary, run_audit
+
+    console.print(format_summary(run_audit(data, out)), highlight=False, soft_wrap=True)
+    console.print(f"details: {out}/audit.json, {out}/class_balance.png")
+
+
 @app.command("app")
 def serve_app(
     model: ModelOption = None,

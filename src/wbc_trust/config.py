@@ -71,3 +71,6 @@ APP_STREAMLIT_OPTIONS: dict[str, object] = {
     "client.toolbarMode": "viewer",
     "browser.gatherUsageStats": False,
 }
+#: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
+AUDIT_PHASH_SIZE: int = 8
+AUDIT_PHASH_MAX_DISTANCE: int = 4

@@ -62,3 +62,13 @@ def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: P
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
+
+
+def class_balance_figure(counts: dict[str, int], path: Path, title: str = "") -> None:
+    """Images per class as bars, with the count written on each bar (the audit's class balance)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bars = ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.bar_label(bars)
+    ax.set(ylabel="images", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
