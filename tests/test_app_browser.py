@@ -3,18 +3,14 @@ Grad-CAM picture; a file that is not an image gets a message, and the app keeps 
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from wbc_trust import config
-from wbc_trust.app import display_name, streamlit_command
+from wbc_trust.app import display_name
+from wbc_trust.serve import free_port, serving, streamlit_command
 
 from conftest import pbc_files
 
@@ -26,46 +22,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TIMEOUT_S = 90
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = TIMEOUT_S) -> None:
-    """Wait until Streamlit's health endpoint answers ``ok`` (the URL Docker's HEALTHCHECK polls)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the app exited with code {process.returncode}"
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"the app at {url} did not become healthy in {timeout} s")
-
-
-def start_app(command: list[str], cwd: Path) -> subprocess.Popen:
-    """Start a server command (output kept in ``cwd/server.log``)."""
-    log = open(cwd / "server.log", "wb")  # noqa: SIM115 - closed with the process by the caller's fixture
-    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app served by ``wbc app``'s command on a free localhost port, from a folder without a config file."""
     port = free_port()
-    cwd = tmp_path_factory.mktemp("app")
-    process = start_app(streamlit_command(port=port, address="127.0.0.1"), cwd)
+    folder = tmp_path_factory.mktemp("app")
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
+    with serving(streamlit_command(port=port, address="127.0.0.1"), url, folder / "server.log", TIMEOUT_S, cwd=folder):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

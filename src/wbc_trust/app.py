@@ -1,8 +1,8 @@
 """The web app: upload white-cell images and see, for each, the class, how far to trust it, and where the model looked.
 
-Start it with ``streamlit run app_streamlit.py`` or ``wbc app``. Streamlit re-runs this script top to bottom on every
-interaction, so everything slow is cached: the model once per model file (``st.cache_resource``), each image's
-analysis once per (model, file content) (``st.cache_data``).
+Start it with ``streamlit run app_streamlit.py`` or ``wbc app`` (see ``serve.py``). Streamlit re-runs this script top
+to bottom on every interaction, so everything slow is cached: the model once per model file (``st.cache_resource``),
+each image's analysis once per (model, file content) (``st.cache_data``).
 
 Safety: uploads stay in memory; an upload's file name is only ever shown (escaped), never used as a path. The only file
 the app writes is an uploaded model, into a temporary folder, named after its content hash.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +27,6 @@ import streamlit as st
 from wbc_trust import config
 from wbc_trust.data import atomic_write, read_image
 from wbc_trust.errors import WbcError
-from wbc_trust.modelfile import read_metadata
 from wbc_trust.predict import Prediction, Predictor
 from wbc_trust.trust.gradcam import gradcam_overlay
 
@@ -106,23 +104,6 @@ def model_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted({*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")})
-
-
-def streamlit_command(port: int = config.APP_PORT, address: str = "localhost", model: Path | None = None,
-                      models_dir: Path | None = None) -> list[str]:
-    """The command that serves this app (``wbc app``, the Docker image, the tests), with the options of config.py."""
-    options = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
-               for key, value in config.APP_STREAMLIT_OPTIONS.items()]
-    script_args = [*(["--model", str(model)] if model else []), *(["--models-dir", str(models_dir)] if models_dir else [])]
-    return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()), f"--server.port={port}",
-            f"--server.address={address}", *options, "--", *script_args]
-
-
-def launch(port: int, address: str, model: Path | None, models_dir: Path | None) -> int:
-    """Serve the app until interrupted; returns Streamlit's exit code."""
-    if model is not None:
-        read_metadata(model)  # a wrong --model fails here, as one line, instead of inside the browser
-    return subprocess.call(streamlit_command(port, address, model, models_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -153,9 +153,9 @@ def serve_app(
     models_dir: Annotated[Optional[Path], typer.Option(help="folder the app lists model files from")] = None,
 ) -> None:
     """Open the web app: upload cell images, see class, trust and Grad-CAM; stop with Ctrl+C."""
-    from wbc_trust.app import launch
+    from wbc_trust.serve import launch
 
-    raise typer.Exit(launch(port, address, model, models_dir))
+    launch(port, address, model, models_dir)
 
 
 @app.command("export-onnx")
