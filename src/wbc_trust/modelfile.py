@@ -41,7 +41,7 @@ def read_metadata(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise WbcError(f"model file {path} does not exist: train one with `wbc train` or drop --model for the default")
-    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
+    if path.suffix.lower() in (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"):
         raise WbcError(
             f"{path} is a pickle-based file, which could run code when opened: wbc-trust only loads .safetensors "
             "model files written by `wbc train`"
@@ -52,8 +52,9 @@ def read_metadata(path: Path) -> dict:
             if not 0 < header_len < 100_000_000:
                 raise ValueError("no safetensors header")
             header = json.loads(f.read(header_len))
-        meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        meta = json.loads(metadata.get(_META_KEY, "null")) if isinstance(metadata, dict) else None
+    except (ValueError, TypeError, RecursionError, UnicodeDecodeError, OSError) as exc:  # crafted headers included
         raise WbcError(f"{path} is not a safetensors model file ({exc}): pass a file written by `wbc train`") from exc
     _validate(path, meta)
     return meta
@@ -63,13 +64,16 @@ def _validate(path: Path, meta: object) -> None:
     problem = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         problem = "it has no wbc-trust metadata (a safetensors file from another tool?)"
-    elif meta.get("format_version", 0) > FORMAT_VERSION:
+    elif not isinstance(meta.get("format_version"), int):
+        problem = "its format version is missing"
+    elif meta["format_version"] > FORMAT_VERSION:
         problem = f"it was written by a newer wbc-trust (format {meta['format_version']}); upgrade wbc-trust"
     elif meta.get("arch") not in ARCHS:
         problem = f"unknown architecture {meta.get('arch')!r}"
     elif not (isinstance(meta.get("classes"), list) and len(meta["classes"]) >= 2
-              and all(isinstance(c, str) for c in meta["classes"])):
-        problem = "its class list is missing or malformed"
+              and all(isinstance(c, str) and c for c in meta["classes"])
+              and len(set(meta["classes"])) == len(meta["classes"])):
+        problem = "its class list is missing or malformed (at least two distinct class names are needed)"
     elif not (isinstance(meta.get("img_size"), int) and 16 <= meta["img_size"] <= 1024):
         problem = f"its input size {meta.get('img_size')!r} is not a whole number of pixels between 16 and 1024"
     if problem:

@@ -6,6 +6,7 @@ Writes into the run folder: ``model.safetensors``, ``checkpoint.pt`` (for ``--re
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -71,6 +72,13 @@ class Splits:
     split_file: dict
 
 
+def data_fingerprint(loaded: LoadedImages) -> str:
+    """SHA-256 over the sorted (class, file SHA-256) pairs of the readable training pool: the same images with the
+    same labels give the same fingerprint, whatever their names, order or folder; one changed pixel or label does not."""
+    lines = sorted(f"{config.CLASSES[r.label]}\t{digest}\n" for r, digest in zip(loaded.records, loaded.digests))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
     """Find the data, decode it once, split it (duplicates kept on one side) and write ``split.json``."""
     index = find_dataset(cfg.data, require_all_classes=True)
@@ -106,6 +114,7 @@ def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
         "seed": cfg.seed,
         "fractions": fractions,
         "unreadable": [[str(p), why] for p, why in loaded_pool.unreadable],
+        "data_fingerprint": data_fingerprint(loaded_pool),
         **{name: relative_paths(li.records, index.root) for name, li in loaded.items()},
     }
     write_json(cfg.out / "split.json", split_file)
@@ -157,18 +166,10 @@ def train(cfg: TrainConfig) -> dict:
     history: list[dict] = []
     start_epoch, best, stale = 1, None, 0
     if cfg.resume:
-        if not checkpoint_path.exists():
-            raise WbcError(f"--resume: no checkpoint.pt in {cfg.out}; start without --resume")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        history, best, stale = state["history"], state["best"], state["stale"]
-        start_epoch = state["epoch"] + 1
-        print(f"resuming after epoch {state['epoch']}")
+        history, best, stale, start_epoch = _resume(checkpoint_path, splits.split_file["data_fingerprint"], model,
+                                                    optimizer, scheduler, loader)
 
-    started = time.perf_counter()
+    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         seen, correct, loss_sum = 0, 0, 0.0
@@ -209,6 +210,7 @@ def train(cfg: TrainConfig) -> dict:
         state = {
             "model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(), "history": history, "best": best, "stale": stale, "epoch": epoch,
+            "loader_rng": loader.generator.get_state(), "data_fingerprint": splits.split_file["data_fingerprint"],
         }
         atomic_write(checkpoint_path, lambda f: torch.save(state, f))
         write_json(cfg.out / "history.json", history)
@@ -223,6 +225,40 @@ def train(cfg: TrainConfig) -> dict:
         if name in splits.loaded and splits.loaded[name].records:
             result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
     return result
+
+
+def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader) -> tuple[list[dict], dict, int, int]:
+    """Restore an interrupted run from its last per-epoch checkpoint: weights, optimiser, schedule and both random
+    streams (augmentation and shuffling), so the resumed run repeats exactly what the uninterrupted one would do.
+
+    ``weights_only=True`` unpickles only tensors and plain containers: a crafted checkpoint cannot run code.
+    Returns (history, best row, epochs without improvement, first epoch to run).
+    """
+    if not checkpoint.exists():
+        raise WbcError(f"--resume: no checkpoint.pt in {checkpoint.parent}; start without --resume")
+    not_ours = f"--resume: {checkpoint} is not a checkpoint written by `wbc train` and was not loaded"
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code-carrying pickles, RuntimeError/EOFError for other files
+        raise WbcError(f"{not_ours} ({exc.__class__.__name__}); start without --resume") from exc
+    if not isinstance(state, dict):
+        raise WbcError(f"{not_ours}; start without --resume")
+    if state.get("data_fingerprint", fingerprint) != fingerprint:
+        raise WbcError(f"--resume: {checkpoint} belongs to other data (the images or labels changed since the "
+                       "interrupted run); start without --resume")
+    try:
+        model.net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if "loader_rng" in state:  # checkpoints from before it was saved still resume
+            loader.generator.set_state(state["loader_rng"])
+        print(f"resuming after epoch {state['epoch']}")
+        return state["history"], state["best"], state["stale"], state["epoch"] + 1
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise WbcError(f"--resume: {checkpoint} does not fit this run ({exc.__class__.__name__}): resume with the "
+                       "same --arch, --img-size and --batch-size, or start without --resume") from exc
 
 
 def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
@@ -256,6 +292,7 @@ def _metadata(cfg: TrainConfig, img_size: int, data_summary: dict, splits: Split
             "n_train": len(splits.loaded["train"].records),
             "n_val": len(splits.loaded["val"].records),
             "test_files": splits.split_file.get("test", []),
+            "fingerprint": splits.split_file["data_fingerprint"],
         },
         "validation": {k: best[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
         "training": {**settings, "bf16": bf16},
