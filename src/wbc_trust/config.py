@@ -74,3 +74,37 @@ APP_STREAMLIT_OPTIONS: dict[str, object] = {
 #: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
 AUDIT_PHASH_SIZE: int = 8
 AUDIT_PHASH_MAX_DISTANCE: int = 4
+
+# --- trust suite: robustness, Grad-CAM, Fisher sensitivity (trust/robustness.py, gradcam.py, fisher.py) ---------
+
+#: Corruption parameter per severity 1..5 (after the BloodMNIST set of MedMNIST-C, Di Salvo et al. 2024).
+#: Blur sigma is in pixels at 128 px and scales with the model's input size; stain shift is the relative change of
+#: stain optical density (see trust/robustness.py).
+CORRUPTIONS: dict[str, tuple[float, ...]] = {
+    "gaussian_noise": (0.04, 0.08, 0.12, 0.18, 0.26),
+    "gaussian_blur": (0.5, 1.0, 1.5, 2.0, 3.0),
+    "brightness_up": (1.1, 1.2, 1.3, 1.35, 1.4),
+    "brightness_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+    "contrast_up": (1.1, 1.15, 1.2, 1.25, 1.3),
+    "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+    "jpeg": (50, 30, 15, 10, 7),
+    "stain_shift": (0.15, 0.3, 0.45, 0.6, 0.8),
+}
+#: Per-channel (R, G, B) direction of the stain shift: more blue-violet dye absorbs more red and green light.
+STAIN_SHIFT_DIRECTION: tuple[float, float, float] = (1.0, 0.5, -0.5)
+#: L-infinity attack budgets on inputs in [0, 1] (x/255 = x grey levels) and the PGD recipe (Madry et al. 2018).
+ATTACK_EPSILONS: tuple[float, ...] = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255)
+PGD_STEPS: int = 10
+#: Images per Grad-CAM gallery, and how many images the faithfulness and randomisation checks use.
+GRADCAM_GALLERY: int = 10
+GRADCAM_CHECK_IMAGES: int = 32
+#: ROAD (Rong et al. 2022) removes this share (%) of pixels, most- and least-relevant first, and averages.
+ROAD_PERCENTILES: tuple[int, ...] = (20, 40, 60, 80)
+#: The randomisation sanity check passes when the mean Spearman correlation between the trained and the randomised
+#: model's maps is below this (Adebayo et al. 2018 call maps that stay alike a failed explanation).
+RANDOMISATION_MAX_SPEARMAN: float = 0.5
+#: Images in the gallery of highest Fisher-sensitivity scores.
+FISHER_GALLERY: int = 15
+#: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
+AUDIT_PHASH_SIZE: int = 8
+AUDIT_PHASH_MAX_DISTANCE: int = 4

@@ -72,3 +72,29 @@ def class_balance_figure(counts: dict[str, int], path: Path, title: str = "") ->
     ax.set(ylabel="images", title=title)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
+
+
+def robustness_curves(results: Sequence[dict], path: Path) -> None:
+    """Accuracy against corruption severity and attack budget: one panel per corruption/attack, one line per model
+    (``results`` = the per-model entries of robustness.json)."""
+    first = results[0]
+    panels = [(name, "severity", c["severity"]) for name, c in first["corruptions"].items()]
+    panels += [(name, "ε (grey levels of 255)", [e * 255 for e in a["epsilon"]]) for name, a in first["attacks"].items()]
+    columns = 5
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 2.7 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, xlabel, xs) in zip(axes.flat, panels):
+        for result in results:
+            ys = (result["corruptions"].get(name) or result["attacks"][name])["accuracy"]
+            ax.plot(xs, ys, "o-", ms=3, label=f"{result['model']} ({result['arch']})")
+        title = name.replace("_", " ") + (" attack" if name in first["attacks"] else "")
+        ax.set(title=title, xlabel=xlabel, ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Accuracy under corruptions and attacks ({first['n_images']} images)")
+    fig.tight_layout()
+    save_figure(fig, path)
