@@ -104,3 +104,21 @@ def test_upload_names_are_only_displayed_escaped() -> None:
     assert display_name("../../etc/passwd") == "passwd"
     assert display_name("C:\\lab\\cell_1.png") == "cell\\_1\\.png"
     assert display_name("[click](x.png)") == "\\[click\\]\\(x\\.png\\)"
+
+
+def test_cheap_gradcam_gives_the_same_map_as_plain_gradcam(default_model: Path) -> None:
+    """The app's Grad-CAM shortcut (graph started at the target layer, no weight gradients) changes nothing shown."""
+    from wbc_trust.app import load_model_for_app
+    from wbc_trust.modelfile import load_model
+    from wbc_trust.trust.gradcam import gradcam_overlay
+
+    fast = load_model_for_app(default_model).predictor
+    plain, _ = load_model(default_model)
+    for path in pbc_files("monocyte", 2) + pbc_files("basophil", 1):
+        image = fast.to_tensor(path)
+        target = fast.classes.index(fast.predict_files([path], progress=False)[0].prediction)
+        cam_fast, overlay_fast = gradcam_overlay(fast.model, image, target=target)
+        cam_plain, _ = gradcam_overlay(plain, image, target=target)
+        assert cam_fast.std() > 0.01, "an empty heat map"
+        assert abs(cam_fast - cam_plain).max() < 1e-3
+        assert overlay_fast.shape == (*image.shape[1:], 3)

@@ -23,10 +23,12 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from wbc_trust import config
 from wbc_trust.data import atomic_write, read_image
 from wbc_trust.errors import WbcError
+from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
 from wbc_trust.trust.gradcam import gradcam_overlay
 
@@ -68,7 +70,8 @@ def analyse(model: LoadedModel, name: str, data: bytes) -> Analysis:
         prediction = predictor.predict_bytes(data, name)
         if prediction.prediction is None:
             return Analysis(name, prediction)
-        tensor = predictor.to_tensor(data)
+        # stored channels-last (H×W×3 in memory) like the model's weights: oneDNN's fast path, ~3× faster with grad on
+        tensor = predictor.to_tensor(data).permute(1, 2, 0).contiguous().permute(2, 0, 1)
         _, overlay = gradcam_overlay(predictor.model, tensor, target=predictor.classes.index(prediction.prediction))
     original = read_image(data)
     original.thumbnail((config.APP_DISPLAY_PX, config.APP_DISPLAY_PX))
@@ -111,10 +114,33 @@ def model_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def cheap_gradcam(model: WbcClassifier) -> None:
+    """Make Grad-CAM cost about one forward pass on a model used only for inference.
+
+    Grad-CAM needs the gradient of the class score with respect to the target layer's output and nothing else. So no
+    weight needs a gradient, and autograd's graph can start at that layer: the backward pass then runs through the
+    classifier head only, instead of through the whole network and every weight.
+    """
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.feature_layer().register_forward_hook(_start_graph_here)
+
+
+def _start_graph_here(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    return output.detach().requires_grad_() if torch.is_grad_enabled() else None
+
+
+def load_model_for_app(model_path: Path) -> LoadedModel:
+    """A model file ready for ``analyse``."""
+    predictor = Predictor(model_path)
+    cheap_gradcam(predictor.model)
+    return LoadedModel(predictor, threading.Lock())
+
+
 @st.cache_resource(max_entries=4, show_spinner="loading the model…")
 def load(model_path: str) -> LoadedModel:
     """Load a model file once for all sessions."""
-    return LoadedModel(Predictor(Path(model_path)), threading.Lock())
+    return load_model_for_app(Path(model_path))
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

@@ -1,55 +1,95 @@
-"""ONNX: export a model file for onnxruntime, and run such a file as a drop-in for the PyTorch model.
+"""ONNX: export a model file for onnxruntime, and run the exported graph in place of the PyTorch network.
 
-The exported graph is the whole ``WbcClassifier`` (normalisation included): RGB float in [0, 1], N×3×S×S → logits,
-any batch size. The model's wbc-trust metadata travels inside the ONNX file (``metadata_props``), so an ``.onnx`` file
-alone is enough to predict: classes, input size and calibration come with it.
+The graph is the whole ``WbcClassifier`` (normalisation included): RGB float in [0, 1], N×3×S×S (any N) → logits
+N×C, plus the pooled features N×D of its last convolutional layer, because the OOD score needs them (the same features
+as ``trust.ood.logits_and_features``). The model's metadata is stored in the file (``metadata_props["wbc_trust"]``) so
+that other tools know the classes and the input size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from wbc_trust.data import atomic_write
+from wbc_trust import config
+from wbc_trust.data import atomic_write, cache_dir
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
+from wbc_trust.models import WbcClassifier
 
-#: The key of the wbc-trust metadata in the ONNX file's ``metadata_props``.
 META_KEY = "wbc_trust"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+INPUT, OUTPUTS = "image", ("logits", "features")
 
 
-def export_onnx(model_path: Path | None, out: Path) -> dict:
-    """Export a model file (None = the shipped default) to ``out`` with torch.onnx's exporter; returns its metadata."""
-    model, meta = load_model(model_path)
+class _LogitsAndFeatures(nn.Module):
+    """The classifier with its pooled last-layer features as a second output (what the OOD score is computed on)."""
+
+    def __init__(self, model: WbcClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        handle = self.model.feature_layer().register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        return logits, captured[0].float().mean((2, 3))
+
+
+def write_onnx(model: WbcClassifier, meta: dict, out: Path) -> None:
+    """Export with torch.onnx's exporter (torch.export based) and write the file atomically, metadata included."""
     example = torch.rand(2, 3, meta["img_size"], meta["img_size"])
-    program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+    program = torch.onnx.export(_LogitsAndFeatures(model).eval(), (example,), input_names=[INPUT],
+                                output_names=list(OUTPUTS), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                dynamo=True, verbose=False)
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     atomic_write(Path(out), lambda f: f.write(proto.SerializeToString()))
+
+
+def export_onnx(model_path: Path | None, out: Path) -> dict:
+    """``wbc export-onnx``: a model file (None = the shipped default) → ``out``; returns the model's metadata."""
+    model, meta = load_model(model_path)
+    write_onnx(model, meta, out)
     return meta
 
 
 class OnnxModel:
-    """An ONNX file run by onnxruntime, called like the PyTorch model: float images N×3×S×S in [0, 1] → logits."""
+    """An exported graph run by onnxruntime on the CPU."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime
 
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for missing, damaged or foreign files
+        except Exception as exc:  # onnxruntime raises its own untyped errors for damaged or foreign files
             raise WbcError(f"{path} is not a usable ONNX model ({exc}): export one with `wbc export-onnx`") from exc
-        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        if raw is None:
-            raise WbcError(f"{path} has no wbc-trust metadata: export it with `wbc export-onnx`")
-        self.meta: dict = json.loads(raw)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images.float().numpy())})[0]
-        return torch.from_numpy(logits)
+    def logits_and_features(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled features of uint8 (or [0, 1] float) images N×3×S×S, in batches."""
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            outputs.append(self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(x.numpy())}))
+        if not outputs:
+            return torch.empty(0, 0), torch.empty(0, 0)
+        return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outputs))  # type: ignore[return-value]
+
+
+def onnx_model_for(model_path: Path | None, model: WbcClassifier, meta: dict) -> OnnxModel:
+    """``--backend onnx``: the model file's network through onnxruntime, exported once per file content (cached)."""
+    digest = hashlib.sha256(Path(model_path or config.DEFAULT_MODEL_PATH).read_bytes()).hexdigest()[:32]
+    path = cache_dir() / "onnx" / f"{digest}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_onnx(model, meta, path)
+    return OnnxModel(path)
