@@ -89,12 +89,14 @@ def predict(
     model: ModelOption = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="write one row per file to this CSV")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    coverage: Annotated[Optional[float], typer.Option(help="coverage of the prediction sets; default: the one the "
+                                                           "model was calibrated for (0.95)")] = None,
 ) -> None:
     """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
     from wbc_trust.data import find_unlabelled
     from wbc_trust.predict import Predictor
 
-    predictor = Predictor(model)
+    predictor = Predictor(model, coverage=coverage)
     results = predictor.predict_files(find_unlabelled(paths))
     if csv:
         predictor.write_csv(results, csv)
@@ -112,6 +114,23 @@ def predict(
         console.print(f"wrote {len(results)} rows to {csv}")
     if all(r.prediction is None for r in results):
         raise WbcError("none of the files could be read as images (see the flag column)")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="model file (.safetensors) to calibrate; rewritten in place")],
+    data: Annotated[Path, typer.Option(help="the model's training folder (its validation split is used) or another "
+                                            "folder of labelled held-out images")],
+    coverage: Annotated[float, typer.Option(help="coverage of the prediction sets")] = config.CONFORMAL_COVERAGE,
+) -> None:
+    """Fit temperature scaling, conformal prediction sets and the out-of-distribution threshold; store them in MODEL."""
+    from wbc_trust.trust.calibration import calibrate as run_calibrate
+
+    stored = run_calibrate(model, data, coverage)
+    console.print(f"temperature {stored['temperature']:.3f} (validation ECE {stored['ece_before']:.2%} → "
+                  f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.0%} sets: qhat "
+                  f"{stored['conformal']['qhat']:.4f}, OOD threshold {stored['ood']['threshold']:.1f}; "
+                  f"fitted on the {stored['fitted_on']} ({stored['n_images']} images) → {model}")
 
 
 @app.command()

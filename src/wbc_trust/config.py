@@ -108,3 +108,10 @@ FISHER_GALLERY: int = 15
 #: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
 AUDIT_PHASH_SIZE: int = 8
 AUDIT_PHASH_MAX_DISTANCE: int = 4
+#: Calibration (trust/calibration.py, conformal.py, ood.py): confidence bins of the ECE and the reliability diagram;
+#: default coverage of the split-conformal prediction sets; share of validation white cells the out-of-distribution
+#: threshold accepts; folds that score each validation image with statistics it was not fitted on.
+ECE_BINS: int = 15
+CONFORMAL_COVERAGE: float = 0.95
+OOD_ACCEPT: float = 0.95
+OOD_FOLDS: int = 5

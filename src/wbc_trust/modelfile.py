@@ -15,7 +15,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from wbc_trust import config
@@ -26,12 +26,18 @@ from wbc_trust.models import ARCHS, WbcClassifier, build_model
 FORMAT = "wbc-trust-model"
 FORMAT_VERSION = 1
 _META_KEY = "wbc_trust"
+_EXTRA_PREFIX = "extra."
 
 
-def save_model(path: Path, model: WbcClassifier, meta: dict) -> None:
-    """Write weights + metadata atomically (temporary file, then rename): a crash never leaves half a model."""
+def save_model(path: Path, model: WbcClassifier, meta: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights + metadata atomically (temporary file, then rename): a crash never leaves half a model.
+
+    ``extra`` holds tensors that belong to the model but are too large for JSON metadata (e.g. the out-of-distribution
+    detector's feature statistics); they are stored under ``extra.<name>`` and read back by ``load_extra``.
+    """
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    state.update({_EXTRA_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()})
     blob = save(state, metadata={_META_KEY: json.dumps(meta)})
     atomic_write(Path(path), lambda f: f.write(blob))
 
@@ -87,11 +93,18 @@ def load_model(path: Path | None = None) -> tuple[WbcClassifier, dict]:
     model = build_model(meta["arch"], num_classes=len(meta["classes"]))
     try:
         state = load_file(str(path))
-        model.net.load_state_dict(state)
+        model.net.load_state_dict({k: v for k, v in state.items() if not k.startswith(_EXTRA_PREFIX)})
     except (SafetensorError, RuntimeError) as exc:
         raise WbcError(f"the weights in {path} do not fit its metadata ({meta['arch']}): the file is damaged") from exc
     model.eval()
     return model, meta
+
+
+def load_extra(path: Path | None = None) -> dict[str, torch.Tensor]:
+    """The extra tensors saved beside the weights (empty for files that have none, e.g. older models)."""
+    path = Path(path) if path is not None else config.DEFAULT_MODEL_PATH
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(_EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(_EXTRA_PREFIX)}
 
 
 def run_manifest() -> dict:

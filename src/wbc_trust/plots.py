@@ -98,3 +98,40 @@ def robustness_curves(results: Sequence[dict], path: Path) -> None:
     fig.suptitle(f"Accuracy under corruptions and attacks ({first['n_images']} images)")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def reliability_diagram(confidences: dict[str, np.ndarray], correct: np.ndarray, path: Path, n_bins: int = 15,
+                        title: str = "") -> None:
+    """Accuracy against top-class confidence in equal-width bins (scikit-learn's ``calibration_curve``), one line per
+    set of confidences (before/after temperature scaling); the diagonal is perfect calibration. Below: how many
+    images fall in each bin, which says where the gaps matter."""
+    from sklearn.calibration import calibration_curve
+
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, confidence in confidences.items():
+        accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=n_bins, strategy="uniform")
+        ax.plot(mean_confidence, accuracy, "o-", ms=4, label=name)
+        ax_count.hist(confidence, bins=edges, histtype="step", lw=1.5, label=name)
+    ax.set(ylabel="accuracy", title=title or "Reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax_count.set(xlabel="confidence (top-class probability)", ylabel="images", yscale="log")
+    ax_count.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float, path: Path, title: str = "") -> None:
+    """Out-of-distribution scores of white cells and of other images (log-spaced bins), with the flag threshold."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    positive = np.concatenate([in_scores, out_scores, [threshold]])
+    positive = positive[positive > 0]
+    bins = np.geomspace(positive.min(), positive.max(), 50)
+    ax.hist(in_scores, bins=bins, alpha=0.6, density=True, label=f"white cells ({len(in_scores)})")
+    ax.hist(out_scores, bins=bins, alpha=0.6, density=True, label=f"not white cells ({len(out_scores)})")
+    ax.axvline(threshold, color="k", ls="--", label="threshold (flag above)")
+    ax.set(xscale="log", xlabel="out-of-distribution score (higher = more unusual)", ylabel="density",
+           title=title or "Out-of-distribution scores")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

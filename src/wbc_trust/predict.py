@@ -1,6 +1,10 @@
-"""Prediction: image files → class, confidence, probabilities and a flag, through one ``Predictor``.
+"""Prediction: image files → class, confidence, probabilities, prediction set, OOD score and a flag, through one
+``Predictor``.
 
 A file that cannot be read gets a row with an empty prediction and ``flag = "unreadable: <reason>"``; the batch goes on.
+When the model file carries a calibration (``wbc calibrate``, or the end of ``wbc train``) the confidence is the
+temperature-scaled probability and ``flag`` says ``out-of-distribution`` or ``uncertain`` (the prediction set is not
+exactly one class); without one, those columns stay empty.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import torch
 from tqdm import tqdm
 
 from wbc_trust.data import UnreadableImage, atomic_write_text, image_to_tensor, read_image
-from wbc_trust.modelfile import load_model
-from wbc_trust.models import predict_probs, prepare_for_cpu
+from wbc_trust.modelfile import load_extra, load_model
+from wbc_trust.models import prepare_for_cpu
+from wbc_trust.trust.calibration import Calibration
+from wbc_trust.trust.conformal import check_coverage
+from wbc_trust.trust.ood import logits_and_features
 
 
 @dataclass
@@ -28,42 +35,65 @@ class Prediction:
     confidence: float | None
     probabilities: dict[str, float] = field(default_factory=dict)
     flag: str = ""
+    prediction_set: list[str] | None = None  # None: unreadable, or a model without calibration
+    ood_score: float | None = None
 
     def as_row(self, classes: Sequence[str]) -> dict[str, str]:
-        """One CSV row: path, prediction, confidence, p_<class>..., flag."""
+        """One CSV row: path, prediction, confidence, p_<class>..., flag, prediction_set (classes joined by "|"),
+        ood_score (the trust columns come last, so the earlier columns keep their positions)."""
         row = {"path": self.path, "prediction": self.prediction or "",
                "confidence": "" if self.confidence is None else f"{self.confidence:.4f}"}
         row.update({f"p_{c}": f"{self.probabilities[c]:.4f}" if self.probabilities else "" for c in classes})
         row["flag"] = self.flag
+        row["prediction_set"] = "|".join(self.prediction_set or [])
+        row["ood_score"] = "" if self.ood_score is None else f"{self.ood_score:.2f}"
         return row
 
 
 class Predictor:
     """A loaded model file ready to classify images; load it once, call it many times."""
 
-    def __init__(self, model_path: Path | None = None, batch_size: int = 64) -> None:
+    def __init__(self, model_path: Path | None = None, batch_size: int = 64, coverage: float | None = None) -> None:
         model, self.meta = load_model(model_path)
         self.model = prepare_for_cpu(model)
         self.classes: list[str] = self.meta["classes"]
         self.img_size: int = self.meta["img_size"]
         self.batch_size = batch_size
+        self.calibration = Calibration.from_model(self.meta, load_extra(model_path))
+        self.coverage = coverage if coverage is None else check_coverage(coverage)  # None: the calibrated one
 
     def to_tensor(self, source: Path | bytes) -> torch.Tensor:
         """Read one file (or its bytes) as the model sees it: uint8 3×S×S. Raises ``UnreadableImage``."""
         return image_to_tensor(read_image(source, self.img_size))
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a batch of uint8 (or [0, 1] float) images."""
-        return predict_probs(self.model, images, batch_size=self.batch_size)
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled features (for the OOD score) of a batch of uint8 (or [0, 1] float) images."""
+        return logits_and_features(self.model, images, batch_size=self.batch_size)
 
-    def _answer(self, path: str, probs: torch.Tensor) -> Prediction:
-        best = int(probs.argmax())
-        return Prediction(
-            path=path,
-            prediction=self.classes[best],
-            confidence=float(probs[best]),
-            probabilities={c: float(p) for c, p in zip(self.classes, probs)},
-        )
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for a batch of uint8 (or [0, 1] float) images, temperature-scaled when calibrated."""
+        logits, _ = self._forward(images)
+        return torch.softmax(logits / (self.calibration.temperature if self.calibration else 1.0), 1)
+
+    def _answers(self, paths: Sequence[str], images: torch.Tensor) -> list[Prediction]:
+        logits, features = self._forward(images)
+        if self.calibration is None:
+            probs, sets, scores, flags = torch.softmax(logits, 1), None, None, [""] * len(paths)
+        else:
+            trusted = self.calibration.apply(logits, features, self.coverage)
+            probs, sets, scores, flags = trusted.probs, trusted.sets, trusted.ood_scores.tolist(), trusted.flags
+        return [
+            Prediction(
+                path=path,
+                prediction=self.classes[int(p.argmax())],
+                confidence=float(p.max()),
+                probabilities={c: float(v) for c, v in zip(self.classes, p)},
+                flag=flags[i],
+                prediction_set=None if sets is None else [c for c, member in zip(self.classes, sets[i]) if member],
+                ood_score=None if scores is None else scores[i],
+            )
+            for i, (path, p) in enumerate(zip(paths, probs))
+        ]
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         """Classify one in-memory image (the app's uploads)."""
@@ -71,7 +101,7 @@ class Predictor:
             tensor = self.to_tensor(data)
         except UnreadableImage as exc:
             return Prediction(name, None, None, flag=f"unreadable: {exc}")
-        return self._answer(name, self.probabilities(tensor[None])[0])
+        return self._answers([name], tensor[None])[0]
 
     def predict_files(self, paths: Sequence[Path], progress: bool = True) -> list[Prediction]:
         """Classify many files in batches; unreadable ones get a flagged row, in input order."""
@@ -86,8 +116,7 @@ class Predictor:
                 except UnreadableImage as exc:
                     results[i] = Prediction(str(path), None, None, flag=f"unreadable: {exc}")
             if tensors:
-                for i, probs in zip(positions, self.probabilities(torch.stack(tensors))):
-                    results[i] = self._answer(str(paths[i]), probs)
+                results.update(zip(positions, self._answers([str(paths[i]) for i in positions], torch.stack(tensors))))
         return [results[i] for i in range(len(paths))]
 
     def write_csv(self, predictions: Iterable[Prediction], path: Path) -> None:

@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from wbc_trust import config, plots
 from wbc_trust.data import (
+    DatasetIndex,
     ImageTensorDataset,
     LoadedImages,
+    Record,
     atomic_write,
     find_dataset,
     load_images,
@@ -32,7 +34,7 @@ from wbc_trust.data import (
 )
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
-from wbc_trust.modelfile import run_manifest, save_model
+from wbc_trust.modelfile import load_model, run_manifest, save_model
 from wbc_trust.models import autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
 
 
@@ -79,17 +81,21 @@ def data_fingerprint(loaded: LoadedImages) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def split_plan(index: DatasetIndex) -> tuple[list[Record], dict[str, float], dict[str, list[Record]]]:
+    """What training splits (the pool), into which shares besides "train", and the splits the layout fixes (Kaggle's
+    Test-A/Test-B). ``wbc calibrate`` uses it to recompute a model's validation split."""
+    if index.layout == "kaggle":
+        return index.splits["train"], {"val": config.VAL_FRACTION}, {k: v for k, v in index.splits.items() if k != "train"}
+    return index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
+
+
 def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
     """Find the data, decode it once, split it (duplicates kept on one side) and write ``split.json``."""
     index = find_dataset(cfg.data, require_all_classes=True)
     if index.ignored_classes:
         print("left out (not white-cell classes): "
               + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items()))
-    if index.layout == "kaggle":
-        pool, fractions, fixed = index.splits["train"], {"val": config.VAL_FRACTION}, {
-            k: v for k, v in index.splits.items() if k != "train"}
-    else:
-        pool, fractions, fixed = index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
+    pool, fractions, fixed = split_plan(index)
     loaded_pool = load_images(pool, img_size, desc="decoding training images")
     for path, reason in loaded_pool.unreadable:
         print(f"skipped unreadable file {path}: {reason}")
@@ -221,6 +227,14 @@ def train(cfg: TrainConfig) -> dict:
 
     result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
               "train_seconds": history[-1]["seconds"]}
+    from wbc_trust.trust.calibration import calibrate_loaded  # it imports split_plan from here
+
+    best_model, best_meta = load_model(model_path)
+    try:
+        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model), best_meta, val_set,
+                                                 f"validation split of {best_meta['data']['root']} (seed {cfg.seed})")
+    except WbcError as exc:  # too few validation images: the model is still usable, without trust flags
+        print(f"model saved without calibration: {exc}")
     for name in ("test", "test_b"):
         if name in splits.loaded and splits.loaded[name].records:
             result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
@@ -263,10 +277,8 @@ def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, optimizer: tor
 
 def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
     """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
-    from wbc_trust.modelfile import load_model
-
     model, meta = load_model(model_path)
-    probs = predict_probs(model, loaded.images).numpy()
+    probs = predict_probs(model, loaded.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
     y_true = loaded.labels.numpy()
     metrics = compute_metrics(y_true, probs.argmax(1), meta["classes"])
     metrics["n_unreadable"] = len(loaded.unreadable)
