@@ -123,7 +123,8 @@ def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
         "data_fingerprint": data_fingerprint(loaded_pool),
         **{name: relative_paths(li.records, index.root) for name, li in loaded.items()},
     }
-    write_json(cfg.out / "split.json", split_file)
+    if not (cfg.resume and (cfg.out / "split.json").exists()):  # a refused resume must not overwrite the run's split
+        write_json(cfg.out / "split.json", split_file)
     return Splits(loaded, split_file), index.summary()
 
 
