@@ -115,3 +115,11 @@ ECE_BINS: int = 15
 CONFORMAL_COVERAGE: float = 0.95
 OOD_ACCEPT: float = 0.95
 OOD_FOLDS: int = 5
+#: Influence (TracInCP on the last layer): images per forward pass, the replayed last-layer training that gives the
+#: checkpoints (epochs = checkpoints, learning rate, batch), training images listed per test image, gallery size.
+INFLUENCE_BATCH_SIZE: int = 64
+INFLUENCE_REPLAY_EPOCHS: int = 30
+INFLUENCE_REPLAY_LR: float = 1e-3
+INFLUENCE_REPLAY_BATCH: int = 32
+INFLUENCE_TOP_K: int = 5
+INFLUENCE_GALLERY: int = 15

@@ -135,3 +135,17 @@ def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: floa
            title=title or "Out-of-distribution scores")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def influence_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> None:
+    """Fraction of the flagged training images found against the fraction inspected, one line per ranking; the
+    diagonal is inspecting in random order."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (inspected, found) in curves.items():
+        ax.plot(inspected, found, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="random order")
+    ax.set(xlabel="fraction of training images inspected (highest score first)",
+           ylabel="fraction of flagged images found", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
