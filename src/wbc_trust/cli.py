@@ -91,12 +91,14 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     coverage: Annotated[Optional[float], typer.Option(help="coverage of the prediction sets; default: the one the "
                                                            "model was calibrated for (0.95)")] = None,
+    backend: Annotated[str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model "
+                                              "file and cached)")] = "torch",
 ) -> None:
     """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
     from wbc_trust.data import find_unlabelled
     from wbc_trust.predict import Predictor
 
-    predictor = Predictor(model, coverage=coverage)
+    predictor = Predictor(model, coverage=coverage, backend=backend)
     results = predictor.predict_files(find_unlabelled(paths))
     if csv:
         predictor.write_csv(results, csv)

@@ -22,6 +22,8 @@ from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
 
+#: What runs the network in ``wbc predict --backend``: PyTorch, or the exported graph in onnxruntime.
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
 META_KEY = "wbc_trust"
 INPUT, OUTPUTS = "image", ("logits", "features")
 

@@ -19,8 +19,10 @@ import torch
 from tqdm import tqdm
 
 from wbc_trust.data import UnreadableImage, atomic_write_text, image_to_tensor, read_image
+from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import prepare_for_cpu
+from wbc_trust.onnx_export import BACKENDS, OnnxModel, onnx_model_for
 from wbc_trust.trust.calibration import Calibration
 from wbc_trust.trust.conformal import check_coverage
 from wbc_trust.trust.ood import logits_and_features
@@ -53,9 +55,13 @@ class Prediction:
 class Predictor:
     """A loaded model file ready to classify images; load it once, call it many times."""
 
-    def __init__(self, model_path: Path | None = None, batch_size: int = 64, coverage: float | None = None) -> None:
+    def __init__(self, model_path: Path | None = None, batch_size: int = 64, coverage: float | None = None,
+                 backend: str = "torch") -> None:
+        if backend not in BACKENDS:
+            raise WbcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         model, self.meta = load_model(model_path)
-        self.model = prepare_for_cpu(model)
+        # --backend onnx: the same network, run by onnxruntime; metadata and calibration still come from the model file
+        self.model = onnx_model_for(model_path, model, self.meta) if backend == "onnx" else prepare_for_cpu(model)
         self.classes: list[str] = self.meta["classes"]
         self.img_size: int = self.meta["img_size"]
         self.batch_size = batch_size
@@ -68,6 +74,8 @@ class Predictor:
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and pooled features (for the OOD score) of a batch of uint8 (or [0, 1] float) images."""
+        if isinstance(self.model, OnnxModel):
+            return self.model.logits_and_features(images, self.batch_size)
         return logits_and_features(self.model, images, batch_size=self.batch_size)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

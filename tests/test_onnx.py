@@ -1,0 +1,80 @@
+"""ONNX: the exported graph, run by onnxruntime, gives the same probabilities as PyTorch (within 1e-3) on real cell
+images; `wbc predict --backend onnx` gives the same answers as the PyTorch backend; `wbc export-onnx` writes a
+self-describing file."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wbc_trust import config
+from wbc_trust.cli import app
+from wbc_trust.data import image_to_tensor, read_image
+from wbc_trust.modelfile import load_model
+from wbc_trust.onnx_export import META_KEY, OnnxModel
+from wbc_trust.predict import Predictor
+
+from conftest import pbc_files
+
+IMAGES = [path for cls in config.CLASSES for path in pbc_files(cls, 2, offset=100)]
+
+
+def assert_same_as_pytorch(onnx_model: OnnxModel, model_path: Path | None) -> None:
+    """ONNX probabilities and pooled features equal PyTorch's fp32 ones on the real images."""
+    model, meta = load_model(model_path)
+    images = torch.stack([image_to_tensor(read_image(path, meta["img_size"])) for path in IMAGES])
+    logits, features = onnx_model.logits_and_features(images, batch_size=4)
+    captured: list[torch.Tensor] = []
+    model.feature_layer().register_forward_hook(lambda _m, _i, out: captured.append(out.mean((2, 3))))
+    with torch.inference_mode():
+        reference = model(images.float() / 255.0)
+    assert (torch.softmax(logits, 1) - torch.softmax(reference, 1)).abs().max() < 1e-3
+    assert torch.allclose(features, captured[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor() -> Predictor:
+    """The default model with ``--backend onnx`` (exported once into the test's cache dir)."""
+    return Predictor(backend="onnx")
+
+
+def test_onnx_matches_pytorch_on_real_images(onnx_predictor: Predictor) -> None:
+    assert isinstance(onnx_predictor.model, OnnxModel)
+    assert_same_as_pytorch(onnx_predictor.model, None)
+
+
+def test_predict_backend_onnx_gives_the_same_answers(onnx_predictor: Predictor, tmp_path: Path) -> None:
+    rows = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.csv"
+        result = CliRunner().invoke(app, ["predict", *map(str, IMAGES), "--backend", backend, "--csv", str(out)])
+        assert result.exit_code == 0, result.output
+        rows[backend] = list(csv.DictReader(out.open()))
+    assert len(rows["onnx"]) == len(IMAGES)
+    for torch_row, onnx_row in zip(rows["torch"], rows["onnx"]):
+        assert onnx_row["prediction"] == torch_row["prediction"]
+        assert onnx_row["prediction_set"] == torch_row["prediction_set"]
+        # the PyTorch backend runs in bf16 where the CPU supports it, ONNX in fp32
+        assert abs(float(onnx_row["confidence"]) - float(torch_row["confidence"])) < 0.05
+
+
+def test_export_onnx_command(tiny_run: Path, tmp_path: Path) -> None:
+    model_path = tiny_run / "model.safetensors"
+    out = tmp_path / "tiny.onnx"
+    result = CliRunner().invoke(app, ["export-onnx", str(out), "--model", str(model_path)])
+    assert result.exit_code == 0, result.output
+    assert_same_as_pytorch(OnnxModel(out), model_path)
+    stored = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(stored[META_KEY])["arch"] == "cnn"
+
+
+def test_unknown_backend_is_refused() -> None:
+    result = CliRunner().invoke(app, ["predict", str(IMAGES[0]), "--backend", "tensorrt"])
+    assert result.exit_code != 0
+    assert "unknown backend" in str(result.exception)
