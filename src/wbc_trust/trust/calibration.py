@@ -218,7 +218,7 @@ def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Pa
                                   "ood_images_flagged": float((ood_scores > calibration.ood.threshold).float().mean())})
             plots.ood_histogram(trusted.ood_scores.numpy(), ood_scores.numpy(), calibration.ood.threshold,
                                 out / "ood_scores.png", title=f"Out-of-distribution scores: AUROC {auroc:.3f}")
-    plots.reliability_diagram(confidences, correct.numpy(), out / "reliability_diagram.png",
+    plots.reliability_diagram(confidences, correct.numpy(), out / "reliability_diagram.png", n_bins=config.ECE_BINS,
                               title=f"Reliability diagram: {len(labels)} images of {Path(data).name}")
     write_json(out / "calibration.json", result)
     return result
