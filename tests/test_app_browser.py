@@ -10,14 +10,10 @@ import pytest
 
 from wbc_trust import config
 from wbc_trust.app import display_name
-from wbc_trust.serve import free_port, serving, streamlit_command
+from wbc_trust.serve import CHROMIUM, CHROMIUM_ARGS, free_port, serving, streamlit_command
 
 from conftest import pbc_files
 
-CHROMIUM = Path("/usr/bin/chromium")
-#: Flags that keep a headless Chromium from reaching the network or needing a GPU or sandbox inside CI containers.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 #: Seconds to wait for the server and for each result (the first one includes loading the model).
 TIMEOUT_S = 90
 
@@ -40,7 +36,7 @@ def browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS))
         yield chromium
         chromium.close()
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -30,10 +30,14 @@ from wbc_trust.data import atomic_write, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
+from wbc_trust.trust.calibration import FLAG_OOD, FLAG_UNCERTAIN
 from wbc_trust.trust.gradcam import gradcam_overlay
+from wbc_trust.trust.influence import InfluenceIndex, influential_training_images
 
 UPLOAD_TYPES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE = "shipped default", "a file in a folder", "upload a model file"
+PREDICTION_SET_HELP = ("The classes the calibration cannot rule out: the true class is in this set for the chosen "
+                       "share of images (95 % by default). One class = a confident answer.")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Analysis:
     prediction: Prediction
     original: np.ndarray | None = None
     overlay: np.ndarray | None = None
+    supporting: list[dict] = field(default_factory=list)  # training images that most support the answer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,8 +65,9 @@ class Analysis:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def analyse(model: LoadedModel, name: str, data: bytes) -> Analysis:
-    """Classify one upload and explain it with Grad-CAM++ on the predicted class; a bad file gets a flagged row."""
+def analyse(model: LoadedModel, name: str, data: bytes, index: InfluenceIndex | None = None) -> Analysis:
+    """Classify one upload and explain it with Grad-CAM++ on the predicted class and, given the model's influence
+    index, the training images that most support the answer; a bad file gets a flagged row."""
     if len(data) > config.APP_MAX_UPLOAD_MB * 1024 * 1024:
         reason = f"unreadable: file larger than {config.APP_MAX_UPLOAD_MB} MB"
         return Analysis(name, Prediction(name, None, None, flag=reason))
@@ -73,9 +79,11 @@ def analyse(model: LoadedModel, name: str, data: bytes) -> Analysis:
         # stored channels-last (H×W×3 in memory) like the model's weights: oneDNN's fast path, ~3× faster with grad on
         tensor = predictor.to_tensor(data).permute(1, 2, 0).contiguous().permute(2, 0, 1)
         _, overlay = gradcam_overlay(predictor.model, tensor, target=predictor.classes.index(prediction.prediction))
+        supporting = [] if index is None else influential_training_images(
+            predictor.model, tensor, index, k=config.APP_SUPPORTING_IMAGES)["helpful"]
     original = read_image(data)
     original.thumbnail((config.APP_DISPLAY_PX, config.APP_DISPLAY_PX))
-    return Analysis(name, prediction, np.asarray(original), overlay)
+    return Analysis(name, prediction, np.asarray(original), overlay, supporting)
 
 
 def summary_table(analyses: Sequence[Analysis], classes: Sequence[str]) -> pd.DataFrame:
@@ -143,10 +151,18 @@ def load(model_path: str) -> LoadedModel:
     return load_model_for_app(Path(model_path))
 
 
+@st.cache_resource(max_entries=4, show_spinner="loading the influence index…")
+def load_index(index_path: str, model_path: str) -> InfluenceIndex:
+    """Load an influence index once, after checking that it was built for this model."""
+    index = InfluenceIndex.load(Path(index_path))
+    index.check_model(load(model_path).predictor.model)
+    return index
+
+
 @st.cache_data(max_entries=512, show_spinner=False)
-def cached_analysis(model_path: str, name: str, data: bytes) -> Analysis:
-    """``analyse`` once per model and file content (re-runs of the page and repeated uploads cost nothing)."""
-    return analyse(load(model_path), name, data)
+def cached_analysis(model_path: str, index_path: str | None, name: str, data: bytes) -> Analysis:
+    """``analyse`` once per model, index and file content (re-runs of the page and repeated uploads cost nothing)."""
+    return analyse(load(model_path), name, data, load_index(index_path, model_path) if index_path else None)
 
 
 def _arguments() -> argparse.Namespace:
@@ -154,12 +170,13 @@ def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app_streamlit.py")
     parser.add_argument("--model", type=Path, default=None, help="the model selected at start")
     parser.add_argument("--models-dir", type=Path, default=Path.cwd(), help="where to look for other model files")
+    parser.add_argument("--influence-index", type=Path, default=None, help="`wbc trust influence`'s index file")
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
 def choose_model(args: argparse.Namespace) -> Path:
     """The sidebar's model picker: the default, a model file from a folder, or an uploaded model file."""
-    st.sidebar.header("Model")
+    st.sidebar.header("Model", anchor=False)
     default = args.model or config.DEFAULT_MODEL_PATH
     choice = st.sidebar.radio("Which model", [DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE], label_visibility="collapsed")
     if choice == FOLDER_CHOICE:
@@ -177,6 +194,22 @@ def choose_model(args: argparse.Namespace) -> Path:
     return default
 
 
+def choose_index(args: argparse.Namespace, model_path: str) -> str | None:
+    """The sidebar's optional influence index (``wbc trust influence`` writes one): it adds the training images
+    that most support each answer. None when not given or not usable with this model."""
+    st.sidebar.header("Training images", anchor=False)
+    text = st.sidebar.text_input("Influence index (optional)", str(args.influence_index or ""),
+                                 help="influence_index.safetensors from `wbc trust influence --model <this model>`")
+    if not text.strip():
+        return None
+    try:
+        load_index(text.strip(), model_path)
+    except WbcError as exc:
+        st.sidebar.warning(f"Influence index not used: {exc}")
+        return None
+    return text.strip()
+
+
 def show_model(model: LoadedModel) -> None:
     """What the chosen model is, in the sidebar."""
     meta = model.predictor.meta
@@ -184,8 +217,25 @@ def show_model(model: LoadedModel) -> None:
     accuracy = (meta.get("validation") or {}).get("accuracy")
     if accuracy is not None:
         st.sidebar.markdown(f"validation accuracy: **{accuracy:.1%}**")
+    if model.predictor.calibration is None:
+        st.sidebar.warning("This model file has no calibration: confidences are raw, and there are no prediction "
+                           "sets and no out-of-distribution check. Add them with `wbc calibrate`.")
     if meta.get("credit"):
         st.sidebar.caption(meta["credit"])
+
+
+def trust_warnings(prediction: Prediction) -> list[str]:
+    """Plain-words warnings for a flagged answer (the flags come from the model's calibration)."""
+    if prediction.flag == FLAG_OOD:
+        return ["This image does not look like the white-cell images the model learned from "
+                f"(out-of-distribution score {prediction.ood_score:.1f}). The answer may mean nothing: check that the "
+                "picture shows one stained white blood cell, photographed like the training images."]
+    if prediction.flag == FLAG_UNCERTAIN:
+        members = prediction.prediction_set or []
+        if len(members) > 1:
+            return [f"The model is unsure: this cell could be {' or '.join(members)}. Have a person check it."]
+        return ["The model is unsure: no class is likely enough for its usual reliability. Have a person check it."]
+    return []
 
 
 def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
@@ -203,9 +253,20 @@ def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
         heatmap.image(item.overlay, caption="Grad-CAM++: where the model looked (red = most)", width="stretch")
         with answer:
             st.markdown(f"Predicted class: **{prediction.prediction}**")
-            st.markdown(f"Confidence: **{prediction.confidence:.1%}**")
+            calibrated = "calibrated" if prediction.prediction_set is not None else "not calibrated"
+            st.markdown(f"Confidence: **{prediction.confidence:.1%}** ({calibrated})")
+            if prediction.prediction_set is not None:
+                members = ", ".join(prediction.prediction_set) or "no class"
+                st.markdown(f"Prediction set: **{members}**", help=PREDICTION_SET_HELP)
             chart = pd.DataFrame({"class": list(classes), "probability": [prediction.probabilities[c] for c in classes]})
             st.bar_chart(chart, x="class", y="probability", horizontal=True, height=190, sort=False)
+        for warning in trust_warnings(prediction):
+            st.warning(warning)
+        if item.supporting:
+            st.markdown("Training images that most support this answer (influence):")
+            for column, image in zip(st.columns(len(item.supporting)), item.supporting):
+                column.image(np.asarray(read_image(Path(image["path"]), config.APP_DISPLAY_PX // 2)),
+                             caption=f"{image['label']} · {Path(image['path']).name}")
 
 
 def main() -> None:
@@ -222,6 +283,7 @@ def main() -> None:
         st.error(f"This model cannot be used: {exc}")
         st.stop()
     show_model(model)
+    index_path = choose_index(args, str(model_path))
     uploads = st.file_uploader("Cell images (JPG, PNG, BMP, TIFF)", type=list(UPLOAD_TYPES), accept_multiple_files=True,
                                max_upload_size=config.APP_MAX_UPLOAD_MB)
     if not uploads:
@@ -233,7 +295,7 @@ def main() -> None:
     progress = st.progress(0.0, text="analysing…")
     analyses = []
     for i, upload in enumerate(uploads):
-        analyses.append(cached_analysis(str(model_path), upload.name, upload.getvalue()))
+        analyses.append(cached_analysis(str(model_path), index_path, upload.name, upload.getvalue()))
         progress.progress((i + 1) / len(uploads), text=f"analysed {i + 1} of {len(uploads)}")
     progress.empty()
     classes = model.predictor.classes

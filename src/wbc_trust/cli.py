@@ -172,11 +172,13 @@ def serve_app(
     port: int = config.APP_PORT,
     address: Annotated[str, typer.Option(help="network address to listen on; 0.0.0.0 = every interface")] = "localhost",
     models_dir: Annotated[Optional[Path], typer.Option(help="folder the app lists model files from")] = None,
+    influence_index: Annotated[Optional[Path], typer.Option(help="`wbc trust influence`'s index for this model: shows "
+                                                                 "the training images behind each answer")] = None,
 ) -> None:
     """Open the web app: upload cell images, see class, trust and Grad-CAM; stop with Ctrl+C."""
     from wbc_trust.serve import launch
 
-    launch(port, address, model, models_dir)
+    launch(port, address, model, models_dir, influence_index)
 
 
 @app.command("export-onnx")

@@ -61,6 +61,8 @@ APP_PORT: int = 8501
 APP_MAX_UPLOAD_MB: int = 20
 APP_MAX_FILES: int = 200
 APP_DISPLAY_PX: int = 320
+#: How many supporting training images the app shows per answer (when given an influence index).
+APP_SUPPORTING_IMAGES: int = 3
 #: Streamlit options every launch of the app uses (``wbc app`` passes them as flags; .streamlit/config.toml mirrors
 #: them for ``streamlit run``): no stack traces in the browser, no usage statistics, no file watcher.
 APP_STREAMLIT_OPTIONS: dict[str, object] = {

@@ -21,14 +21,20 @@ from wbc_trust import config
 
 #: The Streamlit script of the app (the same page as ``app_streamlit.py`` in the repository root).
 APP_SCRIPT = Path(__file__).resolve().with_name("app.py")
+#: Debian's Chromium, which the browser tests and the load benchmark drive headless through Playwright, and flags that
+#: keep it off the network and working without a GPU or a sandbox (CI containers).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS: tuple[str, ...] = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                  "--disable-component-update", "--disable-sync", "--no-first-run")
 
 
 def streamlit_command(port: int = config.APP_PORT, address: str = "localhost", model: Path | None = None,
-                      models_dir: Path | None = None) -> list[str]:
+                      models_dir: Path | None = None, influence_index: Path | None = None) -> list[str]:
     """The command that serves this app (``wbc app``, the Docker image, the tests), with the options of config.py."""
     options = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
                for key, value in config.APP_STREAMLIT_OPTIONS.items()]
-    script_args = [*(["--model", str(model)] if model else []), *(["--models-dir", str(models_dir)] if models_dir else [])]
+    script_args = [f"--{name}={value}" for name, value in
+                   (("model", model), ("models-dir", models_dir), ("influence-index", influence_index)) if value]
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), f"--server.port={port}",
             f"--server.address={address}", *options, "--", *script_args]
 
@@ -71,11 +77,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def launch(port: int, address: str, model: Path | None, models_dir: Path | None) -> NoReturn:
+def launch(port: int, address: str, model: Path | None, models_dir: Path | None,
+           influence_index: Path | None) -> NoReturn:
     """Become the Streamlit server (exec, not a child process: Ctrl+C and Docker's SIGTERM reach it directly)."""
     if model is not None:
         from wbc_trust.modelfile import read_metadata  # imports torch: only when there is a model to check
 
         read_metadata(model)  # a wrong --model fails here, as one line, instead of inside the browser
-    command = streamlit_command(port, address, model, models_dir)
+    command = streamlit_command(port, address, model, models_dir, influence_index)
     os.execv(command[0], command)
