@@ -10,6 +10,7 @@ thousand cases take seconds. ``bench/fuzz_atheris.py`` runs a coverage-guided fu
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import random
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -126,8 +127,23 @@ def _check_read(data: bytes) -> str | None:
     return None
 
 
+#: Inputs bench/fuzz_atheris.py found, kept as regression examples: a 179-byte TIFF declaring 1×33,594,392 pixels
+#: (13 s and 2.4 GB to "read" a black strip) and a TIFF whose float strip offset made Pillow's load() raise TypeError.
+ATHERIS_FINDINGS = [base64.b64decode(text) for text in (
+    "SUkqAAgAAAAJAAABBAABAP//GAAAAAEBBAABAAAAGJwAAgIBAwABAAAAEAAAAAMBAwABAAAAAQAAAQABAwABAAAAAQAAABEBBAABAAAAegAAABYB"
+    "BAABAAAAAQAAAAAAAL6+vroAAQAAAIAEAAAcAQMAAQAAAAEAAAAA/////////////////////////6qqp6eioqOj2dmwsK+vAQCnvb3o6OPjx8e1"
+    "tbOz0dHo6OTks7M=",
+    "SUkqAAgAAAAJAAABBAABAAAAGAAAAAEBBAABAAAAGAAAAGIAZAAAAAAAEAAAAAMBAwABAAAAAQAAAAYBAwABAAAAAQAAABEBDAABAAAAegAAABYB"
+    "BAABAAAAGAAAABcBBABEAAAAgAQAABwBAwABAAAAAQAAAAAAAADSd3l5enpzc5SUxcXR0cjIwcG/v9LS6BjR0bCwt7fe3unp6enr6+vr6enq6unp"
+    "6Ojc3LOztbXExLe3qanKyujo5+fr6+rq6enk5NPT3d3l5cPDt7fT0+fn5ubb29vCoKCenqen4eHGxqWlqana2uXlwMC0tMLCubmxsdvb5eWwsOvr"
+    "6uro6MTEpaWsrKqqp6eioqOj2dmwsK+vp6e9vejo5+PHx7W1s7HR0ejo5OSzsw==",
+)]
+
+
 @settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(MALFORMED)
+@example(ATHERIS_FINDINGS[0])
+@example(ATHERIS_FINDINGS[1])
 def test_read_image_never_raises_anything_but_unreadable(data: bytes) -> None:
     _check_read(data)
 

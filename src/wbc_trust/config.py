@@ -16,6 +16,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 MAX_IMAGE_PIXELS: int = 64_000_000
 #: Files larger than this are refused before they are read into memory (a 64-megapixel 16-bit RGB TIFF is ~400 MB).
 MAX_IMAGE_FILE_BYTES: int = 512 * 2**20
+#: Images longer than this many times their width (or wider than tall) are refused: squeezed into the square model
+#: input they no longer show cell shapes, and resizing such strips costs seconds and gigabytes.
+MAX_IMAGE_ASPECT_RATIO: float = 20.0
 
 #: ImageNet statistics; the normalisation lives inside every model (inputs are RGB in [0, 1]).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

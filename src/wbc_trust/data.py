@@ -85,9 +85,10 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
 
 #: What Pillow raises on malformed files: the exceptions its own fuzz tests accept (Tests/oss-fuzz/test_fuzzers.py),
-#: plus the parser errors its plugins let through. Anything else is a bug, and the fuzz test looks for it.
+#: plus the parser errors that ``Image.open`` turns into SyntaxError but ``load()`` lets through (atheris found a TIFF
+#: whose float strip offset raises TypeError in load). Anything else is a bug, and the fuzz tests look for it.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError, NotImplementedError,
-                  OverflowError)
+                  OverflowError, IndexError, KeyError, TypeError)
 
 
 def _to_rgb(image: Image.Image, source_format: str | None) -> Image.Image:
@@ -99,10 +100,11 @@ def _to_rgb(image: Image.Image, source_format: str | None) -> Image.Image:
     Transparent pixels become white (the background of a smear).
     """
     if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and source_format in _SIXTEEN_BIT_I_FORMATS):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image)
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise UnreadableImage("pixel values outside the 16-bit range: save the image as 8- or 16-bit")
-        image = Image.fromarray(np.rint(array * (255.0 / 65535.0)).astype(np.uint8))
+        rounded = (array.astype(np.uint32) * 255 + 32767) // 65535  # integer maths: 4 bytes a pixel, not 8
+        image = Image.fromarray(rounded.astype(np.uint8))
     elif image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "floating-point"
         raise UnreadableImage(f"{kind} pixels have no fixed brightness range: save the image as 8- or 16-bit")
@@ -150,6 +152,24 @@ def _check_pixels(width: int, height: int) -> None:
         )
     if min(width, height) < 1:
         raise UnreadableImage("image has no pixels")
+    if max(width, height) > config.MAX_IMAGE_ASPECT_RATIO * min(width, height):
+        raise UnreadableImage(
+            f"image is a {width}×{height} strip (more than {config.MAX_IMAGE_ASPECT_RATIO:g} times longer than wide): "
+            "not a cell image; crop it to the cell"
+        )
+
+
+def _check_coverage(image: Image.Image) -> None:
+    """Refuse a TIFF whose strips or tiles cover only part of the declared image: Pillow would leave the rest black.
+
+    JPEG and PNG data always spans the whole image (or is reported truncated); GIF frames may legitimately be smaller
+    than the screen, so only TIFF is checked.
+    """
+    if image.format != "TIFF" or not image.tile:
+        return
+    covered = sum((t.extents[2] - t.extents[0]) * (t.extents[3] - t.extents[1]) for t in image.tile)
+    if covered < image.width * image.height:
+        raise UnreadableImage(f"damaged TIFF: its data covers {covered:,} of its {image.width * image.height:,} pixels")
 
 
 def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
@@ -163,6 +183,7 @@ def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.seek(0)
         _check_pixels(*image.size)
+        _check_coverage(image)
         source_format = image.format
         if size is not None and source_format == "JPEG":
             image.draft("RGB", (size, size))  # decode at reduced scale: same result every time, much faster
