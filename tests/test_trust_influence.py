@@ -80,6 +80,14 @@ def test_seed_score_is_the_closed_form_last_layer_gradient_product(flipped: dict
     assert torch.allclose(index.self_influence("seed"), self_by_hand, rtol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["tracin", "seed"])
+def test_cached_query_scores_equal_captum_tracincpfast(flipped: dict, method: str) -> None:
+    index, features = flipped["index"], flipped["query_features"][:3]
+    labels = flipped["queries"].labels[:3]
+    reference = index.tracer(method).influence((features, labels)).detach()
+    assert torch.allclose(index.scores(features, labels, method), reference, rtol=1e-3, atol=1e-6)
+
+
 def test_helpful_images_share_the_query_class_and_harmful_ones_are_mostly_flipped(flipped: dict) -> None:
     index, queries = flipped["index"], flipped["queries"]
     found = index.top_k(flipped["query_features"], queries.labels, 5)

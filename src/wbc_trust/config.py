@@ -128,3 +128,5 @@ INFLUENCE_REPLAY_LR: float = 1e-3
 INFLUENCE_REPLAY_BATCH: int = 32
 INFLUENCE_TOP_K: int = 5
 INFLUENCE_GALLERY: int = 15
+#: Training images per captum TracIn batch (features only: 4,096 × 1,280 floats = 20 MB); fewer batches = faster queries.
+INFLUENCE_TRAIN_CHUNK: int = 4096
