@@ -22,7 +22,7 @@ from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import evaluate
-from wbc_trust.modelfile import load_model, read_metadata
+from wbc_trust.modelfile import load_model
 from wbc_trust.predict import Predictor
 
 
