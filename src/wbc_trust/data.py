@@ -140,7 +140,7 @@ def _read_bytes(source: Path | bytes) -> bytes:
 
 
 def _check_pixels(width: int, height: int) -> None:
-    """The decompression-bomb guard, checked from the header before any pixel is decoded.
+    """The decompression-bomb and shape guards, checked from the header before any pixel is decoded.
 
     Pillow's own guard (``Image.MAX_IMAGE_PIXELS``) only raises above twice its limit and warns below; this is the exact
     limit, and needs no process-wide warning filter (which would not be thread-safe under ``load_images``' threads).
