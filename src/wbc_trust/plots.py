@@ -149,3 +149,28 @@ def influence_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     save_figure(fig, path)
+
+
+def score_distributions(panels: Sequence[tuple[str, np.ndarray, float | None]], wrong: np.ndarray, path: Path) -> None:
+    """Per score (title, values per image, AUROC or None): histograms of right vs wrong predictions on a log axis
+    (the scores span orders of magnitude), with a tick under the axis for every wrong prediction."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, values, auroc) in zip(axes.flat, panels):
+        positive = values[values > 0]
+        low = positive.min() if positive.size else 1e-12
+        bins = np.geomspace(low, max(values.max(), low * 10), 40)
+        clipped = np.clip(values, low, None)
+        for group, style in ((~wrong, {"histtype": "stepfilled", "alpha": 0.5, "label": "right"}),
+                             (wrong, {"histtype": "step", "lw": 2, "color": "C3", "label": "wrong"})):
+            if group.any():  # weights: each group's bars sum to 1, so groups of any size compare
+                style["label"] += f" ({group.sum()})"
+                ax.hist(clipped[group], bins=bins, weights=np.full(group.sum(), 1 / group.sum()), **style)
+        if wrong.any():
+            ax.plot(clipped[wrong], np.zeros(wrong.sum()), "|", color="C3", ms=14, mew=2, clip_on=False)
+        ax.set_xscale("log")
+        auroc_text = f"AUROC wrong vs right {auroc:.3f}" if auroc is not None else "AUROC undefined (no wrong or no right)"
+        ax.set(title=f"{title}\n{auroc_text}", xlabel="score (log scale)", ylabel="share of the group's images")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -9,6 +9,7 @@ the model, so an attack budget ε is in the units a microscope camera produces (
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,11 +98,13 @@ def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndar
     for start in range(0, len(images), _ATTACK_BATCH):
         x = images[start : start + _ATTACK_BATCH].float() / 255
         y = torch.as_tensor(labels[start : start + _ATTACK_BATCH])
-        if attack == "fgsm":
-            adv = attacker.perturb(x, epsilon=epsilon, target=y)
-        else:
-            adv = attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
-                                   step_num=config.PGD_STEPS, target=y)
+        with warnings.catch_warnings():  # captum says it set requires_grad on the (copied) inputs: as it should
+            warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+            if attack == "fgsm":
+                adv = attacker.perturb(x, epsilon=epsilon, target=y)
+            else:
+                adv = attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
+                                       step_num=config.PGD_STEPS, target=y)
         with torch.inference_mode():
             correct += int((model(adv).argmax(1) == y).sum())
     return correct / len(images)
