@@ -78,7 +78,8 @@ def main() -> None:
               f"{gradcam['model_randomisation']['pass_if_mean_below']})")
     print(f"Fisher ({t_fis:.0f} s, {fisher['n_wrong']} wrong of {fisher['n_images']}): empirical Fisher trace "
           f"{fisher['empirical_fisher_trace']:.4g}; AUROC wrong vs right "
-          + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in fisher["auroc_wrong_vs_right"].items()))
+          + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+                      for k, v in fisher["auroc_wrong_vs_right"].items()))
     print(f"gradcam_overlay, one image, p50 of 20: {latency:.0f} ms")
     print(f"files: {args.out}/")
 

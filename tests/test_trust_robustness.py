@@ -14,7 +14,7 @@ from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.modelfile import load_model
 from wbc_trust.trust.robustness import adversarial_accuracy, corrupt, corrupted_accuracy
-from wbc_trust.trust.testset import TestImages, load_test_images
+from wbc_trust.trust.testset import LabelledImages, load_test_images
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def default_and_cells(default_model: Path) -> tuple:
 
 def test_subset_is_stratified(default_and_cells: tuple) -> None:
     _, cells = default_and_cells
-    assert isinstance(cells, TestImages)
+    assert isinstance(cells, LabelledImages)
     assert np.bincount(cells.labels).tolist() == [4] * len(config.CLASSES)
 
 

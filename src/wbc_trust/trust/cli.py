@@ -49,12 +49,14 @@ def calibration(
 
 
 MaxImagesOption = Annotated[Optional[int], typer.Option(help="use a stratified subset of at most this many images")]
+TestDataOption = Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
+                                                   "training folder)")]
+ModelFileOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")]
 
 
 @trust_app.command("robustness")
 def robustness(
-    data: Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
-                                            "training folder)")],
+    data: TestDataOption,
     out: Annotated[Path, typer.Option(help="folder for robustness.json, robustness_accuracy.png, examples")],
     model: Annotated[Optional[list[Path]], typer.Option("--model", "-m", help="model file; repeat to compare several; "
                                                                               "default: the shipped model")] = None,
@@ -79,10 +81,9 @@ def robustness(
 
 @trust_app.command("gradcam")
 def gradcam(
-    data: Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
-                                            "training folder)")],
+    data: TestDataOption,
     out: Annotated[Path, typer.Option(help="folder for gradcam_correct.png, gradcam_wrong.png, gradcam.json")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")] = None,
+    model: ModelFileOption = None,
     max_images: MaxImagesOption = None,
 ) -> None:
     """Grad-CAM / Grad-CAM++ galleries of right and wrong answers, ROAD faithfulness, randomisation sanity check."""
@@ -94,10 +95,9 @@ def gradcam(
 
 @trust_app.command("fisher")
 def fisher(
-    data: Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
-                                            "training folder)")],
+    data: TestDataOption,
     out: Annotated[Path, typer.Option(help="folder for fisher.csv, fisher.json, fisher_scores.png, fisher_top.png")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")] = None,
+    model: ModelFileOption = None,
     max_images: MaxImagesOption = None,
 ) -> None:
     """Per-image sensitivity: the seed's ‖softmax − onehot‖² (squared EL2N) and the per-sample gradient norm²."""
@@ -110,13 +110,12 @@ def fisher(
 
 @trust_app.command("report")
 def report(
-    data: Annotated[Path, typer.Option(help="labelled test images (the model's held-out split if it is its own "
-                                            "training folder)")],
+    data: TestDataOption,
     out: Annotated[Path, typer.Option(help="folder for report.html and every method's figures and files")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")] = None,
+    model: ModelFileOption = None,
     train_data: Annotated[Optional[Path], typer.Option(help="the model's training folder: adds the data audit and "
                                                             "influence")] = None,
-    max_images: Annotated[Optional[int], typer.Option(help="cap the images of the slow methods (stratified)")] = None,
+    max_images: MaxImagesOption = None,
 ) -> None:
     """Run every trust method and write one self-contained OUT/report.html (figures, tables, model metadata)."""
     from wbc_trust.trust.report import run_report

@@ -31,7 +31,7 @@ from wbc_trust.data import write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs
-from wbc_trust.trust.testset import TestImages, load_test_images
+from wbc_trust.trust.testset import LabelledImages, load_test_images
 
 #: The CAM methods a user may ask for, by name.
 CAM_METHODS: dict[str, type[BaseCAM]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
@@ -110,7 +110,7 @@ def road_scores(model: WbcClassifier, images: torch.Tensor, maps: np.ndarray, ta
         return metric(images.float() / 255, maps, [ClassifierOutputSoftmaxTarget(t) for t in targets], model)
 
 
-def sanity_checks(model: WbcClassifier, test: TestImages, predictions: np.ndarray) -> dict:
+def sanity_checks(model: WbcClassifier, test: LabelledImages, predictions: np.ndarray) -> dict:
     """Faithfulness (ROAD) of Grad-CAM and Grad-CAM++ against random maps, and the model-randomisation check, on the
     ``config.GRADCAM_CHECK_IMAGES`` images of all classes (ROAD solves a sparse system per image and percentile: slow)."""
     chosen = interleave_classes(np.arange(len(test.labels)), test.labels)[: config.GRADCAM_CHECK_IMAGES]
@@ -156,7 +156,7 @@ def interleave_classes(indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return indices[np.lexsort((labels[indices], rank_in_class))]
 
 
-def gallery_picks(test: TestImages, predictions: np.ndarray, confidence: np.ndarray) -> tuple[list[int], list[int]]:
+def gallery_picks(test: LabelledImages, predictions: np.ndarray, confidence: np.ndarray) -> tuple[list[int], list[int]]:
     """Correct examples of every class in turn, and wrong ones most confident first (the worrying mistakes)."""
     correct = interleave_classes(np.flatnonzero(predictions == test.labels), test.labels)
     wrong = np.flatnonzero(predictions != test.labels)
@@ -164,7 +164,7 @@ def gallery_picks(test: TestImages, predictions: np.ndarray, confidence: np.ndar
     return [int(i) for i in correct[: config.GRADCAM_GALLERY]], [int(i) for i in wrong[: config.GRADCAM_GALLERY]]
 
 
-def write_gallery(model: WbcClassifier, test: TestImages, picks: list[int], predictions: np.ndarray,
+def write_gallery(model: WbcClassifier, test: LabelledImages, picks: list[int], predictions: np.ndarray,
                   confidence: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     """Per image three panels: the image (caption: true class, prediction, confidence), Grad-CAM, Grad-CAM++."""
     images, captions = [], []

@@ -85,9 +85,11 @@ nav a { margin-right: 1em; }
 </style></head><body>
 <h1>wbc-trust report</h1>
 <p>Model <b>{{ model }}</b> on <b>{{ data }}</b>{% if train_data %} (training data {{ train_data }}){% endif %}.
-Written {{ created }}{% if max_images %}; slow methods used a stratified subset of at most {{ max_images }} images{% endif %}.
+Written {{ created }}{% if max_images %}; slow methods used a stratified subset of at most {{ max_images }}
+images{% endif %}.
 Each method's files (JSON, CSV, PNG) are beside this report.</p>
-<nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}<a href="#meta">Model metadata</a></nav>
+<nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}
+<a href="#meta">Model metadata</a></nav>
 {% for s in sections %}
 <h2 id="s{{ loop.index }}">{{ s.title }}</h2>
 <p class="what">{{ s.what }}</p>

@@ -24,7 +24,7 @@ from wbc_trust import config, plots
 from wbc_trust.data import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs
-from wbc_trust.trust.testset import TestImages, load_test_images
+from wbc_trust.trust.testset import LabelledImages, load_test_images
 
 _BATCH = 128
 _ATTACK_BATCH = 64
@@ -90,7 +90,8 @@ def corrupted_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarra
     return correct / len(images)
 
 
-def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, attack: str, epsilon: float) -> float:
+def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, attack: str,
+                         epsilon: float) -> float:
     """Accuracy under an untargeted L∞ attack (FGSM, or PGD with ``config.PGD_STEPS`` steps of 2.5·ε/steps)."""
     loss = nn.CrossEntropyLoss(reduction="none")  # captum's default loss expects probabilities; the model gives logits
     attacker = (FGSM if attack == "fgsm" else PGD)(model, loss_func=loss, lower_bound=0.0, upper_bound=1.0)
@@ -118,13 +119,13 @@ def model_label(model_path: Path | None) -> str:
     return f"{path.parent.name}/{path.name}" if path.stem == "model" else path.name
 
 
-def robustness_of(model: WbcClassifier, test: TestImages, progress_label: str) -> dict:
+def robustness_of(model: WbcClassifier, test: LabelledImages, progress_label: str) -> dict:
     """Accuracy at every corruption severity and attack budget for one model."""
     steps = [(name, s) for name in config.CORRUPTIONS for s in range(1, 6)]
     steps += [(attack, eps) for attack in ("fgsm", "pgd") for eps in config.ATTACK_EPSILONS]
     clean = corrupted_accuracy(model, test.images, test.labels, None, 0)
-    corruptions = {name: {"severity": list(range(6)), "parameter": [None, *config.CORRUPTIONS[name]], "accuracy": [clean]}
-                   for name in config.CORRUPTIONS}
+    corruptions = {name: {"severity": list(range(6)), "parameter": [None, *params], "accuracy": [clean]}
+                   for name, params in config.CORRUPTIONS.items()}
     attacks = {attack: {"epsilon": [0.0, *config.ATTACK_EPSILONS], "accuracy": [clean]} for attack in ("fgsm", "pgd")}
     for name, level in tqdm(steps, desc=f"robustness {progress_label}", unit="test"):
         if name in corruptions:

@@ -17,7 +17,7 @@ from wbc_trust.evaluate import choose_records
 
 
 @dataclass
-class TestImages:
+class LabelledImages:
     """Decoded images with labels as indices into the model's own class list."""
 
     records: list[Record]
@@ -38,7 +38,7 @@ def stratified_subset(records: list[Record], max_images: int | None, seed: int =
     return sorted(subset, key=lambda r: str(r.path))
 
 
-def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> TestImages:
+def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> LabelledImages:
     """The labelled images of ``data`` that the model is tested on (see ``evaluate.choose_records``), decoded at the
     model's input size; unreadable files are reported and left out; classes the model does not know are refused."""
     index = find_dataset(data, require_all_classes=False)
@@ -55,5 +55,6 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> T
         raise WbcError(f"the model does not know the class(es) {', '.join(unknown)} found in {data}: "
                        "pass data with the model's classes only")
     labels = np.array([classes.index(config.CLASSES[r.label]) for r in loaded.records])
-    description = target.description + (f"; stratified subset of {len(records)}" if len(records) < len(target.records) else "")
-    return TestImages(loaded.records, loaded.images, labels, description)
+    subset = len(records) < len(target.records)
+    description = target.description + (f"; stratified subset of {len(records)}" if subset else "")
+    return LabelledImages(loaded.records, loaded.images, labels, description)
