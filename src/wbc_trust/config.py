@@ -45,6 +45,9 @@ LEARNING_RATE: float = 1e-3
 WEIGHT_DECAY: float = 1e-4
 LABEL_SMOOTHING: float = 0.05
 EARLY_STOP_PATIENCE: int = 4
+#: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
+#: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
+MICRO_BATCH_PIXELS: int = 16 * 224 * 224
 
 PACKAGE_DIR: Path = Path(__file__).resolve().parent
 #: The trained default model that ships inside the package (used when --model is not given).

@@ -393,20 +393,27 @@ def load_images(records: Sequence[Record], size: int, desc: str = "decoding imag
             )
         except Exception:  # a damaged cache file is rebuilt, never trusted
             key_file.unlink(missing_ok=True)
+    # each image is copied into one preallocated tensor as it arrives: collecting per-image tensors and stacking
+    # them needed twice the cache's memory, and the freed small blocks stayed resident through training
+    # (bench/train_memory.py)
+    images = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
+    ok_idx: list[int] = []
+    digests: list[str] = []
+    unreadable: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(
-            tqdm(pool.map(lambda r: _decode(r.path, size), records), total=len(records), desc=desc, unit="img",
-                 leave=False, disable=len(records) < 50)
-        )
-    ok_idx = [i for i, (t, _, _) in enumerate(results) if t is not None]
-    images = (
-        torch.stack([results[i][0] for i in ok_idx]) if ok_idx else torch.empty(0, 3, size, size, dtype=torch.uint8)
-    )
+        decoded = pool.map(lambda r: _decode(r.path, size), records)
+        for i, (tensor, digest, why) in enumerate(
+            tqdm(decoded, total=len(records), desc=desc, unit="img", leave=False, disable=len(records) < 50)
+        ):
+            if tensor is None:
+                unreadable.append((records[i].path, why))
+            else:
+                images[len(ok_idx)] = tensor
+                ok_idx.append(i)
+                digests.append(digest)
+    images = images[: len(ok_idx)]  # a view: the unused tail slots of unreadable files were never touched
     loaded = LoadedImages(
-        records=[records[i] for i in ok_idx],
-        images=images,
-        digests=[results[i][1] for i in ok_idx],
-        unreadable=[(records[i].path, results[i][2]) for i, (t, _, why) in enumerate(results) if t is None],
+        records=[records[i] for i in ok_idx], images=images, digests=digests, unreadable=unreadable
     )
     if key_file is not None:
         blob = {
@@ -485,5 +492,8 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[i]
         if self.transform is not None:
-            image = self.transform(image)
+            # augmented as a PIL image: on one small image, torch's tensor kernels (affine = grid_sample) spend more
+            # time spreading work over threads than computing, ~15× slower on 2 cores than Pillow's C code for the
+            # same random transform (bench/train_speed.py, "data" column)
+            image = v2.functional.pil_to_tensor(self.transform(v2.functional.to_pil_image(image)))
         return image.float().div_(255.0), self.labels[i]

@@ -134,12 +134,61 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return counts.sum() / (n_classes * counts)
 
 
+def eval_batch_size(images: torch.Tensor) -> int:
+    """Evaluation batches within the training step's pixel budget: predict_probs' default of 128 images at 224 px
+    needed 0.6 GiB more than training itself (bench/train_memory.py)."""
+    return max(1, config.MICRO_BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
+
+
 def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module) -> tuple[float, dict, torch.Tensor]:
-    probs = predict_probs(model, loaded.images)
+    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images))
     labels = loaded.labels
     loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
     metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
     return loss, metrics, probs
+
+
+def train_loader(train_set: LoadedImages, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled, augmented batches straight from the decoded uint8 cache (no file is read again after decoding)."""
+    return DataLoader(
+        ImageTensorDataset(train_set.images, train_set.labels, train_transform()),
+        batch_size=batch_size, shuffle=True, drop_last=len(train_set.records) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    use_bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch: channels_last input (oneDNN's fast layout), forward under bf16 autocast
+    where the CPU has native bf16, loss in fp32. Returns (logits, loss); ``bench/train_speed.py`` times this.
+
+    Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
+    (class-weighted) mean loss scaled by its share of the batch's weight, so the summed gradient is the whole batch's
+    (batch norm sees each chunk's statistics). It cuts activation memory at 224 px to a third, which
+    keeps training on all of pbc-wbc at 224 px under 4 GiB (bench/train_memory.py).
+    """
+    images = images.contiguous(memory_format=torch.channels_last)
+    n_chunks = -(-len(images) * images.shape[-2] * images.shape[-1] // config.MICRO_BATCH_PIXELS)  # ceiling division
+    weight = getattr(criterion, "weight", None)
+    sample_weights = weight[labels] if weight is not None else torch.ones(len(labels))
+    optimizer.zero_grad(set_to_none=True)
+    logits, loss = [], torch.zeros(())
+    for x, y, w in zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks),
+                       sample_weights.tensor_split(n_chunks)):
+        with autocast(use_bf16):
+            chunk_logits = model(x)
+        chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / sample_weights.sum())
+        chunk_loss.backward()
+        logits.append(chunk_logits.detach())
+        loss += chunk_loss.detach()
+    optimizer.step()
+    return torch.cat(logits), loss
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -157,11 +206,7 @@ def train(cfg: TrainConfig) -> dict:
     model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=config.WEIGHT_DECAY)
-    loader = DataLoader(
-        ImageTensorDataset(train_set.images, train_set.labels, train_transform()),
-        batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set.records) > cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader = train_loader(train_set, cfg.batch_size, cfg.seed)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
     )
@@ -182,13 +227,7 @@ def train(cfg: TrainConfig) -> dict:
         seen, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
         for images, labels in bar:
-            images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(use_bf16):
-                logits = model(images)
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = train_step(model, images, labels, criterion, optimizer, use_bf16)
             scheduler.step()
             seen += len(labels)
             correct += int((logits.argmax(1) == labels).sum())
@@ -279,7 +318,8 @@ def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, optimizer: tor
 def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
     """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
     model, meta = load_model(model_path)
-    probs = predict_probs(model, loaded.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
+    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images),
+                          temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
     y_true = loaded.labels.numpy()
     metrics = compute_metrics(y_true, probs.argmax(1), meta["classes"])
     metrics["n_unreadable"] = len(loaded.unreadable)

@@ -1,0 +1,204 @@
+"""Training images/s of wbc's own training step against a naive fp32 eager PyTorch loop, same run, same images.
+
+    python bench/train_speed.py [--data ../shared/datasets/pbc-wbc] [--archs cnn resnet50 efficientnet_lite0]
+                                [--per-class 48] [--batches 3] [--profile]
+
+Both sides train the same model (same initial weights), batch size (config.BATCH_SIZE), augmentation, loss and
+optimiser on the same real PBC images, at the architecture's default size (config.DEFAULT_IMG_SIZE):
+
+* naive: torchvision ``ImageFolder`` + ``transforms`` (every batch decodes its JPEGs with PIL again), fp32, eager,
+  default (channels-first) memory layout: the textbook loop.
+* wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
+  ``train.train_loader`` (uint8 cache + ``train_transform``) and ``train.train_step`` (channels_last, bf16 autocast
+  where the CPU supports it).
+
+Batches of the two loops are interleaved (naive, wbc, naive, ...), so background load on a shared machine hits both
+alike: only the ratios of one run are meaningful. Each batch is timed in two parts, ``data`` (fetching the augmented
+batch) and ``step`` (forward, backward, optimiser), so the table shows what the decode-once cache gives and what
+bf16 + channels_last give. The one-time decode of the wbc side is timed too (it is cached on disk for later runs).
+``--profile`` prints torch.profiler's top operators for one wbc step per architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from wbc_trust import config
+from wbc_trust.data import LoadedImages, Record, find_dataset, load_images
+from wbc_trust.models import bf16_supported, build_model, prepare_for_cpu
+from wbc_trust.train import class_weights, train_loader, train_step
+
+
+def pick_images(data: Path, per_class: int) -> list[Record]:
+    """``per_class`` images of each class, spread over the whole class folder (sorted names, even stride)."""
+    records = find_dataset(data).splits["all"]
+    picked: list[Record] = []
+    for label in range(len(config.CLASSES)):
+        own = [r for r in records if r.label == label and not r.path.name.startswith(".")]
+        picked += own[:: max(1, len(own) // per_class)][:per_class]
+    return picked
+
+
+def naive_loader(records: list[Record], size: int, batch_size: int, seed: int, folder: Path) -> DataLoader:
+    """The textbook pipeline: ImageFolder (PIL decode on every access) + torchvision.transforms, same augmentation."""
+    for r in records:
+        link = folder / config.CLASSES[r.label] / r.path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(r.path)
+    augment = transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.RandomAffine(config.AUG_ROTATION_DEG, translate=(config.AUG_SHIFT, config.AUG_SHIFT),
+                                scale=(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomVerticalFlip(),
+        transforms.ColorJitter(brightness=config.AUG_BRIGHTNESS),
+        transforms.ToTensor(),
+    ])
+    dataset = datasets.ImageFolder(str(folder), transform=augment)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def naive_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer) -> None:
+    """The textbook fp32 eager step (the baseline; wbc's own step is ``train.train_step``)."""
+    loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches forever, reshuffled every epoch."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+class Side:
+    """One training loop under test: its batches, its step, and the time spent in each."""
+
+    def __init__(self, batches: Iterator, step) -> None:
+        self.batches, self.step = batches, step
+        self.data_s = self.step_s = 0.0
+        self.images = self.n_batches = 0
+
+    def run_batch(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        images, labels = next(self.batches)
+        t1 = time.perf_counter()
+        self.step(images, labels)
+        t2 = time.perf_counter()
+        if timed:
+            self.data_s += t1 - t0
+            self.step_s += t2 - t1
+            self.images += len(labels)
+            self.n_batches += 1
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / (self.data_s + self.step_s)
+
+    def columns(self) -> str:
+        """ms per batch for data and step, then images/s."""
+        n = self.n_batches
+        return f"{1000 * self.data_s / n:>8.0f} {1000 * self.step_s / n:>7.0f} {self.images_per_s:>6.1f}"
+
+
+def bench_arch(arch: str, records: list[Record], loaded: LoadedImages, size: int, args: argparse.Namespace,
+               folder: Path) -> tuple[Side, Side]:
+    """Time interleaved batches of the naive loop and wbc's loop for one architecture."""
+    use_bf16 = bf16_supported()
+    torch.manual_seed(config.SEED)
+    naive_model = build_model(arch)  # random init: weights do not change the speed
+    wbc_model = prepare_for_cpu(copy.deepcopy(naive_model))
+    criterion = nn.CrossEntropyLoss(weight=class_weights(loaded.labels, len(config.CLASSES)),
+                                    label_smoothing=config.LABEL_SMOOTHING)
+
+    def optimiser(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
+
+    naive_opt, wbc_opt = optimiser(naive_model), optimiser(wbc_model)
+    naive_model.train()
+    wbc_model.train()
+    naive = Side(endless(naive_loader(records, size, config.BATCH_SIZE, config.SEED, folder)),
+                 lambda x, y: naive_step(naive_model, x, y, criterion, naive_opt))
+    wbc = Side(endless(train_loader(loaded, config.BATCH_SIZE, config.SEED)),
+               lambda x, y: train_step(wbc_model, x, y, criterion, wbc_opt, use_bf16))
+    for i in range(args.warmup + args.batches):  # the first batch builds oneDNN's kernels: not timed
+        naive.run_batch(timed=i >= args.warmup)
+        wbc.run_batch(timed=i >= args.warmup)
+    if args.profile:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wbc.run_batch(timed=False)
+        print(f"\n{arch}: one wbc training step, top operators by own CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return naive, wbc
+
+
+def machine() -> str:
+    """CPU model, cores, torch and its threads, and whether bf16 runs natively."""
+    model = platform.processor() or "?"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return (f"{model}, {os.cpu_count()} CPU threads, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"native bf16: {bf16_supported()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
+    parser.add_argument("--archs", nargs="+", default=["cnn", "resnet50", "efficientnet_lite0"])
+    parser.add_argument("--per-class", type=int, default=48, help="images per class (default 48: 240 images)")
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per loop and architecture")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel creation)")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one wbc step per arch")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute speeds)")
+    records = pick_images(args.data, args.per_class)
+    rows = []
+    for arch in args.archs:
+        size = config.DEFAULT_IMG_SIZE[arch]
+        t0 = time.perf_counter()
+        loaded = load_images(records, size, cache=False)
+        decode_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="wbc-naive-") as folder:
+            naive, wbc = bench_arch(arch, loaded.records, loaded, size, args, Path(folder))
+        rows.append((arch, size, naive, wbc, decode_s / len(loaded.records)))
+        print(f"{arch}: naive {naive.images_per_s:.1f} images/s, wbc {wbc.images_per_s:.1f} images/s", flush=True)
+
+    print(f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.batches} timed batches per loop "
+          "(interleaved); ms per batch split into data (fetch + augment) and step (forward + backward + AdamW)")
+    header = (f"{'arch':<19}{'px':>4}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
+              f"{'img/s':>6}  {'speed-up':>8}  {'step x':>6}  {'decode once':>14}")
+    print(header)
+    print("-" * len(header))
+    ratios = []
+    for arch, size, naive, wbc, decode_per_image in rows:
+        ratio = wbc.images_per_s / naive.images_per_s
+        ratios.append(ratio)
+        print(f"{arch:<19}{size:>4}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
+              f"{naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img")
+    print("(step x: forward+backward speed-up alone; decode once: wbc's one-time decode per image, cached on disk)")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print(f"train speed-up vs naive: {min(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
