@@ -79,9 +79,6 @@ APP_STREAMLIT_OPTIONS: dict[str, object] = {
     "client.toolbarMode": "viewer",
     "browser.gatherUsageStats": False,
 }
-#: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
-AUDIT_PHASH_SIZE: int = 8
-AUDIT_PHASH_MAX_DISTANCE: int = 4
 
 # --- trust suite: robustness, Grad-CAM, Fisher sensitivity (trust/robustness.py, gradcam.py, fisher.py) ---------
 
@@ -116,13 +113,6 @@ FISHER_GALLERY: int = 15
 #: Audit: perceptual-hash size (hash_size² bits) and the largest Hamming distance reported as a near-duplicate.
 AUDIT_PHASH_SIZE: int = 8
 AUDIT_PHASH_MAX_DISTANCE: int = 4
-#: Calibration (trust/calibration.py, conformal.py, ood.py): confidence bins of the ECE and the reliability diagram;
-#: default coverage of the split-conformal prediction sets; share of validation white cells the out-of-distribution
-#: threshold accepts; folds that score each validation image with statistics it was not fitted on.
-ECE_BINS: int = 15
-CONFORMAL_COVERAGE: float = 0.95
-OOD_ACCEPT: float = 0.95
-OOD_FOLDS: int = 5
 #: Influence (TracInCP on the last layer): images per forward pass, the replayed last-layer training that gives the
 #: checkpoints (epochs = checkpoints, learning rate, batch), training images listed per test image, gallery size.
 INFLUENCE_BATCH_SIZE: int = 64
@@ -133,3 +123,10 @@ INFLUENCE_TOP_K: int = 5
 INFLUENCE_GALLERY: int = 15
 #: Training images per captum TracIn batch (features only: 4,096 × 1,280 floats = 20 MB); fewer batches = faster queries.
 INFLUENCE_TRAIN_CHUNK: int = 4096
+#: Calibration (trust/calibration.py, conformal.py, ood.py): confidence bins of the ECE and the reliability diagram;
+#: default coverage of the split-conformal prediction sets; share of validation white cells the out-of-distribution
+#: threshold accepts; folds that score each validation image with statistics it was not fitted on.
+ECE_BINS: int = 15
+CONFORMAL_COVERAGE: float = 0.95
+OOD_ACCEPT: float = 0.95
+OOD_FOLDS: int = 5

@@ -64,16 +64,6 @@ def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: P
     save_figure(fig, path)
 
 
-def class_balance_figure(counts: dict[str, int], path: Path, title: str = "") -> None:
-    """Images per class as bars, with the count written on each bar (the audit's class balance)."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    bars = ax.bar(list(counts), list(counts.values()), color="tab:blue")
-    ax.bar_label(bars)
-    ax.set(ylabel="images", title=title)
-    ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, path)
-
-
 def robustness_curves(results: Sequence[dict], path: Path) -> None:
     """Accuracy against corruption severity and attack budget: one panel per corruption/attack, one line per model
     (``results`` = the per-model entries of robustness.json)."""
@@ -97,6 +87,30 @@ def robustness_curves(results: Sequence[dict], path: Path) -> None:
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"Accuracy under corruptions and attacks ({first['n_images']} images)")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def class_balance_figure(counts: dict[str, int], path: Path, title: str = "") -> None:
+    """Images per class as bars, with the count written on each bar (the audit's class balance)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bars = ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.bar_label(bars)
+    ax.set(ylabel="images", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
+def influence_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> None:
+    """Fraction of the flagged training images found against the fraction inspected, one line per ranking; the
+    diagonal is inspecting in random order."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (inspected, found) in curves.items():
+        ax.plot(inspected, found, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="random order")
+    ax.set(xlabel="fraction of training images inspected (highest score first)",
+           ylabel="fraction of flagged images found", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     save_figure(fig, path)
 
 
@@ -134,20 +148,6 @@ def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: floa
     ax.set(xscale="log", xlabel="out-of-distribution score (higher = more unusual)", ylabel="density",
            title=title or "Out-of-distribution scores")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
-def influence_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> None:
-    """Fraction of the flagged training images found against the fraction inspected, one line per ranking; the
-    diagonal is inspecting in random order."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, (inspected, found) in curves.items():
-        ax.plot(inspected, found, label=name)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="random order")
-    ax.set(xlabel="fraction of training images inspected (highest score first)",
-           ylabel="fraction of flagged images found", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
     save_figure(fig, path)
 
 
