@@ -9,6 +9,8 @@ import sys
 from wbc_trust.cli import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:] or ["--data", "../shared/datasets/pbc-wbc", "--out", "runs/default", "--pretrained", "imagenet"]
+    args = sys.argv[1:] or [
+        "--data", "../shared/datasets/pbc-wbc", "--out", "runs/default", "--pretrained", "imagenet", "--frozen-stages", "4"
+    ]
     sys.argv = ["wbc", "train", *args]
     main()

@@ -1,7 +1,7 @@
 """Prediction speed of the default model, in one run on this machine:
 
 1. latency of one image (a 360×363 PBC JPEG as bytes, the app's input): ``Predictor.predict_bytes``, and the app's
-   whole per-image work (predict + Grad-CAM++ overlay + display thumbnail, ``wbc_trust.app.analyse``): p50 and p95;
+   whole per-image work (predict + Grad-CAM overlay + display thumbnail, ``wbc_trust.app.analyse``): p50 and p95;
 2. folder throughput (images/s): ``Predictor.predict_files`` (batched, channels_last, bf16 where the CPU has it)
    against a naive per-image loop (PIL open → torchvision ToTensor → fp32 eager forward, one image at a time) over
    the same files with the same weights.
@@ -68,7 +68,7 @@ def main() -> None:
     predictor = loaded.predictor
     rows = [
         ("predict, one image", *percentiles(lambda: predictor.predict_bytes(data), args.repeats, "predict")),
-        ("predict + Grad-CAM++, one image", *percentiles(lambda: analyse(loaded, image.name, data), args.repeats,
+        ("predict + Grad-CAM, one image", *percentiles(lambda: analyse(loaded, image.name, data), args.repeats,
                                                           "predict + Grad-CAM")),
     ]
 

@@ -22,7 +22,7 @@ from wbc_trust import config
 from wbc_trust.train import TrainConfig, train
 
 #: The recipe of the shipped default model.
-DEFAULT_RECIPE = dict(arch="efficientnet_lite0", pretrained="imagenet", epochs=config.EPOCHS, img_size=128)
+DEFAULT_RECIPE = dict(arch="efficientnet_lite0", pretrained="imagenet", epochs=config.EPOCHS, frozen_stages=4)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from wbc_trust.modelfile import load_model
 from wbc_trust.trust.fisher import run_fisher
 from wbc_trust.trust.gradcam import gradcam_overlay, run_gradcam
 from wbc_trust.trust.robustness import run_robustness
-from wbc_trust.trust.testset import load_test_images
+from wbc_trust.evaluate import load_test_images
 
 PBC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "pbc-wbc"
 

@@ -31,11 +31,16 @@ def test_training_writes_every_artefact(tiny_run: Path) -> None:
     assert "PBC" in meta["credit"] and meta["manifest"]["versions"]["torch"]
 
 
-def test_saved_model_loads_and_predicts_like_the_trained_one(tiny_run: Path) -> None:
+def test_saved_model_is_the_weight_average_of_the_run(tiny_run: Path) -> None:
+    """model.safetensors holds the run's exponential moving average (which differs from the last weights) and
+    predicts exactly like it."""
     model, meta = load_model(tiny_run / "model.safetensors")
     checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    prefix = "module.net."
+    average = {k[len(prefix):]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
+    assert any(not torch.equal(average[k], v) for k, v in checkpoint["model"].items() if v.is_floating_point())
     reference = build_model("cnn")
-    reference.net.load_state_dict(checkpoint["model"])
+    reference.net.load_state_dict(average)
     reference.eval()
     x = torch.rand(4, 3, 64, 64)
     with torch.no_grad():

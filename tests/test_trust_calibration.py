@@ -24,7 +24,6 @@ from wbc_trust.trust.calibration import (
     FLAG_OOD,
     FLAG_UNCERTAIN,
     Calibration,
-    calibrate,
     calibration_error,
     fit_temperature,
     run_calibration,

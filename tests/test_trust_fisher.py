@@ -17,7 +17,7 @@ from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.modelfile import load_model
 from wbc_trust.trust.fisher import per_sample_grad_norms, seed_scores
-from wbc_trust.trust.testset import load_test_images
+from wbc_trust.evaluate import load_test_images
 
 
 def test_vmap_gradients_equal_one_backward_pass_per_image(tiny_run: Path) -> None:

@@ -22,7 +22,7 @@ from wbc_trust.trust.gradcam import (
     road_scores,
     target_layer_name,
 )
-from wbc_trust.trust.testset import load_test_images
+from wbc_trust.evaluate import load_test_images
 
 
 @pytest.fixture(scope="module")

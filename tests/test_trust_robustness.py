@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from wbc_trust import config
 from wbc_trust.cli import app
-from wbc_trust.modelfile import load_model
+from wbc_trust.modelfile import load_model, read_metadata
 from wbc_trust.trust.robustness import adversarial_accuracy, corrupt, corrupted_accuracy
-from wbc_trust.trust.testset import LabelledImages, load_test_images
+from wbc_trust.evaluate import LabelledImages, load_test_images
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_cli_compares_two_models(tiny_run: Path, small_tree: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "robustness.json").read_text())
     assert [m["arch"] for m in summary["models"]] == ["cnn", "efficientnet_lite0"]
-    assert [m["img_size"] for m in summary["models"]] == [64, 128]
+    assert [m["img_size"] for m in summary["models"]] == [64, read_metadata(config.DEFAULT_MODEL_PATH)["img_size"]]
     for entry in summary["models"]:
         assert entry["n_images"] == 5
         for curve in [*entry["corruptions"].values(), *entry["attacks"].values()]:

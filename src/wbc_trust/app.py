@@ -66,7 +66,7 @@ class Analysis:
 
 
 def analyse(model: LoadedModel, name: str, data: bytes, index: InfluenceIndex | None = None) -> Analysis:
-    """Classify one upload and explain it with Grad-CAM++ on the predicted class and, given the model's influence
+    """Classify one upload and explain it with Grad-CAM on the predicted class and, given the model's influence
     index, the training images that most support the answer; a bad file gets a flagged row."""
     if len(data) > config.APP_MAX_UPLOAD_MB * 1024 * 1024:
         reason = f"unreadable: file larger than {config.APP_MAX_UPLOAD_MB} MB"
@@ -250,7 +250,7 @@ def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
             return
         original, heatmap, answer = st.columns([1, 1, 1.3])
         original.image(item.original, caption="uploaded image", width="stretch")
-        heatmap.image(item.overlay, caption="Grad-CAM++: where the model looked (red = most)", width="stretch")
+        heatmap.image(item.overlay, caption="Grad-CAM: where the model looked (red = most)", width="stretch")
         with answer:
             st.markdown(f"Predicted class: **{prediction.prediction}**")
             calibrated = "calibrated" if prediction.prediction_set is not None else "not calibrated"

@@ -38,6 +38,7 @@ def train(
     seed: int = config.SEED,
     pretrained: Annotated[Optional[str], typer.Option(help="imagenet | PATH to a weights file | none")] = None,
     freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")] = False,
+    frozen_stages: Annotated[int, typer.Option(help="keep the first N backbone stages at their pretrained weights")] = 0,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT/checkpoint.pt")] = False,
     max_images: Annotated[Optional[int], typer.Option(help="use at most this many images per split (quick runs)")] = None,
 ) -> None:
@@ -46,7 +47,7 @@ def train(
 
     result = run_training(TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
-        pretrained=pretrained, freeze_backbone=freeze_backbone, resume=resume, max_images=max_images,
+        pretrained=pretrained, freeze_backbone=freeze_backbone, frozen_stages=frozen_stages, resume=resume, max_images=max_images,
     ))
     console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {out / 'model.safetensors'}")
 

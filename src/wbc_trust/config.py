@@ -25,7 +25,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Input size per architecture (pixels, square).
-DEFAULT_IMG_SIZE: dict[str, int] = {"cnn": 128, "vgg16": 224, "resnet50": 224, "efficientnet_lite0": 128}
+DEFAULT_IMG_SIZE: dict[str, int] = {"cnn": 128, "vgg16": 224, "resnet50": 224, "efficientnet_lite0": 160}
 
 #: The seed's augmentation list: rotation ±20°, zoom 20 %, shifts 10 %, flips, brightness.
 AUG_ROTATION_DEG: float = 20.0
@@ -45,6 +45,8 @@ LEARNING_RATE: float = 1e-3
 WEIGHT_DECAY: float = 1e-4
 LABEL_SMOOTHING: float = 0.05
 EARLY_STOP_PATIENCE: int = 4
+#: Per-step decay of the weight average that is validated and saved (≈ 1/(1-decay) = 200 steps of memory).
+EMA_DECAY: float = 0.995
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
 #: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224

@@ -325,6 +325,14 @@ def split_records(
     return {name: [records[i] for k in sorted(ks) for i in groups[k]] for name, ks in assignment.items()}
 
 
+def split_plan(index: DatasetIndex) -> tuple[list[Record], dict[str, float], dict[str, list[Record]]]:
+    """What training splits (the pool), into which shares besides "train", and the splits the layout fixes (Kaggle's
+    Test-A/Test-B). ``wbc calibrate`` uses it to recompute a model's validation split."""
+    if index.layout == "kaggle":
+        return index.splits["train"], {"val": config.VAL_FRACTION}, {k: v for k, v in index.splits.items() if k != "train"}
+    return index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
+
+
 def relative_paths(records: Iterable[Record], root: Path) -> list[str]:
     """Paths relative to the data root, as written to split.json and model metadata."""
     return [str(r.path.relative_to(root)) for r in records]

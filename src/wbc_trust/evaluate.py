@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from wbc_trust import config, plots
@@ -65,26 +67,62 @@ def choose_records(index: DatasetIndex, meta: dict) -> EvaluationTarget:
     return EvaluationTarget(records, f"evaluating all {len(records)} files in {index.root}")
 
 
-def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
-    """Run a model file on a labelled folder and write every evaluation artefact to ``out_dir``."""
-    model, meta = load_model(model_path)
-    classes = meta["classes"]
-    index = find_dataset(data_dir, require_all_classes=False)
+@dataclass
+class LabelledImages:
+    """Decoded images with labels as indices into the model's own class list."""
+
+    records: list[Record]
+    images: torch.Tensor  # uint8 N×3×S×S
+    labels: np.ndarray  # int N, index into meta["classes"]
+    description: str
+    n_unreadable: int = 0
+
+
+def stratified_subset(records: list[Record], max_images: int | None, seed: int = config.SEED) -> list[Record]:
+    """At most ``max_images`` records with the class proportions of the whole (all of them when fewer)."""
+    if max_images is None or max_images >= len(records):
+        return records
+    if max_images < 1:
+        raise WbcError(f"--max-images must be at least 1 (got {max_images})")
+    labels = [r.label for r in records]
+    stratify = labels if max_images >= len(set(labels)) else None
+    subset, _ = train_test_split(records, train_size=max_images, stratify=stratify, random_state=seed)
+    return sorted(subset, key=lambda r: str(r.path))
+
+
+def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> LabelledImages:
+    """The labelled images of ``data`` that the model is tested on (see ``choose_records``), decoded at the
+    model's input size; unreadable files are reported and left out; classes the model does not know are refused."""
+    index = find_dataset(data, require_all_classes=False)
     target = choose_records(index, meta)
-    print(target.description)
-    loaded = load_images(target.records, meta["img_size"], desc="reading images")
+    classes = meta["classes"]
+    unknown = sorted({config.CLASSES[r.label] for r in target.records} - set(classes))
+    if unknown:
+        raise WbcError(f"the model does not know the class(es) {', '.join(unknown)} found in {data}: "
+                       "pass data with the model's classes only")
+    records = stratified_subset(target.records, max_images)
+    loaded = load_images(records, meta["img_size"], desc="reading images")
     for path, reason in loaded.unreadable:
         print(f"skipped unreadable file {path}: {reason}")
     if not loaded.records:
-        raise WbcError(f"none of the {len(target.records)} files in {data_dir} could be read as images")
-    probs = predict_probs(model, loaded.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
-    y_true = np.array([classes.index(config.CLASSES[r.label]) for r in loaded.records])
-    y_pred = probs.argmax(1)
-    metrics = compute_metrics(y_true, y_pred, classes)
-    metrics["n_unreadable"] = len(loaded.unreadable)
-    metrics["evaluated"] = target.description
+        raise WbcError(f"none of the {len(records)} files in {data} could be read as images: pass a folder of images")
+    labels = np.array([classes.index(config.CLASSES[r.label]) for r in loaded.records])
+    subset = len(records) < len(target.records)
+    description = target.description + (f"; stratified subset of {len(records)}" if subset else "")
+    return LabelledImages(loaded.records, loaded.images, labels, description, len(loaded.unreadable))
+
+
+def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
+    """Run a model file on a labelled folder and write every evaluation artefact to ``out_dir``."""
+    model, meta = load_model(model_path)
+    test = load_test_images(meta, data_dir)
+    print(test.description)
+    probs = predict_probs(model, test.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
+    metrics = compute_metrics(test.labels, probs.argmax(1), meta["classes"])
+    metrics["n_unreadable"] = test.n_unreadable
+    metrics["evaluated"] = test.description
     metrics["model"] = str(model_path) if model_path else "default"
-    write_outputs(Path(out_dir), metrics, probs, loaded.records, y_true, classes)
+    write_outputs(Path(out_dir), metrics, probs, test.records, test.labels, meta["classes"])
     return metrics
 
 

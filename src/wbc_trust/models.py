@@ -66,6 +66,10 @@ class WbcClassifier(nn.Module):
         """The final classification layer (what ``--freeze-backbone`` leaves trainable)."""
         return _HEADS[self.arch](self.net)
 
+    def stages(self) -> list[nn.Module]:
+        """The backbone's stages from the input side (stem first): what ``frozen_stages`` keeps fixed."""
+        return _STAGES[self.arch](self.net)
+
     def feature_layer(self) -> nn.Module:
         """The last convolutional layer: Grad-CAM's target and the source of features for OOD scores."""
         return _FEATURE_LAYERS[self.arch](self.net)
@@ -76,6 +80,12 @@ _HEADS = {
     "vgg16": lambda n: n.classifier,
     "resnet50": lambda n: n.fc,
     "efficientnet_lite0": lambda n: n.classifier,
+}
+_STAGES = {
+    "cnn": lambda n: [n.features[i : i + 8] for i in range(0, len(n.features), 8)],  # conv-BN-ReLU ×2, pool, dropout
+    "vgg16": lambda n: [n.features[a:b] for a, b in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))],
+    "resnet50": lambda n: [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4],
+    "efficientnet_lite0": lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
 }
 _FEATURE_LAYERS = {
     "cnn": lambda n: n.features[-3],  # last conv block's ReLU (before pool and dropout)
@@ -170,9 +180,14 @@ def build_model(
     num_classes: int = len(config.CLASSES),
     pretrained: str | None = None,
     freeze_backbone: bool = False,
+    frozen_stages: int = 0,
 ) -> WbcClassifier:
     """Create an architecture, load pretrained weights (the classifier layer is always new) and optionally freeze
-    everything but the head (the seed's transfer-learning recipe)."""
+    everything but the head (the seed's transfer-learning recipe) or only the first ``frozen_stages`` stages.
+
+    Freezing the early stages keeps their generic pretrained edge and colour filters and skips their backward pass,
+    the costliest part of a CPU training step at high resolution (depthwise convolutions on large feature maps).
+    """
     net = _bare_network(arch, num_classes)
     model = WbcClassifier(arch, net)
     state = pretrained_state(arch, pretrained)
@@ -194,6 +209,9 @@ def build_model(
             p.requires_grad_(False)
         for p in model.head().parameters():
             p.requires_grad_(True)
+    for stage in model.stages()[:frozen_stages]:
+        for p in stage.parameters():
+            p.requires_grad_(False)
     return model
 
 

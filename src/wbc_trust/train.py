@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wbc_trust import config, plots
 from wbc_trust.data import (
-    DatasetIndex,
     ImageTensorDataset,
     LoadedImages,
-    Record,
     atomic_write,
     find_dataset,
     load_images,
     relative_paths,
+    split_plan,
     split_records,
     train_transform,
     write_json,
@@ -36,6 +36,7 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.modelfile import load_model, run_manifest, save_model
 from wbc_trust.models import autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
+from wbc_trust.trust.calibration import calibrate_loaded
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     seed: int = config.SEED
     pretrained: str | None = None
     freeze_backbone: bool = False
+    frozen_stages: int = 0  # keep the first N backbone stages at their pretrained weights
     resume: bool = False
     patience: int = config.EARLY_STOP_PATIENCE
     label_smoothing: float = config.LABEL_SMOOTHING
@@ -79,14 +81,6 @@ def data_fingerprint(loaded: LoadedImages) -> str:
     same labels give the same fingerprint, whatever their names, order or folder; one changed pixel or label does not."""
     lines = sorted(f"{config.CLASSES[r.label]}\t{digest}\n" for r, digest in zip(loaded.records, loaded.digests))
     return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def split_plan(index: DatasetIndex) -> tuple[list[Record], dict[str, float], dict[str, list[Record]]]:
-    """What training splits (the pool), into which shares besides "train", and the splits the layout fixes (Kaggle's
-    Test-A/Test-B). ``wbc calibrate`` uses it to recompute a model's validation split."""
-    if index.layout == "kaggle":
-        return index.splits["train"], {"val": config.VAL_FRACTION}, {k: v for k, v in index.splits.items() if k != "train"}
-    return index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
 
 
 def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
@@ -129,9 +123,10 @@ def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
 
 
 def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (n / (k · count)) so rare basophils and lymphocytes count as much as neutrophils."""
+    """Square-root inverse-frequency weights (√(n / (k · count))): rare basophils and lymphocytes count more, but
+    not 2.7× more, which on PBC turned neutrophils and monocytes into false basophils."""
     counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
-    return counts.sum() / (n_classes * counts)
+    return (counts.sum() / (n_classes * counts)).sqrt()
 
 
 def eval_batch_size(images: torch.Tensor) -> int:
@@ -146,6 +141,13 @@ def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module
     loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
     metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
     return loss, metrics, probs
+
+
+def _ema_step(average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+    """One exponential-moving-average step with timm's warm-up (decay (1+n)/(10+n) until it reaches
+    config.EMA_DECAY), so that short runs average their recent weights, not their initialisation."""
+    decay = min(config.EMA_DECAY, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+    return average * decay + current * (1.0 - decay)
 
 
 def train_loader(train_set: LoadedImages, batch_size: int, seed: int) -> DataLoader:
@@ -203,7 +205,11 @@ def train(cfg: TrainConfig) -> dict:
     print(f"{cfg.arch} at {img_size} px, {'bf16 autocast' if use_bf16 else 'fp32'}: "
           f"{len(train_set.records)} training, {len(val_set.records)} validation images")
 
-    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone))
+    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
+                                        frozen_stages=cfg.frozen_stages))
+    # the weights that are validated, saved and shipped: an exponential moving average (BN statistics included),
+    # which smooths the epoch-to-epoch swings of the last weights on a small dataset
+    ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=config.WEIGHT_DECAY)
     loader = train_loader(train_set, cfg.batch_size, cfg.seed)
@@ -219,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, best, stale = 1, None, 0
     if cfg.resume:
         history, best, stale, start_epoch = _resume(checkpoint_path, splits.split_file["data_fingerprint"], model,
-                                                    optimizer, scheduler, loader)
+                                                    ema, optimizer, scheduler, loader)
 
     started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -229,11 +235,12 @@ def train(cfg: TrainConfig) -> dict:
         for images, labels in bar:
             logits, loss = train_step(model, images, labels, criterion, optimizer, use_bf16)
             scheduler.step()
+            ema.update_parameters(model)
             seen += len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             loss_sum += float(loss.detach()) * len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_loss, val_metrics, _ = _evaluate_split(model, val_set, eval_criterion)
+        val_loss, val_metrics, _ = _evaluate_split(ema.module, val_set, eval_criterion)
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
@@ -244,17 +251,21 @@ def train(cfg: TrainConfig) -> dict:
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
-        improved = best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        # One-cycle weights of the first half are mid-flight (high learning rate): such an epoch is saved only as a
+        # stand-in until the annealing half starts; from then on the best validated epoch is kept.
+        half = cfg.epochs // 2
+        better = best is not None and (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        improved = best is None or (epoch > half and (best["epoch"] <= half or better))
         print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
               f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
               + ("  (best so far, saved)" if improved else ""))
         if improved:
             best, stale = row, 0
-            save_model(model_path, model, _metadata(cfg, img_size, data_summary, splits, row, use_bf16))
-        else:
+            save_model(model_path, ema.module, _metadata(cfg, img_size, data_summary, splits, row, use_bf16))
+        elif epoch > half:
             stale += 1
         state = {
-            "model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(), "history": history, "best": best, "stale": stale, "epoch": epoch,
             "loader_rng": loader.generator.get_state(), "data_fingerprint": splits.split_file["data_fingerprint"],
         }
@@ -267,8 +278,6 @@ def train(cfg: TrainConfig) -> dict:
 
     result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
               "train_seconds": history[-1]["seconds"]}
-    from wbc_trust.trust.calibration import calibrate_loaded  # it imports split_plan from here
-
     best_model, best_meta = load_model(model_path)
     try:
         result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model), best_meta, val_set,
@@ -281,9 +290,9 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader) -> tuple[list[dict], dict, int, int]:
-    """Restore an interrupted run from its last per-epoch checkpoint: weights, optimiser, schedule and both random
+    """Restore an interrupted run from its last per-epoch checkpoint: weights and their average, optimiser, schedule and both random
     streams (augmentation and shuffling), so the resumed run repeats exactly what the uninterrupted one would do.
 
     ``weights_only=True`` unpickles only tensors and plain containers: a crafted checkpoint cannot run code.
@@ -303,6 +312,7 @@ def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, optimizer: tor
                        "interrupted run); start without --resume")
     try:
         model.net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])

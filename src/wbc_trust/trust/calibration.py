@@ -19,7 +19,17 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics.classification import MulticlassCalibrationError
 
 from wbc_trust import config, plots
-from wbc_trust.data import LoadedImages, Record, find_dataset, list_files, load_images, relative_paths, split_records, write_json
+from wbc_trust.data import (
+    LoadedImages,
+    Record,
+    find_dataset,
+    list_files,
+    load_images,
+    relative_paths,
+    split_plan,
+    split_records,
+    write_json,
+)
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_extra, load_model, save_model
@@ -145,7 +155,6 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
 
     A model trained with ``--max-images`` used part of that split; the whole split is still unseen in training.
     """
-    from wbc_trust.train import split_plan  # train imports this module at the end of training
 
     index = find_dataset(data, require_all_classes=False)
     trained = meta.get("data", {})

@@ -27,7 +27,7 @@ from wbc_trust import config, plots
 from wbc_trust.data import atomic_write_text, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
-from wbc_trust.trust.testset import load_test_images
+from wbc_trust.evaluate import load_test_images
 
 _BATCH = 16  # per-sample gradients hold one copy of the weights per image: 16 × 3.4 M floats for EfficientNet-Lite0
 

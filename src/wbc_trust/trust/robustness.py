@@ -24,7 +24,7 @@ from wbc_trust import config, plots
 from wbc_trust.data import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs
-from wbc_trust.trust.testset import LabelledImages, load_test_images
+from wbc_trust.evaluate import LabelledImages, load_test_images
 
 _BATCH = 128
 _ATTACK_BATCH = 64
