@@ -18,10 +18,10 @@ from wbc_trust.train import TrainConfig, train
 
 #: name → (settings, the equivalent `wbc train` options shown in the table)
 RECIPES: dict[str, tuple[dict, str]] = {
-    "cnn": (dict(arch="cnn", epochs=12, lr=2e-3), "--arch cnn --epochs 12 --lr 2e-3"),
-    "resnet50": (dict(arch="resnet50", img_size=128, epochs=6), "--arch resnet50 --img-size 128 --epochs 6"),
-    "efficientnet_lite0": (dict(arch="efficientnet_lite0", pretrained="imagenet"),
-                           "--arch efficientnet_lite0 --pretrained imagenet"),
+    "cnn": (dict(arch="cnn", epochs=8, lr=2e-3), "--arch cnn --epochs 8 --lr 2e-3"),
+    "resnet50": (dict(arch="resnet50", img_size=128, epochs=4), "--arch resnet50 --img-size 128 --epochs 4"),
+    "efficientnet_lite0": (dict(arch="efficientnet_lite0", pretrained="imagenet", frozen_stages=4),
+                           "--arch efficientnet_lite0 --pretrained imagenet --frozen-stages 4"),
 }
 
 
