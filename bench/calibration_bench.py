@@ -23,8 +23,8 @@ from sklearn.metrics import roc_auc_score
 from wbc_trust.data import Record, find_dataset, list_files, load_images, write_json
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
+from wbc_trust.models import logits_and_features
 from wbc_trust.trust.calibration import run_calibration
-from wbc_trust.trust.ood import logits_and_features
 
 
 def logit_score_aurocs(model_path: Path | None, pbc: Path, non_wbc: Path) -> dict[str, float]:

@@ -4,7 +4,7 @@
    whole per-image work (predict + Grad-CAM overlay + display thumbnail, ``wbc_trust.app.analyse``): p50 and p95;
 2. folder throughput (images/s): ``Predictor.predict_files`` (batched, channels_last, bf16 where the CPU has it)
    against a naive per-image loop (PIL open → torchvision ToTensor → fp32 eager forward, one image at a time) over
-   the same files with the same weights.
+   the same files with the same weights and the same test-time views (``model.predict``).
 
     python bench/predict_latency.py [--repeats 100] [--folder DIR]
 
@@ -47,11 +47,12 @@ def percentiles(fn, repeats: int, desc: str) -> tuple[float, float]:
 
 @torch.no_grad()
 def naive_loop(model: torch.nn.Module, paths: list[Path], size: int) -> list[int]:
-    """The per-image loop a first script would write: decode, resize, one fp32 forward pass per file."""
+    """The per-image loop a first script would write: decode, resize, one fp32 forward pass (of the model's test
+    views) per file."""
     answers = []
     for path in tqdm(paths, desc="naive loop", leave=False):
         image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        answers.append(int(model(to_tensor(image)[None]).argmax()))
+        answers.append(int(model.predict(to_tensor(image)[None])[0].argmax()))
     return answers
 
 
@@ -82,7 +83,8 @@ def main() -> None:
     naive_rate = len(paths) / (time.perf_counter() - start)
     agree = np.mean([predictor.classes[n] == b.prediction for n, b in zip(naive, batched)])
 
-    print(f"\ndefault model ({predictor.meta['arch']}, {predictor.img_size} px), torch {torch.__version__}, "
+    print(f"\ndefault model ({predictor.meta['arch']}, {predictor.img_size} px, test views "
+          f"{'+'.join(naive_model.views)}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; one image = {image.name} ({width}×{height}), {args.repeats} runs")
     print(f"{'latency':<34}{'p50 ms':>10}{'p95 ms':>10}")
     for name, p50, p95 in rows:

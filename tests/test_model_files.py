@@ -132,6 +132,7 @@ BAD_METADATA = {
     "newer-format": (_set("format_version", 99), "newer wbc-trust"),
     "format-version-string": (_set("format_version", "1"), "format version"),
     "other-tool": (_set("format", "something-else"), "no wbc-trust metadata"),
+    "unknown-test-view": (_set("test_views", ["identity", "rotate45"]), "test views"),
     "wrong-arch-for-weights": (_set("arch", "efficientnet_lite0"), "do not fit its metadata"),
     "fewer-classes-than-weights": (_set("classes", ["basophil", "eosinophil", "lymphocyte", "monocyte"]),
                                    "do not fit its metadata"),

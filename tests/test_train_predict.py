@@ -11,6 +11,7 @@ import torch
 
 from conftest import CORRUPT_FILE, pbc_files
 from wbc_trust import config
+from wbc_trust.data import image_to_tensor, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import evaluate
 from wbc_trust.modelfile import load_model, read_metadata
@@ -45,6 +46,20 @@ def test_saved_model_is_the_weight_average_of_the_run(tiny_run: Path) -> None:
     x = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_predictions_average_the_test_views(tiny_run: Path, default_model: Path) -> None:
+    """Trained models store ``config.TEST_VIEWS``; the default model predicts the mean logits of the image and its
+    flips, and the flips really change what the network sees."""
+    assert read_metadata(tiny_run / "model.safetensors")["test_views"] == list(config.TEST_VIEWS)
+    model, meta = load_model(default_model)
+    assert model.views == config.TEST_VIEWS
+    x = torch.stack([image_to_tensor(read_image(p, meta["img_size"])) for p in pbc_files("monocyte", 3)]).float() / 255
+    with torch.inference_mode():
+        logits, _ = model.predict(x)
+        single = [model(x), model(x.flip(-1)), model(x.flip(-2))]
+    assert torch.allclose(logits, torch.stack(single).mean(0), atol=1e-4)
+    assert not torch.allclose(logits, single[0], atol=1e-2)
 
 
 def test_evaluate_on_training_data_uses_only_the_test_split(tiny_run: Path, small_tree: Path, tmp_path: Path) -> None:

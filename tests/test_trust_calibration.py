@@ -19,6 +19,7 @@ from wbc_trust.cli import app
 from wbc_trust.data import Record, list_files, load_images
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, read_metadata, save_model
+from wbc_trust.models import logits_and_features
 from wbc_trust.predict import Predictor
 from wbc_trust.trust.calibration import (
     FLAG_OOD,
@@ -30,7 +31,7 @@ from wbc_trust.trust.calibration import (
     validation_split,
 )
 from wbc_trust.trust.conformal import SplitConformal
-from wbc_trust.trust.ood import MahalanobisOOD, logits_and_features
+from wbc_trust.trust.ood import MahalanobisOOD
 
 N_WHITE = 320  # held-out PBC white cells of the shipped model (every k-th of its test split)
 N_OTHER = 30  # erythroblasts and platelets each

@@ -41,6 +41,9 @@ def train(
     frozen_stages: Annotated[int, typer.Option(help="keep the first N backbone stages at their pretrained weights")] = 0,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT/checkpoint.pt")] = False,
     max_images: Annotated[Optional[int], typer.Option(help="use at most this many images per split (quick runs)")] = None,
+    test_views: Annotated[str, typer.Option(help="comma-separated flips whose logits predictions average: "
+                                                 "identity, hflip, vflip (identity alone = no test-time flips)")]
+    = ",".join(config.TEST_VIEWS),
 ) -> None:
     """Train a model; the best-on-validation weights go to OUT/model.safetensors."""
     from wbc_trust.train import TrainConfig, train as run_training
@@ -48,6 +51,7 @@ def train(
     result = run_training(TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
         pretrained=pretrained, freeze_backbone=freeze_backbone, frozen_stages=frozen_stages, resume=resume, max_images=max_images,
+        test_views=tuple(v.strip() for v in test_views.split(",") if v.strip()),
     ))
     console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {out / 'model.safetensors'}")
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from wbc_trust import config
 from wbc_trust.data import atomic_write
 from wbc_trust.errors import WbcError
-from wbc_trust.models import ARCHS, WbcClassifier, build_model
+from wbc_trust.models import ARCHS, VIEWS, WbcClassifier, build_model
 
 FORMAT = "wbc-trust-model"
 FORMAT_VERSION = 1
@@ -82,6 +82,9 @@ def _validate(path: Path, meta: object) -> None:
         problem = "its class list is missing or malformed (at least two distinct class names are needed)"
     elif not (isinstance(meta.get("img_size"), int) and 16 <= meta["img_size"] <= 1024):
         problem = f"its input size {meta.get('img_size')!r} is not a whole number of pixels between 16 and 1024"
+    elif "test_views" in meta and not (isinstance(meta["test_views"], list) and meta["test_views"]
+                                       and all(v in VIEWS for v in meta["test_views"])):
+        problem = f"its test views {meta['test_views']!r} are not a list of {', '.join(VIEWS)}"
     if problem:
         raise WbcError(f"{path} is not a usable wbc-trust model: {problem}. Pass a file written by `wbc train`")
 
@@ -96,6 +99,7 @@ def load_model(path: Path | None = None) -> tuple[WbcClassifier, dict]:
         model.net.load_state_dict({k: v for k, v in state.items() if not k.startswith(_EXTRA_PREFIX)})
     except (SafetensorError, RuntimeError) as exc:
         raise WbcError(f"the weights in {path} do not fit its metadata ({meta['arch']}): the file is damaged") from exc
+    model.views = tuple(meta.get("test_views", ["identity"]))  # files from before test views: the image alone
     model.eval()
     return model, meta
 

@@ -6,6 +6,7 @@ all see the same input space.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,11 +14,20 @@ import timm
 import torch
 from torch import nn
 from torchvision import models as tv_models
+from tqdm import tqdm
 
 from wbc_trust import config
 from wbc_trust.errors import WbcError
 
 ARCHS: tuple[str, ...] = ("cnn", "vgg16", "resnet50", "efficientnet_lite0")
+
+#: Test-time views by name. A blood cell has no up, down, left or right, so a flipped image is the same cell; averaging
+#: the logits of a few flips removes some orientation noise from a prediction (chosen on validation data, see README).
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+}
 
 
 class SeedCNN(nn.Module):
@@ -52,15 +62,31 @@ class SeedCNN(nn.Module):
 class WbcClassifier(nn.Module):
     """A backbone with ImageNet normalisation inside: input RGB in [0, 1], output logits."""
 
-    def __init__(self, arch: str, net: nn.Module) -> None:
+    def __init__(self, arch: str, net: nn.Module, views: tuple[str, ...] = ("identity",)) -> None:
         super().__init__()
         self.arch = arch
         self.net = net
+        self.views = views  # what ``predict`` averages over; set from the model file's ``test_views``
         self.register_buffer("mean", torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the network for exactly these images (what Grad-CAM, Fisher and influence look inside)."""
         return self.net((x - self.mean) / self.std)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction: logits N×C and pooled features N×D of the last convolutional layer (for the OOD score),
+        each averaged over ``self.views`` of the images, all views in one batch. Differentiable, so attacks target
+        exactly what users get."""
+        captured: list[torch.Tensor] = []
+        hook = self.feature_layer().register_forward_hook(lambda _m, _i, out: captured.append(out.float().mean((2, 3))))
+        try:
+            logits = self(torch.cat([VIEWS[v](x) for v in self.views]))
+        finally:
+            hook.remove()
+        k = len(self.views)
+        return (logits.float().reshape(k, -1, logits.shape[-1]).mean(0),
+                captured[0].reshape(k, -1, captured[0].shape[-1]).mean(0))
 
     def head(self) -> nn.Module:
         """The final classification layer (what ``--freeze-backbone`` leaves trainable)."""
@@ -234,14 +260,28 @@ def prepare_for_cpu(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 128, temperature: float = 1.0) -> torch.Tensor:
-    """Softmax probabilities for uint8 (or [0, 1] float) images N×3×S×S, in batches, under bf16 where supported."""
+def logits_and_features(model: WbcClassifier, images: torch.Tensor, batch_size: int = 128,
+                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.predict`` for uint8 (or [0, 1] float) images N×3×S×S, in batches of ``batch_size`` network inputs
+    (views included), under bf16 where supported: logits N×C and pooled features N×D."""
     model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
+    step = max(1, batch_size // len(model.views))
+    starts = range(0, len(images), step)
+    logits, features = [], []
+    for start in tqdm(starts, desc="predicting", unit="batch", leave=False, disable=not progress or len(starts) < 2):
+        x = images[start : start + step]
         x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(x)
-        out.append(torch.softmax(logits.float() / temperature, dim=1))
-    return torch.cat(out) if out else torch.empty(0, 0)
+            batch_logits, batch_features = model.predict(x)
+        logits.append(batch_logits)
+        features.append(batch_features)
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(logits), torch.cat(features)
+
+
+def predict_probs(model: WbcClassifier, images: torch.Tensor, batch_size: int = 128,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Softmax probabilities (logits / ``temperature``) of ``logits_and_features``."""
+    logits, _ = logits_and_features(model, images, batch_size)
+    return torch.softmax(logits / temperature, dim=1) if len(logits) else logits

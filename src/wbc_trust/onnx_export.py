@@ -1,8 +1,8 @@
 """ONNX: export a model file for onnxruntime, and run the exported graph in place of the PyTorch network.
 
-The graph is the whole ``WbcClassifier`` (normalisation included): RGB float in [0, 1], N×3×S×S (any N) → logits
-N×C, plus the pooled features N×D of its last convolutional layer, because the OOD score needs them (the same features
-as ``trust.ood.logits_and_features``). The model's metadata is stored in the file (``metadata_props["wbc_trust"]``) so
+The graph is the whole prediction, ``WbcClassifier.predict`` (normalisation and test-time views included): RGB float
+in [0, 1], N×3×S×S (any N) → logits N×C, plus the pooled features N×D of its last convolutional layer, because the OOD
+score needs them (the same outputs as ``models.logits_and_features``). The model's metadata is stored in the file (``metadata_props["wbc_trust"]``) so
 that other tools know the classes and the input size.
 """
 
@@ -29,20 +29,14 @@ INPUT, OUTPUTS = "image", ("logits", "features")
 
 
 class _LogitsAndFeatures(nn.Module):
-    """The classifier with its pooled last-layer features as a second output (what the OOD score is computed on)."""
+    """``WbcClassifier.predict`` as a module's forward, which is what the exporter traces."""
 
     def __init__(self, model: WbcClassifier) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        captured: list[torch.Tensor] = []
-        handle = self.model.feature_layer().register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            logits = self.model(x)
-        finally:
-            handle.remove()
-        return logits, captured[0].float().mean((2, 3))
+        return self.model.predict(x)
 
 
 def write_onnx(model: WbcClassifier, meta: dict, out: Path) -> None:

@@ -21,11 +21,10 @@ from tqdm import tqdm
 from wbc_trust.data import UnreadableImage, atomic_write_text, image_to_tensor, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
-from wbc_trust.models import prepare_for_cpu
+from wbc_trust.models import logits_and_features, prepare_for_cpu
 from wbc_trust.onnx_export import BACKENDS, OnnxModel, onnx_model_for
 from wbc_trust.trust.calibration import Calibration
 from wbc_trust.trust.conformal import check_coverage
-from wbc_trust.trust.ood import logits_and_features
 
 
 @dataclass

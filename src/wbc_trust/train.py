@@ -35,7 +35,7 @@ from wbc_trust.data import (
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.modelfile import load_model, run_manifest, save_model
-from wbc_trust.models import autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
+from wbc_trust.models import VIEWS, autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
 from wbc_trust.trust.calibration import calibrate_loaded
 
 
@@ -59,6 +59,7 @@ class TrainConfig:
     label_smoothing: float = config.LABEL_SMOOTHING
     max_images: int | None = None  # cap per split for quick runs and tests
     bf16: bool | None = None  # None → on where the CPU supports it natively
+    test_views: tuple[str, ...] = config.TEST_VIEWS  # what the saved model's predictions average over
 
 
 def seed_everything(seed: int) -> None:
@@ -195,6 +196,11 @@ def train_step(
 
 def train(cfg: TrainConfig) -> dict:
     """Train one model; returns the best validation metrics (and test metrics when a test split exists)."""
+    started = time.perf_counter()
+    unknown = [v for v in cfg.test_views if v not in VIEWS]
+    if unknown or not cfg.test_views:
+        raise WbcError(f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
+                       f"use a comma-separated list of {', '.join(VIEWS)}")
     cfg.out = Path(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
     img_size = cfg.img_size or config.DEFAULT_IMG_SIZE.get(cfg.arch) or 224
@@ -284,6 +290,7 @@ def train(cfg: TrainConfig) -> dict:
                                                  f"validation split of {best_meta['data']['root']} (seed {cfg.seed})")
     except WbcError as exc:  # too few validation images: the model is still usable, without trust flags
         print(f"model saved without calibration: {exc}")
+    result["seconds_to_model"] = time.perf_counter() - started  # decoding, training, calibration; not the test report
     for name in ("test", "test_b"):
         if name in splits.loaded and splits.loaded[name].records:
             result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
@@ -359,6 +366,7 @@ def _metadata(cfg: TrainConfig, img_size: int, data_summary: dict, splits: Split
         },
         "validation": {k: best[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
         "training": {**settings, "bf16": bf16},
+        "test_views": list(cfg.test_views),
         "credit": config.PBC_CREDIT,
         "manifest": run_manifest(),
     }

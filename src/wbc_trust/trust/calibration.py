@@ -33,11 +33,11 @@ from wbc_trust.data import (
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_extra, load_model, save_model
-from wbc_trust.models import WbcClassifier
+from wbc_trust.models import WbcClassifier, logits_and_features
 from wbc_trust.trust.conformal import METHOD as CONFORMAL_METHOD
 from wbc_trust.trust.conformal import SplitConformal, check_coverage
 from wbc_trust.trust.ood import METHOD as OOD_METHOD
-from wbc_trust.trust.ood import MahalanobisOOD, logits_and_features
+from wbc_trust.trust.ood import MahalanobisOOD
 
 FLAG_OOD = "out-of-distribution"
 FLAG_UNCERTAIN = "uncertain"

@@ -22,38 +22,11 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import KFold
-from torch import nn
-from tqdm import tqdm
 
 from wbc_trust import config
-from wbc_trust.models import autocast
 
 METHOD = "mahalanobis"
-FEATURES = "global average of model.feature_layer() output"
-
-
-@torch.inference_mode()
-def logits_and_features(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N×C) and pooled features (N×D) of uint8 (or [0, 1] float) images, in one forward pass per batch
-    under the same bf16 autocast as ``models.predict_probs``."""
-    model.eval()
-    captured: list[torch.Tensor] = []
-    hook = model.feature_layer().register_forward_hook(lambda _m, _i, out: captured.append(out.float().mean((2, 3))))
-    logits = []
-    try:
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="logits and features", unit="batch", leave=False,
-                          disable=not progress or len(starts) < 2):
-            x = images[start : start + batch_size]
-            x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits.append(model(x).float())
-    finally:
-        hook.remove()
-    if not logits:
-        return torch.empty(0, 0), torch.empty(0, 0)
-    return torch.cat(logits), torch.cat(captured)
+FEATURES = "global average of model.feature_layer() output, averaged over the test views (models.logits_and_features)"
 
 
 def _fit_gaussians(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

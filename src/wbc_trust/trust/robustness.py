@@ -94,7 +94,9 @@ def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndar
                          epsilon: float) -> float:
     """Accuracy under an untargeted L∞ attack (FGSM, or PGD with ``config.PGD_STEPS`` steps of 2.5·ε/steps)."""
     loss = nn.CrossEntropyLoss(reduction="none")  # captum's default loss expects probabilities; the model gives logits
-    attacker = (FGSM if attack == "fgsm" else PGD)(model, loss_func=loss, lower_bound=0.0, upper_bound=1.0)
+    # the attack targets the prediction users get (``model.predict``: test-time views included), not one view of it
+    attacker = (FGSM if attack == "fgsm" else PGD)(lambda x: model.predict(x)[0], loss_func=loss, lower_bound=0.0,
+                                                   upper_bound=1.0)
     correct = 0
     for start in range(0, len(images), _ATTACK_BATCH):
         x = images[start : start + _ATTACK_BATCH].float() / 255
@@ -106,8 +108,7 @@ def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndar
             else:
                 adv = attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
                                        step_num=config.PGD_STEPS, target=y)
-        with torch.inference_mode():
-            correct += int((model(adv).argmax(1) == y).sum())
+        correct += int((predict_probs(model, adv).argmax(1) == y).sum())
     return correct / len(images)
 
 

@@ -1,0 +1,68 @@
+"""Which test-time flips should a model's predictions average? Errors and log-loss of every set of views on the
+model's validation split (where the choice is made) and on its held-out test split (reported, not used to choose).
+
+    python bench/test_views.py [--model runs/default/model.safetensors] [--data ../shared/datasets/pbc-wbc]
+
+The model must have been trained on ``--data`` (its metadata names the split). Each view's logits are computed once;
+a set of views averages them, exactly as ``WbcClassifier.predict`` does. ``config.TEST_VIEWS`` is the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from wbc_trust import config
+from wbc_trust.evaluate import load_test_images
+from wbc_trust.modelfile import load_model
+from wbc_trust.models import VIEWS, WbcClassifier, logits_and_features, prepare_for_cpu
+from wbc_trust.trust.calibration import validation_split
+
+
+def view_logits(model: WbcClassifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of each single view."""
+    logits = {}
+    for view in VIEWS:
+        model.views = (view,)
+        logits[view] = logits_and_features(model, images, progress=True)[0]
+    return logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
+    args = parser.parse_args()
+
+    model, meta = load_model(args.model)
+    model = prepare_for_cpu(model)
+    val, val_description = validation_split(meta, args.data)
+    test = load_test_images(meta, args.data)
+    splits = {
+        "validation": (view_logits(model, val.images), torch.tensor([meta["classes"].index(config.CLASSES[r.label])
+                                                                     for r in val.records])),
+        "test": (view_logits(model, test.images), torch.from_numpy(test.labels)),
+    }
+    print(f"\n{val_description}; {test.description}")
+    print(f"{'views':<28}{'val errors':>11}{'val log-loss':>14}{'test errors':>13}{'test accuracy':>15}")
+    others = [v for v in VIEWS if v != "identity"]
+    for k in range(len(others) + 1):
+        for extra in combinations(others, k):
+            views = ("identity", *extra)
+            row = []
+            for logits, labels in splits.values():
+                mean = torch.stack([logits[v] for v in views]).mean(0)
+                row.append((int((mean.argmax(1) != labels).sum()), F.cross_entropy(mean, labels).item(), len(labels)))
+            (val_err, val_loss, _), (test_err, _, n_test) = row
+            print(f"{'+'.join(views):<28}{val_err:>11}{val_loss:>14.4f}{test_err:>13}{1 - test_err / n_test:>15.2%}")
+    print(f"\ncommand: python {shlex.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
