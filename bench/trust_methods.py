@@ -34,7 +34,7 @@ def timed(fn, *args, **kwargs) -> tuple[dict, float]:
 
 
 def overlay_latency_ms(model_path: Path | None, data: Path, repeats: int = 20) -> float:
-    """Median wall time of one ``gradcam_overlay`` call (Grad-CAM++, predicted class) after two warm-up calls."""
+    """Median wall time of one ``gradcam_overlay`` call (its default method, predicted class) after two warm-up calls."""
     model, meta = load_model(model_path)
     image = load_test_images(meta, data, max_images=1).images[0]
     times = []

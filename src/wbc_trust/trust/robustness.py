@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from wbc_trust import config, plots
 from wbc_trust.data import write_json
 from wbc_trust.modelfile import load_model
-from wbc_trust.models import WbcClassifier, predict_probs
+from wbc_trust.models import WbcClassifier, autocast, predict_probs, prepare_for_cpu
 from wbc_trust.evaluate import LabelledImages, load_test_images
 
 _BATCH = 128
@@ -90,13 +91,21 @@ def corrupted_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarra
     return correct / len(images)
 
 
+def _prediction_logits(model: WbcClassifier, x: torch.Tensor) -> torch.Tensor:
+    """What the attacks differentiate: the prediction users get (``model.predict``, test-time views included), not
+    one view of it. channels_last and bf16 autocast (where the CPU has it) make the 10-step PGD about 4× faster on
+    2 cores; the attacks only use the gradient's sign, and in a check on 64 images PGD's accuracy differed from fp32's
+    by one image."""
+    with autocast():
+        return model.predict(x.contiguous(memory_format=torch.channels_last))[0].float()
+
+
 def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, attack: str,
                          epsilon: float) -> float:
     """Accuracy under an untargeted L∞ attack (FGSM, or PGD with ``config.PGD_STEPS`` steps of 2.5·ε/steps)."""
     loss = nn.CrossEntropyLoss(reduction="none")  # captum's default loss expects probabilities; the model gives logits
-    # the attack targets the prediction users get (``model.predict``: test-time views included), not one view of it
-    attacker = (FGSM if attack == "fgsm" else PGD)(lambda x: model.predict(x)[0], loss_func=loss, lower_bound=0.0,
-                                                   upper_bound=1.0)
+    attacker = (FGSM if attack == "fgsm" else PGD)(partial(_prediction_logits, model), loss_func=loss,
+                                                   lower_bound=0.0, upper_bound=1.0)
     correct = 0
     for start in range(0, len(images), _ATTACK_BATCH):
         x = images[start : start + _ATTACK_BATCH].float() / 255
@@ -165,6 +174,7 @@ def run_robustness(model_paths: list[Path | None], data: Path, out: Path, max_im
     results = []
     for model_path in model_paths or [None]:
         model, meta = load_model(model_path)
+        model = prepare_for_cpu(model)
         test = load_test_images(meta, data, max_images)
         print(test.description)
         label = model_label(model_path)
