@@ -5,7 +5,7 @@
 
 Both sides run in this one process on the same images: N PBC images (seeded, stratified by the folder order; default
 all of them) are linked into a temporary folder; `wbc train`'s own code trains the default recipe
-(EfficientNet-Lite0, ImageNet weights, 128 px) for one epoch on its training split, then `wbc trust influence`'s code
+(EfficientNet-Lite0, ImageNet weights, 160 px, first 4 stages frozen) for one epoch on its training split, then `wbc trust influence`'s code
 builds the index over the model's training images (features + last-layer replay). A query is what the app does for one
 uploaded image: its features, then TracInCP top-k over every training image in the index
 (``influential_training_images``).
@@ -50,10 +50,11 @@ def main() -> None:
             target = folder / r.path.parent.name / r.path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(r.path)
-        load_images(find_dataset(folder).splits["all"], 128, desc="warming the decode cache")  # same for both sides
+        size = config.DEFAULT_IMG_SIZE["efficientnet_lite0"]
+        load_images(find_dataset(folder).splits["all"], size, desc="warming the decode cache")  # same for both sides
 
-        result = train(TrainConfig(data=folder, out=run, arch="efficientnet_lite0", pretrained="imagenet", img_size=128,
-                                   epochs=1, seed=args.seed))
+        result = train(TrainConfig(data=folder, out=run, arch="efficientnet_lite0", pretrained="imagenet", img_size=size,
+                                   frozen_stages=4, epochs=1, seed=args.seed))
         model_path = run / "model.safetensors"
         meta = load_model(model_path)[1]
         epoch_seconds, n_epoch = result["train_seconds"], meta["data"]["n_train"]
