@@ -65,7 +65,8 @@ def gradcam_overlay(model: WbcClassifier, image: torch.Tensor, target: int | Non
     """One image's heat map (float S×S in [0, 1]) and its overlay (uint8 S×S×3); ``target`` None = predicted class.
 
     Plain Grad-CAM by default: on the default model it passes the model-randomisation check (maps of a re-initialised
-    model differ, Spearman 0.23) while Grad-CAM++ does not (0.78: its maps show the cell more than the model).
+    model differ, Spearman 0.20) while Grad-CAM++ does not (0.78: its maps show the cell more than the model);
+    ``python bench/trust_methods.py --max-images 200``.
 
     The app calls this for every uploaded image, so it runs one forward and one backward pass and nothing else.
     """
