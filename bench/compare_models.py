@@ -22,6 +22,9 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "resnet50": (dict(arch="resnet50", img_size=128, epochs=4), "--arch resnet50 --img-size 128 --epochs 4"),
     "efficientnet_lite0": (dict(arch="efficientnet_lite0", pretrained="imagenet", frozen_stages=4),
                            "--arch efficientnet_lite0 --pretrained imagenet --frozen-stages 4"),
+    "efficientnet_lite0_cross_lab": (dict(arch="efficientnet_lite0", pretrained="imagenet", frozen_stages=4,
+                                          augment="cross-lab"),
+                                     "--arch efficientnet_lite0 --pretrained imagenet --frozen-stages 4 --augment cross-lab"),
 }
 
 

@@ -36,7 +36,8 @@ def test_predict_nothing_readable_exits_non_zero(tmp_path: Path, tiny_run: Path)
     assert result.returncode == 2 and "none of the files" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["no-class-folders", "missing-class", "empty", "not-there", "wrong-model", "bad-view"])
+@pytest.mark.parametrize("case", ["no-class-folders", "missing-class", "empty", "not-there", "wrong-model", "bad-view",
+                                  "bad-augment"])
 def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -56,6 +57,8 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
     command = ["evaluate", "--data", str(data), "--out", str(tmp_path / "o"), *extra]
     if case == "missing-class":
         command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--arch", "cnn"]
+    if case == "bad-augment":
+        command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--augment", "heavy"]
     if case == "bad-view":
         command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--test-views", "identity,rotate45"]
     result = wbc(*command)

@@ -121,6 +121,23 @@ def test_bad_folders_raise_clear_errors(tmp_path: Path, problem: str) -> None:
         find_dataset(tmp_path)
 
 
+def _edge_strength(image: torch.Tensor) -> float:
+    """Mean absolute difference of neighbouring pixels: falls when an image is blurred or zoomed in."""
+    x = image.float()
+    return float((x[:, 1:] - x[:, :-1]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+
+
+def test_cross_lab_augmentation_zooms_and_blurs() -> None:
+    """``--augment cross-lab`` shows cells larger and softer than the seed's augmentation (other labs' crops)."""
+    image = image_to_tensor(read_image(pbc_files("neutrophil", 1)[0], 96))
+    torch.manual_seed(0)
+    seed = [_edge_strength(train_transform("seed")(image)) for _ in range(30)]
+    cross_lab = [_edge_strength(train_transform("cross-lab")(image)) for _ in range(30)]
+    assert sum(cross_lab) < 0.8 * sum(seed), (sum(cross_lab), sum(seed))
+    with pytest.raises(WbcError, match="unknown --augment 'heavy'"):
+        train_transform("heavy")
+
+
 def test_augmentation_changes_training_images_only() -> None:
     image = image_to_tensor(read_image(pbc_files("monocyte", 1)[0], 64))
     torch.manual_seed(0)

@@ -44,6 +44,8 @@ def train(
     test_views: Annotated[str, typer.Option(help="comma-separated flips whose logits predictions average: "
                                                  "identity, hflip, vflip (identity alone = no test-time flips)")]
     = ",".join(config.TEST_VIEWS),
+    augment: Annotated[str, typer.Option(help="seed (the seed's augmentation) | cross-lab (zoom to 3x, blur, colour "
+                                              "jitter: for images from other labs)")] = "seed",
 ) -> None:
     """Train a model; the best-on-validation weights go to OUT/model.safetensors."""
     from wbc_trust.train import TrainConfig, train as run_training
@@ -51,7 +53,7 @@ def train(
     result = run_training(TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
         pretrained=pretrained, freeze_backbone=freeze_backbone, frozen_stages=frozen_stages, resume=resume, max_images=max_images,
-        test_views=tuple(v.strip() for v in test_views.split(",") if v.strip()),
+        test_views=tuple(v.strip() for v in test_views.split(",") if v.strip()), augment=augment,
     ))
     console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {out / 'model.safetensors'}")
 

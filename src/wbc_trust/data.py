@@ -465,20 +465,27 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train_transform() -> v2.Transform:
-    """The seed's augmentation: rotation ±20°, zoom 20 %, width/height shift 10 %, flips, brightness (uint8 in)."""
+def train_transform(augment: str = "seed") -> v2.Transform:
+    """Training augmentation (uint8 in). ``seed``: the seed's list, rotation ±20°, zoom 20 %, width/height shift 10 %,
+    flips, brightness. ``cross-lab``: the same with zoom up to 3×, blur and colour jitter (``config.CROSS_LAB_*``),
+    for models that must work on other labs' images."""
+    if augment not in config.AUGMENTS:
+        raise WbcError(f"unknown --augment {augment!r}: choose one of {', '.join(config.AUGMENTS)}")
+    cross_lab = augment == "cross-lab"
     return v2.Compose(
         [
             v2.RandomAffine(
                 degrees=config.AUG_ROTATION_DEG,
                 translate=(config.AUG_SHIFT, config.AUG_SHIFT),
-                scale=(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM),
+                scale=config.CROSS_LAB_ZOOM if cross_lab else (1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM),
                 interpolation=v2.InterpolationMode.BILINEAR,
                 fill=_background_fill(),
             ),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.ColorJitter(brightness=config.AUG_BRIGHTNESS),
+            *([v2.RandomApply([v2.GaussianBlur(9, sigma=config.CROSS_LAB_BLUR_SIGMA)], p=config.CROSS_LAB_BLUR_P),
+               v2.ColorJitter(**config.CROSS_LAB_JITTER)] if cross_lab
+              else [v2.ColorJitter(brightness=config.AUG_BRIGHTNESS)]),
         ]
     )
 

@@ -60,6 +60,7 @@ class TrainConfig:
     max_images: int | None = None  # cap per split for quick runs and tests
     bf16: bool | None = None  # None → on where the CPU supports it natively
     test_views: tuple[str, ...] = config.TEST_VIEWS  # what the saved model's predictions average over
+    augment: str = "seed"  # or "cross-lab" (config.AUGMENTS)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,10 +152,10 @@ def _ema_step(average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Te
     return average * decay + current * (1.0 - decay)
 
 
-def train_loader(train_set: LoadedImages, batch_size: int, seed: int) -> DataLoader:
+def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: str = "seed") -> DataLoader:
     """Shuffled, augmented batches straight from the decoded uint8 cache (no file is read again after decoding)."""
     return DataLoader(
-        ImageTensorDataset(train_set.images, train_set.labels, train_transform()),
+        ImageTensorDataset(train_set.images, train_set.labels, train_transform(augment)),
         batch_size=batch_size, shuffle=True, drop_last=len(train_set.records) > batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -197,6 +198,7 @@ def train_step(
 def train(cfg: TrainConfig) -> dict:
     """Train one model; returns the best validation metrics (and test metrics when a test split exists)."""
     started = time.perf_counter()
+    train_transform(cfg.augment)  # an unknown --augment fails now, not after decoding every image
     unknown = [v for v in cfg.test_views if v not in VIEWS]
     if unknown or not cfg.test_views:
         raise WbcError(f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
@@ -218,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
     ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=config.WEIGHT_DECAY)
-    loader = train_loader(train_set, cfg.batch_size, cfg.seed)
+    loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.augment)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
     )
