@@ -197,7 +197,7 @@ def train_step(
 
 def train(cfg: TrainConfig) -> dict:
     """Train one model; returns the best validation metrics (and test metrics when a test split exists)."""
-    started = time.perf_counter()
+    run_started = time.perf_counter()
     train_transform(cfg.augment)  # an unknown --augment fails now, not after decoding every image
     unknown = [v for v in cfg.test_views if v not in VIEWS]
     if unknown or not cfg.test_views:
@@ -292,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
                                                  f"validation split of {best_meta['data']['root']} (seed {cfg.seed})")
     except WbcError as exc:  # too few validation images: the model is still usable, without trust flags
         print(f"model saved without calibration: {exc}")
-    result["seconds_to_model"] = time.perf_counter() - started  # decoding, training, calibration; not the test report
+    result["seconds_to_model"] = time.perf_counter() - run_started  # decoding, training, calibration; not the test report
     for name in ("test", "test_b"):
         if name in splits.loaded and splits.loaded[name].records:
             result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
