@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from wbc_trust import config
 from wbc_trust.data import find_dataset, image_to_tensor, read_image
-from wbc_trust.evaluate import compute_metrics
+from wbc_trust.evaluate import compute_metrics, model_labels
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
 
@@ -28,14 +27,11 @@ FACTORS = (1.0, 1.5, 2.0, 2.5, 3.0)
 
 
 def padded(image: Image.Image, factor: float) -> Image.Image:
-    """``image`` centred on a canvas ``factor`` times its size, filled with the median colour of its border."""
+    """``image`` centred on a canvas about ``factor`` times its size, filled with the median colour of its border."""
     pixels = np.asarray(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     fill = tuple(int(v) for v in np.median(border, 0))
-    width, height = image.size
-    canvas = Image.new("RGB", (int(width * factor), int(height * factor)), fill)
-    canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
-    return canvas
+    return ImageOps.expand(image, border=int(min(image.size) * (factor - 1) / 2), fill=fill)
 
 
 def main() -> None:
@@ -47,7 +43,7 @@ def main() -> None:
     model, meta = load_model(args.model)
     model = prepare_for_cpu(model)
     records = find_dataset(args.data, require_all_classes=False).splits["all"]
-    labels = np.array([meta["classes"].index(config.CLASSES[r.label]) for r in records])
+    labels = model_labels(records, meta["classes"])
     originals = [read_image(r.path) for r in records]
     size = (meta["img_size"], meta["img_size"])
     print(f"{len(records)} images of {args.data}; rows of each confusion matrix = truth in the order {meta['classes']}")

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from wbc_trust import config
-from wbc_trust.evaluate import load_test_images
+from wbc_trust.evaluate import load_test_images, model_labels
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import VIEWS, WbcClassifier, logits_and_features, prepare_for_cpu
 from wbc_trust.trust.calibration import validation_split
@@ -45,8 +44,7 @@ def main() -> None:
     val, val_description = validation_split(meta, args.data)
     test = load_test_images(meta, args.data)
     splits = {
-        "validation": (view_logits(model, val.images), torch.tensor([meta["classes"].index(config.CLASSES[r.label])
-                                                                     for r in val.records])),
+        "validation": (view_logits(model, val.images), torch.from_numpy(model_labels(val.records, meta["classes"]))),
         "test": (view_logits(model, test.images), torch.from_numpy(test.labels)),
     }
     print(f"\n{val_description}; {test.description}")

@@ -67,6 +67,11 @@ def choose_records(index: DatasetIndex, meta: dict) -> EvaluationTarget:
     return EvaluationTarget(records, f"evaluating all {len(records)} files in {index.root}")
 
 
+def model_labels(records: list[Record], classes: list[str]) -> np.ndarray:
+    """Record labels (indices into ``config.CLASSES``) as indices into a model's own class list."""
+    return np.array([classes.index(config.CLASSES[r.label]) for r in records], dtype=np.int64)
+
+
 @dataclass
 class LabelledImages:
     """Decoded images with labels as indices into the model's own class list."""
@@ -106,7 +111,7 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> L
         print(f"skipped unreadable file {path}: {reason}")
     if not loaded.records:
         raise WbcError(f"none of the {len(records)} files in {data} could be read as images: pass a folder of images")
-    labels = np.array([classes.index(config.CLASSES[r.label]) for r in loaded.records])
+    labels = model_labels(loaded.records, classes)
     subset = len(records) < len(target.records)
     description = target.description + (f"; stratified subset of {len(records)}" if subset else "")
     return LabelledImages(loaded.records, loaded.images, labels, description, len(loaded.unreadable))

@@ -62,11 +62,11 @@ class SeedCNN(nn.Module):
 class WbcClassifier(nn.Module):
     """A backbone with ImageNet normalisation inside: input RGB in [0, 1], output logits."""
 
-    def __init__(self, arch: str, net: nn.Module, views: tuple[str, ...] = ("identity",)) -> None:
+    def __init__(self, arch: str, net: nn.Module) -> None:
         super().__init__()
         self.arch = arch
         self.net = net
-        self.views = views  # what ``predict`` averages over; set from the model file's ``test_views``
+        self.views: tuple[str, ...] = ("identity",)  # what ``predict`` averages; ``load_model`` sets the file's
         self.register_buffer("mean", torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -31,7 +31,7 @@ from wbc_trust.data import (
     write_json,
 )
 from wbc_trust.errors import WbcError
-from wbc_trust.evaluate import choose_records
+from wbc_trust.evaluate import choose_records, model_labels
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.models import WbcClassifier, logits_and_features
 from wbc_trust.trust.conformal import METHOD as CONFORMAL_METHOD
@@ -125,11 +125,6 @@ class Calibration:
                    MahalanobisOOD.from_metadata(stored["ood"], tensors), stored.get("fitted_on", ""))
 
 
-def _labels(loaded: LoadedImages, classes: list[str]) -> torch.Tensor:
-    """Record labels (``config.CLASSES`` indices) as indices into the model's own class list."""
-    return torch.tensor([classes.index(config.CLASSES[r.label]) for r in loaded.records], dtype=torch.long)
-
-
 def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded: LoadedImages, fitted_on: str,
                      coverage: float = config.CONFORMAL_COVERAGE) -> dict:
     """Fit on decoded held-out images and write the calibration into the model file (atomically, in place).
@@ -137,7 +132,7 @@ def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded:
     if len(loaded.records) < 2 or len({r.label for r in loaded.records}) < 2:
         raise WbcError(f"calibration needs held-out images of at least two classes; {fitted_on} has "
                        f"{len(loaded.records)}: pass --data with more labelled images")
-    labels = _labels(loaded, meta["classes"])
+    labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
     logits, features = logits_and_features(model, loaded.images, progress=True)
     calibration = Calibration.fit(logits, features, labels, coverage, fitted_on)
     stored, tensors = calibration.metadata()
@@ -203,7 +198,7 @@ def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Pa
     loaded = load_images(target.records, meta["img_size"], desc="reading images")
     if not loaded.records:
         raise WbcError(f"none of the files in {data} could be read as images")
-    labels = _labels(loaded, meta["classes"])
+    labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
     logits, features = logits_and_features(model, loaded.images, progress=True)
     before = torch.softmax(logits, 1)
     correct = logits.argmax(1) == labels
