@@ -15,13 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from wbc_trust import config
+from wbc_trust.console import make_console, print_table
 from wbc_trust.errors import WbcError
 from wbc_trust.trust.cli import trust_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Classify white blood cells and tell how far to trust each answer.")
 app.add_typer(trust_app, name="trust")
-console = Console()
+console = make_console()  # not a terminal: lines and table rows are written whole
 
 ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file (.safetensors); default: the shipped model")]
 
@@ -80,14 +81,14 @@ def print_metrics(metrics: dict) -> None:
         table.add_column(column, justify="right")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
-    console.print(table)
+    print_table(table, console)
     matrix = Table(title="confusion matrix (rows = truth, columns = prediction)")
     matrix.add_column("")
     for name in metrics["classes"]:
         matrix.add_column(name[:4], justify="right")
     for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         matrix.add_row(name, *map(str, row))
-    console.print(matrix)
+    print_table(matrix, console)
 
 
 @app.command()
@@ -118,7 +119,7 @@ def predict(
         for r in results:
             probs = [f"{r.probabilities[c]:.3f}" for c in predictor.classes] if r.probabilities else [""] * len(predictor.classes)
             table.add_row(Path(r.path).name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "", *probs, r.flag)
-        console.print(table)
+        print_table(table, console)
     if csv:
         console.print(f"wrote {len(results)} rows to {csv}")
     if all(r.prediction is None for r in results):
@@ -157,7 +158,7 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the evaluation f
         table.add_column(column)
     for path, r in zip(examples, predictor.predict_files(examples, progress=False)):
         table.add_row(path.name, path.parent.name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "")
-    console.print(table)
+    print_table(table, console)
     console.print(f"confusion matrix and per-image predictions: {out}/confusion_matrix.png, {out}/predictions.csv")
 
 

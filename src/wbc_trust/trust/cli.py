@@ -63,9 +63,9 @@ def robustness(
     max_images: MaxImagesOption = None,
 ) -> None:
     """Accuracy under noise, blur, brightness, contrast, JPEG and stain shift (severities 1-5) and FGSM/PGD attacks."""
-    from rich.console import Console
     from rich.table import Table
 
+    from wbc_trust.console import print_table
     from wbc_trust.trust.robustness import run_robustness
 
     summary = run_robustness(list(model or [None]), data, out, max_images=max_images)
@@ -75,7 +75,7 @@ def robustness(
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(f"{v:.1%}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
+    print_table(table)
     typer.echo(f"written to {out}/: robustness.json, robustness_accuracy.png, robustness_examples.png")
 
 
