@@ -25,7 +25,6 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from wbc_trust import train
-from wbc_trust.trust import calibration
 from wbc_trust.train import TrainConfig
 
 GIB = 2**30
@@ -73,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
     real_loader = train.train_loader
     train.train_loader = lambda *a: BoundedLoader(real_loader(*a), args.batches)
     train._evaluate_split = reported(train._evaluate_split, "evaluating the validation split")
-    calibration.calibrate_loaded = reported(calibration.calibrate_loaded, "calibration on the validation split")
+    train.calibrate_loaded = reported(train.calibrate_loaded, "calibration on the validation split")
     train._test_report = reported(train._test_report, "the held-out test report")
     report("imports")
     train.train(TrainConfig(data=args.data, out=args.out, arch=args.arch, img_size=args.img_size, epochs=1))

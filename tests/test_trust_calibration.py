@@ -21,17 +21,17 @@ from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, read_metadata, save_model
 from wbc_trust.models import logits_and_features
 from wbc_trust.predict import Predictor
-from wbc_trust.trust.calibration import (
+from wbc_trust.calibration import (
     FLAG_OOD,
     FLAG_UNCERTAIN,
     Calibration,
     calibration_error,
     fit_temperature,
-    run_calibration,
     validation_split,
 )
-from wbc_trust.trust.conformal import SplitConformal
-from wbc_trust.trust.ood import MahalanobisOOD
+from wbc_trust.conformal import SplitConformal
+from wbc_trust.ood import MahalanobisOOD
+from wbc_trust.trust.calibration import run_calibration
 
 N_WHITE = 320  # held-out PBC white cells of the shipped model (every k-th of its test split)
 N_OTHER = 30  # erythroblasts and platelets each

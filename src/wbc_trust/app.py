@@ -30,7 +30,7 @@ from wbc_trust.data import atomic_write, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
-from wbc_trust.trust.calibration import FLAG_OOD, FLAG_UNCERTAIN
+from wbc_trust.calibration import FLAG_OOD, FLAG_UNCERTAIN
 from wbc_trust.trust.gradcam import gradcam_overlay
 from wbc_trust.trust.influence import InfluenceIndex, influential_training_images
 

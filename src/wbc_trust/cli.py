@@ -134,7 +134,7 @@ def calibrate(
     coverage: Annotated[float, typer.Option(help="coverage of the prediction sets")] = config.CONFORMAL_COVERAGE,
 ) -> None:
     """Fit temperature scaling, conformal prediction sets and the out-of-distribution threshold; store them in MODEL."""
-    from wbc_trust.trust.calibration import calibrate as run_calibrate
+    from wbc_trust.calibration import calibrate as run_calibrate
 
     stored = run_calibrate(model, data, coverage)
     console.print(f"temperature {stored['temperature']:.3f} (validation ECE {stored['ece_before']:.2%} → "

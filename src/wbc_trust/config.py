@@ -137,7 +137,7 @@ INFLUENCE_TOP_K: int = 5
 INFLUENCE_GALLERY: int = 15
 #: Training images per captum TracIn batch (features only: 4,096 × 1,280 floats = 20 MB); fewer batches = faster queries.
 INFLUENCE_TRAIN_CHUNK: int = 4096
-#: Calibration (trust/calibration.py, conformal.py, ood.py): confidence bins of the ECE and the reliability diagram;
+#: Calibration (calibration.py, conformal.py, ood.py; report: trust/calibration.py): confidence bins of the ECE and the reliability diagram;
 #: default coverage of the split-conformal prediction sets; share of validation white cells the out-of-distribution
 #: threshold accepts; folds that score each validation image with statistics it was not fitted on.
 ECE_BINS: int = 15

@@ -338,6 +338,11 @@ def relative_paths(records: Iterable[Record], root: Path) -> list[str]:
     return [str(r.path.relative_to(root)) for r in records]
 
 
+def model_labels(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
+    """Record labels (indices into ``config.CLASSES``) as indices into a model's own class list."""
+    return np.array([list(classes).index(config.CLASSES[r.label]) for r in records], dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Decode once, cache
 # ---------------------------------------------------------------------------------------------------------------

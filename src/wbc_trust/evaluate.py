@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from wbc_trust import config, plots
-from wbc_trust.data import DatasetIndex, Record, atomic_write_text, find_dataset, load_images, write_json
+from wbc_trust.data import DatasetIndex, Record, atomic_write_text, find_dataset, load_images, model_labels, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import predict_probs
@@ -65,11 +65,6 @@ def choose_records(index: DatasetIndex, meta: dict) -> EvaluationTarget:
         )
     records = index.splits["all"]
     return EvaluationTarget(records, f"evaluating all {len(records)} files in {index.root}")
-
-
-def model_labels(records: list[Record], classes: list[str]) -> np.ndarray:
-    """Record labels (indices into ``config.CLASSES``) as indices into a model's own class list."""
-    return np.array([classes.index(config.CLASSES[r.label]) for r in records], dtype=np.int64)
 
 
 @dataclass

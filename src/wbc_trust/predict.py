@@ -23,8 +23,8 @@ from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
 from wbc_trust.onnx_export import BACKENDS, OnnxModel, onnx_model_for
-from wbc_trust.trust.calibration import Calibration
-from wbc_trust.trust.conformal import check_coverage
+from wbc_trust.calibration import Calibration
+from wbc_trust.conformal import check_coverage
 
 
 @dataclass

@@ -36,7 +36,7 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.modelfile import load_model, run_manifest, save_model
 from wbc_trust.models import VIEWS, autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
-from wbc_trust.trust.calibration import calibrate_loaded
+from wbc_trust.calibration import calibrate_loaded
 
 
 @dataclass
