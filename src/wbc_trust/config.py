@@ -24,8 +24,17 @@ MAX_IMAGE_ASPECT_RATIO: float = 20.0
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-#: Input size per architecture (pixels, square).
-DEFAULT_IMG_SIZE: dict[str, int] = {"cnn": 128, "vgg16": 224, "resnet50": 224, "efficientnet_lite0": 160}
+
+def __getattr__(name: str) -> dict[str, int]:
+    """``config.DEFAULT_IMG_SIZE``, the input size per architecture (pixels, square): each architecture's
+    ``ArchSpec.img_size`` in ``models.REGISTRY``, so that an architecture is added in one place. Derived on access
+    (models imports config, so config may import models only lazily, here)."""
+    if name == "DEFAULT_IMG_SIZE":
+        from wbc_trust.models import REGISTRY
+
+        return {arch: spec.img_size for arch, spec in REGISTRY.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The seed's augmentation list: rotation ±20°, zoom 20 %, shifts 10 %, flips, brightness.
 AUG_ROTATION_DEG: float = 20.0

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from wbc_trust import config
 from wbc_trust.data import atomic_write
 from wbc_trust.errors import WbcError
-from wbc_trust.models import ARCHS, VIEWS, WbcClassifier, build_model
+from wbc_trust.models import REGISTRY, VIEWS, WbcClassifier, build_model
 
 FORMAT = "wbc-trust-model"
 FORMAT_VERSION = 1
@@ -74,8 +74,8 @@ def _validate(path: Path, meta: object) -> None:
         problem = "its format version is missing"
     elif meta["format_version"] > FORMAT_VERSION:
         problem = f"it was written by a newer wbc-trust (format {meta['format_version']}); upgrade wbc-trust"
-    elif meta.get("arch") not in ARCHS:
-        problem = f"unknown architecture {meta.get('arch')!r}"
+    elif not isinstance(meta.get("arch"), str) or meta["arch"] not in REGISTRY:
+        problem = f"unknown architecture {meta.get('arch')!r} (this wbc-trust knows {', '.join(REGISTRY)})"
     elif not (isinstance(meta.get("classes"), list) and len(meta["classes"]) >= 2
               and all(isinstance(c, str) and c for c in meta["classes"])
               and len(set(meta["classes"])) == len(meta["classes"])):

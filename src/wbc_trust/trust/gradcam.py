@@ -91,7 +91,7 @@ def randomised_copy(model: WbcClassifier, images: torch.Tensor, seed: int = conf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in clone.modules():
-            if hasattr(module, "reset_parameters"):
+            if next(module.parameters(recurse=False), None) is not None:  # every layer with weights of its own
                 module.reset_parameters()
     update_bn([images.float() / 255], clone)
     return clone.eval()

@@ -67,16 +67,15 @@ from wbc_trust.data import (
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
-from wbc_trust.models import autocast, prepare_for_cpu
+from wbc_trust.models import WbcClassifier, autocast, prepare_for_cpu
 
 METHODS: tuple[str, ...] = ("tracin", "seed")
 INDEX_FILE = "influence_index.safetensors"
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: WbcClassifier) -> nn.Linear:
     """The model's final ``nn.Linear`` (the classifier layer whose gradients both methods use)."""
-    head = model.head() if hasattr(model, "head") else model
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.head().modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise WbcError(f"{type(model).__name__} has no linear classifier layer: influence needs one")
     return linears[-1]
