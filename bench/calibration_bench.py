@@ -24,18 +24,19 @@ from wbc_trust.data import Record, find_dataset, list_files, load_images, write_
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import logits_and_features
+from wbc_trust.ood import OOD_SCORES
 from wbc_trust.trust.calibration import run_calibration
 
 
 def logit_score_aurocs(model_path: Path | None, pbc: Path, non_wbc: Path) -> dict[str, float]:
-    """AUROC of the energy score (-logsumexp of the logits) and of 1 - max softmax on the same two image sets."""
+    """AUROC of the energy score (-logsumexp of the logits) and of 1 - max softmax (``ood.OOD_SCORES``) on the same
+    two image sets."""
     model, meta = load_model(model_path)
     white = load_images(choose_records(find_dataset(pbc), meta).records, meta["img_size"]).images
     other = load_images([Record(p, None) for p in list_files(non_wbc)], meta["img_size"]).images
     logits = [logits_and_features(model, images, progress=True)[0] for images in (white, other)]
     truth = np.r_[np.zeros(len(white)), np.ones(len(other))]
-    scores = {"energy": [-torch.logsumexp(x, 1) for x in logits],
-              "max_softmax": [-torch.softmax(x, 1).max(1).values for x in logits]}
+    scores = {name: [OOD_SCORES[name]().score(x, None) for x in logits] for name in ("energy", "max_softmax")}
     return {name: float(roc_auc_score(truth, torch.cat(pair).numpy())) for name, pair in scores.items()}
 
 

@@ -30,7 +30,7 @@ from wbc_trust.data import (
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.models import WbcClassifier, logits_and_features
-from wbc_trust.ood import MahalanobisOOD
+from wbc_trust.ood import OODScore, from_stored, ood_score_class
 
 FLAG_OOD = "out-of-distribution"
 FLAG_UNCERTAIN = "uncertain"
@@ -82,23 +82,25 @@ class Calibration:
 
     temperature: float
     conformal: SplitConformal
-    ood: MahalanobisOOD
+    ood: OODScore
     fitted_on: str = ""
 
     @classmethod
     def fit(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-            coverage: float = config.CONFORMAL_COVERAGE, fitted_on: str = "") -> Calibration:
-        """Fit all three on the same held-out white cells of known class."""
+            coverage: float = config.CONFORMAL_COVERAGE, fitted_on: str = "",
+            ood_method: str = config.OOD_METHOD) -> Calibration:
+        """Fit all three on the same held-out white cells of known class (``ood_method``: a name in
+        ``ood.OOD_SCORES``)."""
         temperature = fit_temperature(logits, labels)
         conformal = SplitConformal.fit(torch.softmax(logits / temperature, 1), labels, coverage)
-        return cls(temperature, conformal, MahalanobisOOD.fit(features, labels), fitted_on)
+        return cls(temperature, conformal, ood_score_class(ood_method).fit(logits, features, labels), fitted_on)
 
     def apply(self, logits: torch.Tensor, features: torch.Tensor, coverage: float | None = None) -> Trusted:
         """Temperature-scaled probabilities, prediction sets at ``coverage`` (default: the fitted one), OOD scores,
         and the flag of each image: out-of-distribution first, else uncertain when the set is not one class."""
         probs = torch.softmax(logits.float() / self.temperature, 1)
         sets = self.conformal.sets(probs, coverage)
-        scores = self.ood.score(features)
+        scores = self.ood.score(logits, features)
         flags = [FLAG_OOD if s > self.ood.threshold else FLAG_UNCERTAIN if int(n) != 1 else ""
                  for s, n in zip(scores.tolist(), sets.sum(1))]
         return Trusted(probs, sets, scores, flags)
@@ -118,11 +120,11 @@ class Calibration:
         if not stored or "conformal" not in stored or "ood" not in stored:
             return None
         return cls(float(stored["temperature"]), SplitConformal.from_metadata(stored["conformal"], tensors),
-                   MahalanobisOOD.from_metadata(stored["ood"], tensors), stored.get("fitted_on", ""))
+                   from_stored(stored["ood"], tensors), stored.get("fitted_on", ""))
 
 
 def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded: LoadedImages, fitted_on: str,
-                     coverage: float = config.CONFORMAL_COVERAGE) -> dict:
+                     coverage: float = config.CONFORMAL_COVERAGE, ood_method: str = config.OOD_METHOD) -> dict:
     """Fit on decoded held-out images and write the calibration into the model file (atomically, in place).
     Returns ``meta["calibration"]`` with the validation ECE before and after temperature scaling."""
     if len(loaded.records) < 2 or len({r.label for r in loaded.records}) < 2:
@@ -130,7 +132,7 @@ def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded:
                        f"{len(loaded.records)}: pass --data with more labelled images")
     labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
     logits, features = logits_and_features(model, loaded.images, progress=True)
-    calibration = Calibration.fit(logits, features, labels, coverage, fitted_on)
+    calibration = Calibration.fit(logits, features, labels, coverage, fitted_on, ood_method)
     stored, tensors = calibration.metadata()
     stored["n_images"] = len(labels)
     stored["ece_before"] = calibration_error(torch.softmax(logits, 1), labels)
@@ -165,10 +167,12 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
     return val, f"validation split of {index.root} (seed {trained.get('seed', config.SEED)})"
 
 
-def calibrate(model_path: Path, data: Path, coverage: float = config.CONFORMAL_COVERAGE) -> dict:
+def calibrate(model_path: Path, data: Path, coverage: float = config.CONFORMAL_COVERAGE,
+              ood_method: str = config.OOD_METHOD) -> dict:
     """``wbc calibrate``: fit on the model's validation split (or on ``data``) and store it in the model file."""
     check_coverage(coverage)
+    ood_score_class(ood_method)  # an unknown name fails before any image is read
     model, meta = load_model(model_path)
     loaded, fitted_on = validation_split(meta, data)
     print(f"calibrating on the {fitted_on}: {len(loaded.records)} images")
-    return calibrate_loaded(Path(model_path), model, meta, loaded, fitted_on, coverage)
+    return calibrate_loaded(Path(model_path), model, meta, loaded, fitted_on, coverage, ood_method)

@@ -152,4 +152,6 @@ INFLUENCE_TRAIN_CHUNK: int = 4096
 ECE_BINS: int = 15
 CONFORMAL_COVERAGE: float = 0.95
 OOD_ACCEPT: float = 0.95
+#: Out-of-distribution score written by `wbc train` / `wbc calibrate` (a name in ood.OOD_SCORES).
+OOD_METHOD: str = "mahalanobis"
 OOD_FOLDS: int = 5

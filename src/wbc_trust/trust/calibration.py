@@ -19,7 +19,6 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features
-from wbc_trust.ood import METHOD as OOD_METHOD
 
 
 def _ood_images(ood_data: Path, img_size: int) -> torch.Tensor:
@@ -58,8 +57,9 @@ def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Pa
         confidences[f"after (T = {calibration.temperature:.2f}): ECE {result['ece_after']:.2%}"] = (
             trusted.probs.max(1).values.numpy())
         if ood_data is not None:
-            _, ood_features = logits_and_features(model, _ood_images(ood_data, meta["img_size"]), progress=True)
-            ood_scores = calibration.ood.score(ood_features)
+            ood_logits, ood_features = logits_and_features(model, _ood_images(ood_data, meta["img_size"]),
+                                                           progress=True)
+            ood_scores = calibration.ood.score(ood_logits, ood_features)
             truth = np.r_[np.zeros(len(labels)), np.ones(len(ood_scores))]
             auroc = roc_auc_score(truth, torch.cat([trusted.ood_scores, ood_scores]).numpy())
             result["ood"].update({"ood_data": str(ood_data), "n_ood_images": len(ood_scores), "auroc": float(auroc),
@@ -86,7 +86,7 @@ def _trust_summary(calibration: Calibration, trusted: Trusted, labels: torch.Ten
             "mean_set_size": float(sizes.float().mean()),
             "set_size_share": {str(k): float((sizes == k).float().mean()) for k in range(trusted.sets.shape[1] + 1)},
         },
-        "ood": {"method": OOD_METHOD, "threshold": calibration.ood.threshold,
+        "ood": {"method": calibration.ood.method, "threshold": calibration.ood.threshold,
                 "flagged": float((trusted.ood_scores > calibration.ood.threshold).float().mean())},
         "flags": {
             "unflagged": float(unflagged.float().mean()),
