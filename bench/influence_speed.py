@@ -59,7 +59,7 @@ def main() -> None:
         meta = load_model(model_path)[1]
         epoch_seconds, n_epoch = result["train_seconds"], meta["data"]["n_train"]
 
-        summary = run_influence(model_path, folder, folder, out)
+        summary = run_influence(model_path, folder, out, train_data=folder)
         index = InfluenceIndex.load(out / INDEX_FILE)
         model = load_model(model_path)[0]
         held_out = set(meta["data"]["test_files"])

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.modelfile import load_model
-from wbc_trust.trust.fisher import per_sample_grad_norms, seed_scores
+from wbc_trust.trust.fisher import el2n_squared, per_sample_grad_norms
 from wbc_trust.evaluate import load_test_images
 
 
@@ -39,9 +39,9 @@ def test_seed_score_is_squared_distance_to_onehot() -> None:
     labels = torch.tensor([0, 2, 4])
     perfect = nn.functional.one_hot(labels, k).float()
     uniform = torch.full((3, k), 1 / k)
-    assert torch.allclose(seed_scores(perfect, labels), torch.zeros(3))
-    assert torch.allclose(seed_scores(uniform, labels), torch.full((3,), (1 - 1 / k) ** 2 + (k - 1) / k**2))
-    assert torch.allclose(seed_scores(perfect.roll(1, dims=1), labels), torch.full((3,), 2.0))
+    assert torch.allclose(el2n_squared(perfect, labels), torch.zeros(3))
+    assert torch.allclose(el2n_squared(uniform, labels), torch.full((3,), (1 - 1 / k) ** 2 + (k - 1) / k**2))
+    assert torch.allclose(el2n_squared(perfect.roll(1, dims=1), labels), torch.full((3,), 2.0))
 
 
 def test_cli_files_agree(tiny_run: Path, small_tree: Path, tmp_path: Path) -> None:
@@ -53,16 +53,16 @@ def test_cli_files_agree(tiny_run: Path, small_tree: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     with open(out / "fisher.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "label", "prediction", "seed_score", "grad_norm2"]
+    assert list(rows[0]) == ["path", "label", "prediction", "el2n_squared", "grad_norm2"]
     grad = np.array([float(r["grad_norm2"]) for r in rows])
-    seed = np.array([float(r["seed_score"]) for r in rows])
+    seed = np.array([float(r["el2n_squared"]) for r in rows])
     assert (np.diff(grad) <= 0).all() and (grad > 0).all() and ((seed >= 0) & (seed <= 2)).all()
     summary = json.loads((out / "fisher.json").read_text())
     assert summary["n_images"] == len(rows) and summary["arch"] == "cnn"
     assert np.isclose(summary["empirical_fisher_trace"], grad.mean(), rtol=1e-4)
     wrong = sum(r["label"] != r["prediction"] for r in rows)
     assert summary["n_wrong"] == wrong and 0 < wrong < len(rows)
-    assert summary["auroc_wrong_vs_right"]["seed_score"] > 0.5
+    assert summary["auroc_wrong_vs_right"]["el2n_squared"] > 0.5
     assert summary["auroc_wrong_vs_right"]["grad_norm2"] > 0.5
     for name in ("fisher_scores.png", "fisher_top.png"):
         with Image.open(out / name) as image:

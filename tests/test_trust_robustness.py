@@ -7,13 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
 
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.modelfile import load_model, read_metadata
-from wbc_trust.trust.robustness import adversarial_accuracy, corrupt, corrupted_accuracy
+from wbc_trust.trust.robustness import (
+    adversarial_accuracy,
+    adversarial_images,
+    attack_logits,
+    corrupt,
+    corrupted_accuracy,
+)
 from wbc_trust.evaluate import LabelledImages, load_test_images
 
 
@@ -62,6 +70,31 @@ def test_pgd_beats_fgsm_and_both_hurt(default_and_cells: tuple, monkeypatch: pyt
     assert fgsm < clean
     assert pgd <= fgsm
     assert pgd <= 0.4
+
+
+def test_attack_budget_is_at_least_one_grey_level_and_attacks_run_in_fp32(default_and_cells: tuple,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: an ε below one grey level is no 8-bit image, and bf16 rounding (≈ 1/256 near 1.0) is the size of the
+    perturbation. On real cells: the logits the attack differentiates are the fp32 prediction; PGD at the smallest
+    ε of the grid changes some pixel by a full grey level and none by more than ε, starts at a random point of the
+    ε-ball (another seed, another attack), and raises the loss above the clean loss."""
+    monkeypatch.setattr(config, "PGD_STEPS", 3)
+    model, cells = default_and_cells
+    x = cells.images[::4].float() / 255  # one cell per class
+    y = torch.as_tensor(cells.labels[::4])
+    epsilon = min(config.ATTACK_EPSILONS)
+    assert epsilon >= 1 / 255 - 1e-9
+    with torch.no_grad():
+        assert torch.allclose(attack_logits(model, x), model.predict(x)[0], atol=1e-4)
+    adv = adversarial_images(model, x, y, "pgd", epsilon, seed=0)
+    change = (adv - x).abs()
+    assert float(change.max()) <= epsilon + 1e-6 and float(change.max()) >= 1 / 255 - 1e-6
+    assert 0 <= float(adv.min()) and float(adv.max()) <= 1
+    assert not torch.equal(adv, adversarial_images(model, x, y, "pgd", epsilon, seed=1))  # the random start
+    with torch.no_grad():
+        clean_loss = nn.functional.cross_entropy(model.predict(x)[0], y)
+        attacked_loss = nn.functional.cross_entropy(model.predict(adv)[0], y)
+    assert attacked_loss > clean_loss
 
 
 def test_cli_compares_two_models(tiny_run: Path, small_tree: Path, tmp_path: Path,

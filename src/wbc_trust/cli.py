@@ -16,6 +16,7 @@ from rich.table import Table
 
 from wbc_trust import config
 from wbc_trust.console import make_console, print_table
+from wbc_trust.cli_options import ModelOption
 from wbc_trust.errors import WbcError
 from wbc_trust.trust.cli import trust_app
 
@@ -23,8 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Classify white blood cells and tell how far to trust each answer.")
 app.add_typer(trust_app, name="trust")
 console = make_console()  # not a terminal: lines and table rows are written whole
-
-ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file (.safetensors); default: the shipped model")]
 
 
 @app.command()

@@ -120,8 +120,9 @@ CORRUPTIONS: dict[str, tuple[float, ...]] = {
 }
 #: Per-channel (R, G, B) direction of the stain shift: more blue-violet dye absorbs more red and green light.
 STAIN_SHIFT_DIRECTION: tuple[float, float, float] = (1.0, 0.5, -0.5)
-#: L-infinity attack budgets on inputs in [0, 1] (x/255 = x grey levels) and the PGD recipe (Madry et al. 2018).
-ATTACK_EPSILONS: tuple[float, ...] = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255)
+#: L-infinity attack budgets on inputs in [0, 1] (x/255 = x grey levels), from one grey level up (a smaller budget is
+#: no 8-bit image), and the PGD recipe (Madry et al. 2018: random start, steps of 2.5·ε/steps).
+ATTACK_EPSILONS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 PGD_STEPS: int = 10
 #: Images per Grad-CAM gallery, and how many images the faithfulness and randomisation checks use.
 GRADCAM_GALLERY: int = 10

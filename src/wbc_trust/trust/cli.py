@@ -1,120 +1,100 @@
-"""`wbc trust ...` sub-commands: each parses its options and calls one ``run_*`` function of the trust modules."""
+"""`wbc trust ...` sub-commands: one per entry of ``trust/methods.py``'s ``TRUST_METHODS``, generated from it (name,
+help, options, the files it writes), plus ``report``, which runs them all."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from wbc_trust.cli_options import ModelOption, ModelsOption
+from wbc_trust.trust.methods import INPUTS, TRUST_METHODS, TrustMethod
 
 trust_app = typer.Typer(no_args_is_help=True, help="Audit how far to trust a model: robustness, Grad-CAM, Fisher "
                                                    "sensitivity, influence, calibration, one report.")
 
 
-@trust_app.command("influence")
-def influence(
-    train_data: Annotated[Path, typer.Option(help="the labelled folder the model was trained on")],
-    data: Annotated[Path, typer.Option(help="labelled test images to explain (the model's held-out split if it is its "
-                                            "own training folder)")],
-    out: Annotated[Path, typer.Option(help="folder for train_influence.csv, test_influence.json, figures, index")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="use at most this many training images")] = None,
-    max_test: Annotated[Optional[int], typer.Option(help="explain at most this many test images")] = None,
-) -> None:
-    """Rank training images by TracIn self-influence (likely mislabelled first) and list, per test image, the
-    training images that helped and hurt it most."""
-    from wbc_trust.trust.influence import run_influence
-
-    summary = run_influence(model, train_data, data, out, max_train=max_train, max_test=max_test)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "most_harmful"}, indent=2))
-    typer.echo(f"most likely mislabelled first: {out / 'train_influence.csv'}; per test image: "
-               f"{out / 'test_influence.json'}; figures: influence_curve.png, influence_harmful.png")
+def input_option(name: str, required: bool | None = None, help: str | None = None) -> Any:
+    """The Typer option type of ``INPUTS[name]`` (``--train-data`` for ``train_data``); ``required``/``help`` override
+    the input's own (the report takes training data optionally)."""
+    spec = INPUTS[name]
+    kind = spec.type if (spec.required if required is None else required) else Optional[spec.type]
+    return Annotated[kind, typer.Option("--" + name.replace("_", "-"), help=help or spec.help)]
 
 
-@trust_app.command("calibration")
-def calibration(
-    data: Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
-                                            "training folder)")],
-    out: Annotated[Path, typer.Option(help="folder for calibration.json and reliability_diagram.png")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")] = None,
-    ood_data: Annotated[Optional[Path], typer.Option(help="images that are not white cells: adds the OOD AUROC and "
-                                                          "ood_scores.png")] = None,
-) -> None:
-    """ECE before/after temperature scaling, prediction-set coverage and size, out-of-distribution flags."""
-    from wbc_trust.trust.calibration import run_calibration
-
-    typer.echo(json.dumps(run_calibration(model, data, out, ood_data=ood_data), indent=2))
-    typer.echo(f"written to {out}/: calibration.json, reliability_diagram.png" + (", ood_scores.png" if ood_data else ""))
+DataOption = input_option("data")
+MaxImagesOption = input_option("max_images")
 
 
-MaxImagesOption = Annotated[Optional[int], typer.Option(help="use a stratified subset of at most this many images")]
-TestDataOption = Annotated[Path, typer.Option(help="labelled images (the model's held-out test split if it is its own "
-                                                   "training folder)")]
-ModelFileOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file; default: the shipped model")]
+def _parameter(name: str, annotation: Any, required: bool) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=inspect.Parameter.empty if required else None)
 
 
-@trust_app.command("robustness")
-def robustness(
-    data: TestDataOption,
-    out: Annotated[Path, typer.Option(help="folder for robustness.json, robustness_accuracy.png, examples")],
-    model: Annotated[Optional[list[Path]], typer.Option("--model", "-m", help="model file; repeat to compare several; "
-                                                                              "default: the shipped model")] = None,
-    max_images: MaxImagesOption = None,
-) -> None:
-    """Accuracy under noise, blur, brightness, contrast, JPEG and stain shift (severities 1-5) and FGSM/PGD attacks."""
-    from rich.table import Table
+def _show(method: TrustMethod, summary: dict) -> None:
+    """The summary as the user reads it: a table of its rows, or its JSON (less the long lists)."""
+    if method.table:
+        from rich.table import Table
 
-    from wbc_trust.console import print_table
-    from wbc_trust.trust.robustness import run_robustness
+        from wbc_trust.console import print_table
 
-    summary = run_robustness(list(model or [None]), data, out, max_images=max_images)
-    rows = summary["comparison"]
-    table = Table(title="accuracy: clean, mean over corruptions and severities, under attack (ε in grey levels)")
-    for column in rows[0]:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(f"{v:.1%}" if isinstance(v, float) else str(v) for v in row.values()))
-    print_table(table)
-    typer.echo(f"written to {out}/: robustness.json, robustness_accuracy.png, robustness_examples.png")
+        rows = summary[method.table]
+        table = Table(title=method.table_title)
+        for column in rows[0]:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*(f"{v:.1%}" if isinstance(v, float) else str(v) for v in row.values()))
+        print_table(table)  # a terminal gets rich's table, a pipe tab-separated rows
+    else:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k not in method.hide}, indent=2))
 
 
-@trust_app.command("gradcam")
-def gradcam(
-    data: TestDataOption,
-    out: Annotated[Path, typer.Option(help="folder for gradcam_correct.png, gradcam_wrong.png, gradcam.json")],
-    model: ModelFileOption = None,
-    max_images: MaxImagesOption = None,
-) -> None:
-    """Grad-CAM / Grad-CAM++ galleries of right and wrong answers, ROAD faithfulness, randomisation sanity check."""
-    from wbc_trust.trust.gradcam import run_gradcam
+def _register(method: TrustMethod) -> None:
+    """Add ``wbc trust <method.name>``: options --<input> for each of its inputs, --out, --model."""
+    folders = [n for n in method.inputs if INPUTS[n].data]
+    others = [n for n in method.inputs if not INPUTS[n].data]
+    out_option = Annotated[Path, typer.Option(help=f"folder for {', '.join(method.files)}")]
+    parameters = [
+        *(_parameter(n, input_option(n), INPUTS[n].required) for n in folders),
+        _parameter("out", out_option, required=True),
+        _parameter("model", ModelsOption if method.many_models else ModelOption, required=False),
+        *(_parameter(n, input_option(n), INPUTS[n].required) for n in others),
+    ]
 
-    typer.echo(json.dumps(run_gradcam(model, data, out, max_images=max_images), indent=2))
-    typer.echo(f"written to {out}/: gradcam_correct.png, gradcam_wrong.png, gradcam.json")
+    def command(**values: Any) -> None:
+        out, model = values.pop("out"), values.pop("model")
+        started = time.time()
+        summary = method(list(model or [None]) if method.many_models else model, out, values)
+        _show(method, summary)
+        written = [f for f in method.files if (out / f).is_file() and (out / f).stat().st_mtime >= started - 1]
+        typer.echo(f"written to {out}/: {', '.join(written)}")
+
+    command.__name__ = method.name
+    command.__doc__ = method.help
+    command.__signature__ = inspect.Signature(parameters)  # what Typer reads to build the options
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    trust_app.command(method.name)(command)
 
 
-@trust_app.command("fisher")
-def fisher(
-    data: TestDataOption,
-    out: Annotated[Path, typer.Option(help="folder for fisher.csv, fisher.json, fisher_scores.png, fisher_top.png")],
-    model: ModelFileOption = None,
-    max_images: MaxImagesOption = None,
-) -> None:
-    """Per-image sensitivity: the seed's ‖softmax − onehot‖² (squared EL2N) and the per-sample gradient norm²."""
-    from wbc_trust.trust.fisher import run_fisher
+for _method in TRUST_METHODS:
+    if _method.command:
+        _register(_method)
 
-    typer.echo(json.dumps(run_fisher(model, data, out, max_images=max_images), indent=2))
-    typer.echo(f"written to {out}/: fisher.csv (highest gradient norm first), fisher.json, fisher_scores.png, "
-               "fisher_top.png")
+
+ReportTrainDataOption = input_option("train_data", required=False,
+                                     help="the model's training folder: adds the data audit and influence")
 
 
 @trust_app.command("report")
 def report(
-    data: TestDataOption,
+    data: DataOption,
     out: Annotated[Path, typer.Option(help="folder for report.html and every method's figures and files")],
-    model: ModelFileOption = None,
-    train_data: Annotated[Optional[Path], typer.Option(help="the model's training folder: adds the data audit and "
-                                                            "influence")] = None,
+    model: ModelOption = None,
+    train_data: ReportTrainDataOption = None,
     max_images: MaxImagesOption = None,
 ) -> None:
     """Run every trust method and write one self-contained OUT/report.html (figures, tables, model metadata)."""

@@ -1,7 +1,7 @@
 """Fisher sensitivity: which images the model is most sensitive to, in output space and in parameter space.
 
-- ``seed_score`` = ‖softmax(x) − onehot(y)‖², the seed's score. It is the square of the EL2N score of Paul et al.
-  2021 ("Deep Learning on a Data Diet"), which ranks examples by how hard they are to learn.
+- ``el2n_squared`` = ‖softmax(x) − onehot(y)‖², the seed project's score: the square of the EL2N score of Paul et
+  al. 2021 ("Deep Learning on a Data Diet"), which ranks examples by how hard they are to learn.
 - ``grad_norm2`` = ‖∇_θ L(x, y)‖², the squared norm of the per-sample gradient of the cross-entropy over all weights,
   computed with torch.func (``vmap`` over ``grad`` of a ``functional_call``): one backward pass per image, batched.
 - The empirical Fisher information is F = (1/N) Σ g_i g_iᵀ, so its trace is the mean of ``grad_norm2``.
@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import atomic_write_text, write_json
+from wbc_trust.io import atomic_write_text, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
 from wbc_trust.evaluate import load_test_images
@@ -32,8 +32,8 @@ from wbc_trust.evaluate import load_test_images
 _BATCH = 16  # per-sample gradients hold one copy of the weights per image: 16 × 3.4 M floats for EfficientNet-Lite0
 
 
-def seed_scores(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """‖softmax − onehot‖² per image (squared EL2N)."""
+def el2n_squared(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """‖softmax − onehot‖² per image: the squared EL2N score (Paul et al. 2021)."""
     onehot = nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
     return (probs - onehot).pow(2).sum(1)
 
@@ -52,18 +52,18 @@ def per_sample_grad_norms(model: WbcClassifier, images: torch.Tensor, labels: to
 
 
 def sensitivity_scores(model: WbcClassifier, images: torch.Tensor, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Probabilities, seed score and gradient norm² of every image (uint8 N×3×S×S), in batches with progress."""
+    """Probabilities, squared EL2N and gradient norm² of every image (uint8 N×3×S×S), in batches with progress."""
     model.eval()
-    probs, seed, grad_norm2 = [], [], []
+    probs, el2n, grad_norm2 = [], [], []
     for start in tqdm(range(0, len(images), _BATCH), desc="Fisher sensitivity", unit="batch"):
         x = images[start : start + _BATCH].float() / 255
         y = torch.as_tensor(labels[start : start + _BATCH])
         with torch.no_grad():
             p = torch.softmax(model(x), dim=1)
         probs.append(p)
-        seed.append(seed_scores(p, y))
+        el2n.append(el2n_squared(p, y))
         grad_norm2.append(per_sample_grad_norms(model, x, y))
-    return {"probs": torch.cat(probs).numpy(), "seed_score": torch.cat(seed).numpy(),
+    return {"probs": torch.cat(probs).numpy(), "el2n_squared": torch.cat(el2n).numpy(),
             "grad_norm2": torch.cat(grad_norm2).numpy()}
 
 
@@ -74,14 +74,14 @@ def wrong_vs_right_auroc(scores: np.ndarray, wrong: np.ndarray) -> float | None:
     return float(roc_auc_score(wrong, scores))
 
 
-def write_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, seed: np.ndarray,
+def write_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, el2n: np.ndarray,
               grad_norm2: np.ndarray, classes: list[str]) -> None:
-    """fisher.csv: path,label,prediction,seed_score,grad_norm2 (sorted by grad_norm2, highest first)."""
+    """fisher.csv: path,label,prediction,el2n_squared,grad_norm2 (sorted by grad_norm2, highest first)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "prediction", "seed_score", "grad_norm2"])
+    writer.writerow(["path", "label", "prediction", "el2n_squared", "grad_norm2"])
     for i in np.argsort(-grad_norm2, kind="stable"):
-        writer.writerow([records[i].path, classes[labels[i]], classes[predictions[i]], f"{seed[i]:.6g}",
+        writer.writerow([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}",
                          f"{grad_norm2[i]:.6g}"])
     atomic_write_text(path, buffer.getvalue())
 
@@ -98,9 +98,9 @@ def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int |
     scores = sensitivity_scores(model, test.images, test.labels)
     predictions = scores["probs"].argmax(1)
     wrong = predictions != test.labels
-    seed, grad_norm2 = scores["seed_score"], scores["grad_norm2"]
-    write_csv(out / "fisher.csv", test.records, test.labels, predictions, seed, grad_norm2, classes)
-    named = {"seed_score": seed, "grad_norm2": grad_norm2, "1 - confidence (baseline)": 1 - scores["probs"].max(1)}
+    el2n, grad_norm2 = scores["el2n_squared"], scores["grad_norm2"]
+    write_csv(out / "fisher.csv", test.records, test.labels, predictions, el2n, grad_norm2, classes)
+    named = {"el2n_squared": el2n, "grad_norm2": grad_norm2, "1 - confidence (baseline)": 1 - scores["probs"].max(1)}
     summary = {
         "model": str(model_path) if model_path else "default",
         "arch": meta["arch"],
@@ -108,25 +108,25 @@ def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int |
         "n_images": len(test.labels),
         "n_wrong": int(wrong.sum()),
         "scores": {
-            "seed_score": "||softmax - onehot(label)||^2: the seed's score, = squared EL2N (Paul et al. 2021)",
+            "el2n_squared": "||softmax - onehot(label)||^2: squared EL2N (Paul et al. 2021), the seed project's score",
             "grad_norm2": "||grad_theta cross-entropy(x, label)||^2 over all weights (torch.func vmap + grad)",
             "note": "both need the true label: they rank hard or mislabelled images, they cannot flag an unlabelled "
                     "one; '1 - confidence' is the label-free baseline",
         },
         "empirical_fisher_trace": float(grad_norm2.mean()),
         "auroc_wrong_vs_right": {name: wrong_vs_right_auroc(s, wrong) for name, s in named.items()},
-        "spearman_seed_vs_grad": float(spearmanr(seed, grad_norm2).statistic),
-        "mean": {"seed_score": float(seed.mean()), "grad_norm2": float(grad_norm2.mean())},
+        "spearman_el2n_vs_grad": float(spearmanr(el2n, grad_norm2).statistic),
+        "mean": {"el2n_squared": float(el2n.mean()), "grad_norm2": float(grad_norm2.mean())},
     }
     write_json(out / "fisher.json", summary)
     auroc = summary["auroc_wrong_vs_right"]
-    plots.score_distributions([("seed score ‖softmax − onehot‖² (= EL2N²)", seed, auroc["seed_score"]),
+    plots.score_distributions([("squared EL2N ‖softmax − onehot‖²", el2n, auroc["el2n_squared"]),
                                ("gradient norm² ‖∇θ L‖²", grad_norm2, auroc["grad_norm2"])],
                               wrong, out / "fisher_scores.png")
     top = np.argsort(-grad_norm2, kind="stable")[: config.FISHER_GALLERY]
     plots.image_gallery(
         [test.images[i].permute(1, 2, 0).numpy() for i in top],
-        [f"{classes[test.labels[i]]} → {classes[predictions[i]]}\n‖∇‖² {grad_norm2[i]:.3g}, seed {seed[i]:.2f}"
+        [f"{classes[test.labels[i]]} → {classes[predictions[i]]}\n‖∇‖² {grad_norm2[i]:.3g}, EL2N² {el2n[i]:.2f}"
          for i in top],
         out / "fisher_top.png", title="Highest Fisher sensitivity (true → predicted class)")
     return summary

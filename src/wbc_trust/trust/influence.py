@@ -7,9 +7,10 @@ query against every training image costs one matrix product over the cached feat
 thousands of images). captum's ``TracInCPFast`` implements exactly this factorisation: self-influence runs on it;
 queries use the same closed form with the training side cached in the index (``InfluenceIndex.scores``).
 
-(a) The seed's approximation: score(train, test) = −g_train·g_test at the final model (Koh & Liang's influence
-    −g_testᵀ H⁻¹ g_train with the Hessian replaced by the identity). Positive = up-weighting the training image
-    raises the test loss (harmful), negative = helpful. Its self-influence ‖g‖² ranks suspicious training images.
+(a) ``grad_dot``, the seed project's approximation: score(train, test) = −g_train·g_test at the final model (Koh &
+    Liang's influence −g_testᵀ H⁻¹ g_train with the Hessian replaced by the identity). Positive = up-weighting the
+    training image raises the test loss (harmful), negative = helpful. Its self-influence ‖g‖² ranks suspicious
+    training images.
 (b) TracInCP (Pruthi et al. 2020, captum ``TracInCPFast``): the same dot product summed over checkpoints along the
     training trajectory, Σ_t η_t g_train(t)·g_test(t). A mislabelled image keeps a large gradient through most of
     training, while a hard but correct one is learnt early, so summing over the trajectory separates them better than
@@ -55,21 +56,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import (
-    DatasetIndex,
-    Record,
-    atomic_write,
-    atomic_write_text,
-    find_dataset,
-    load_images,
-    write_json,
-)
+from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images
+from wbc_trust.io import atomic_write, atomic_write_text, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, autocast, prepare_for_cpu
 
-METHODS: tuple[str, ...] = ("tracin", "seed")
+#: ``tracin``: TracInCP over the checkpoints; ``grad_dot``: −g_train·g_test at the final model (see above).
+METHODS: tuple[str, ...] = ("tracin", "grad_dot")
 INDEX_FILE = "influence_index.safetensors"
 
 
@@ -185,7 +180,7 @@ class InfluenceIndex:
         )
 
     def tracer(self, method: str) -> TracInCPFast:
-        """captum's TracInCPFast over the index: the replayed checkpoints ("tracin") or the final layer ("seed")."""
+        """captum's TracInCPFast over the index: the checkpoints ("tracin") or the final layer ("grad_dot")."""
         checkpoints, rate = self._trajectory(method)
         model = nn.Sequential(_fresh_head(self.final_head))
 
@@ -198,7 +193,7 @@ class InfluenceIndex:
                             batch_size=config.INFLUENCE_TRAIN_CHUNK)
 
     def self_influence(self, method: str = "tracin") -> torch.Tensor:
-        """Per training image, Σ_t η_t ‖g(t)‖² (TracIn) or ‖g‖² at the final model (seed): high = suspicious."""
+        """Per training image, Σ_t η_t ‖g(t)‖² (TracIn) or ‖g‖² at the final model (grad_dot): high = suspicious."""
         loader = DataLoader(TensorDataset(self.features, self.labels), batch_size=config.INFLUENCE_TRAIN_CHUNK)
         return self.tracer(method).self_influence(loader).detach()
 
@@ -318,7 +313,7 @@ def found_in_top(scores: np.ndarray, flagged: np.ndarray, fraction: float = 0.1)
     return float(flagged[top].mean())
 
 
-def run_influence(model_path: Path | None, train_data: Path, data: Path, out: Path, max_train: int | None = None,
+def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data: Path, max_train: int | None = None,
                   max_test: int | None = None) -> dict:
     """Rank the training images of ``train_data`` by self-influence and explain each test image of ``data`` by its
     most helpful and harmful training images. Writes train_influence.csv, test_influence.json, influence_curve.png,
@@ -354,8 +349,8 @@ def run_influence(model_path: Path | None, train_data: Path, data: Path, out: Pa
     explained = _explain_tests(index, test.records, test_features, test_labels, head)
     query_seconds = (time.perf_counter() - started) / len(test.records)
     write_json(out / "test_influence.json", {
-        "method": "TracInCP (captum TracInCPFast) over the replayed last-layer checkpoints; seed_* = −g_train·g_test "
-                  "at the final model",
+        "method": "TracInCP (captum TracInCPFast) over the replayed last-layer checkpoints; grad_dot_* = "
+                  "−g_train·g_test at the final model",
         "score": "estimated change of the test image's loss if the training image were up-weighted: "
                  "negative = helpful, positive = harmful",
         "images": explained,
@@ -365,7 +360,8 @@ def run_influence(model_path: Path | None, train_data: Path, data: Path, out: Pa
     # best available stand-in for "should be inspected".
     flagged = (predictions != train_labels).numpy()
     curves = {name: found_curve(s, flagged) for name, s in
-              (("TracInCP self-influence", scores["tracin"]), ("seed ‖g‖²", scores["seed"]), ("loss", loss))}
+              (("TracInCP self-influence", scores["tracin"]), ("‖g‖² at the final model", scores["grad_dot"]),
+               ("loss", loss))}
     plots.influence_curve(curves, out / "influence_curve.png",
                           title=f"{int(flagged.sum())} of {len(flagged)} training images disagree with the model")
     _harmful_gallery(index, train.images, scores["tracin"], predictions, out / "influence_harmful.png")
@@ -379,7 +375,7 @@ def run_influence(model_path: Path | None, train_data: Path, data: Path, out: Pa
         "seconds_per_query": round(query_seconds, 4),
         "n_disagreeing_train": int(flagged.sum()),
         "disagreeing_in_top_10pct": {"tracin": found_in_top(scores["tracin"], flagged),
-                                     "seed": found_in_top(scores["seed"], flagged),
+                                     "grad_dot": found_in_top(scores["grad_dot"], flagged),
                                      "loss": found_in_top(loss, flagged)} if flagged.any() else None,
         "most_harmful": [index.paths[i] for i in order[:config.INFLUENCE_GALLERY]],
         "unreadable": [str(p) for p, _ in train.unreadable + test.unreadable],
@@ -389,10 +385,10 @@ def run_influence(model_path: Path | None, train_data: Path, data: Path, out: Pa
 def _write_train_csv(path: Path, index: InfluenceIndex, scores: dict[str, np.ndarray], predictions: torch.Tensor) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "score", "prediction", "seed_score"])
+    writer.writerow(["path", "label", "score", "prediction", "grad_dot_self_influence"])
     for i in np.argsort(-scores["tracin"], kind="stable"):
         writer.writerow([index.paths[i], index.classes[int(index.labels[i])], f"{scores['tracin'][i]:.6g}",
-                         index.classes[int(predictions[i])], f"{scores['seed'][i]:.6g}"])
+                         index.classes[int(predictions[i])], f"{scores['grad_dot'][i]:.6g}"])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -410,7 +406,7 @@ def _explain_tests(index: InfluenceIndex, records: Sequence[Record], features: t
             row = {"path": str(record.path), "label": index.classes[int(labels[start + j])],
                    "prediction": index.classes[int(predictions[start + j])]}
             for method, by_kind in found.items():
-                prefix = "" if method == "tracin" else "seed_"
+                prefix = "" if method == "tracin" else f"{method}_"
                 for kind, (idx, scores) in by_kind.items():
                     row[prefix + kind] = _described(index, idx[j], scores[j])
             explained.append(row)

@@ -1,13 +1,12 @@
-"""One report: run every trust method on a model and write ``report.html``, a single self-contained file (figures
-embedded as PNG data, no scripts, no links to fetch) that opens offline, with the model's metadata and every table of
-numbers. The figures and JSON files of each method are written beside it.
+"""One report: run every trust method of ``trust/methods.py`` on a model and write ``report.html``, a single
+self-contained file (figures embedded as PNG data, no scripts, no links to fetch) that opens offline, with the
+model's metadata and every table of numbers. The figures and JSON files of each method are written beside it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,9 +16,11 @@ import pandas as pd
 from markupsafe import Markup
 
 from wbc_trust import config
-from wbc_trust.data import atomic_write_text, find_dataset
+from wbc_trust.data import find_dataset
+from wbc_trust.io import atomic_write_text
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import read_metadata
+from wbc_trust.trust.methods import TRUST_METHODS, TrustMethod
 
 #: Lists longer than this are summarised ("N entries") in the report; the JSON files beside it hold them in full.
 _MAX_ROWS = 20
@@ -105,13 +106,18 @@ Each method's files (JSON, CSV, PNG) are beside this report.</p>
 """, autoescape=True)
 
 
-def _run_section(section: Section, out: Path, run: Callable[[], dict]) -> Section:
-    """Run one method; its new PNG files become the section's figures. A method that is not installed, or that
-    refuses the data with a WbcError, leaves a visible note instead of stopping the whole report."""
+def _run_section(method: TrustMethod, out: Path, model_path: Path | None, values: dict) -> Section:
+    """Run one method; its new PNG files become the section's figures. A method without the data it needs, one that
+    is not installed, or one that refuses the data with a WbcError, leaves a visible note instead of stopping the
+    whole report."""
+    section = Section(method.title, method.what)
+    if missing := method.missing(values):
+        section.problem = f"needs {', '.join(missing)}"
+        return section
     print(f"== {section.title}")
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
     try:
-        section.summary = run()
+        section.summary = method(model_path, out, values)
     except (ImportError, WbcError) as exc:
         section.problem = f"{exc.__class__.__name__}: {exc}"
         print(f"   skipped: {section.problem}")
@@ -121,61 +127,16 @@ def _run_section(section: Section, out: Path, run: Callable[[], dict]) -> Sectio
 
 def run_report(model_path: Path | None, data: Path, train_data: Path | None, out: Path,
                max_images: int | None = None) -> Path:
-    """Run the audit, calibration, robustness, Grad-CAM, Fisher and influence methods into ``out`` and write
-    ``out/report.html``; returns its path. ``max_images`` caps the images of the slow methods (robustness, Grad-CAM,
-    Fisher, and influence's training and test images); ``train_data`` None leaves out audit and influence."""
+    """Run every method of ``TRUST_METHODS`` into ``out`` and write ``out/report.html``; returns its path.
+    ``max_images`` caps the images of the slow methods (robustness, Grad-CAM, Fisher, and influence's training and
+    test images); ``train_data`` None leaves out the methods that need it (audit, influence)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = read_metadata(model_path or config.DEFAULT_MODEL_PATH)
     find_dataset(data, require_all_classes=False)  # a wrong --data fails here, before minutes of work
-    sections: list[Section] = []
-
-    def add(title: str, what: str, run: Callable[[], dict], needs_train: bool = False) -> None:
-        section = Section(title, what)
-        if needs_train and train_data is None:
-            section.problem = "needs --train-data"
-            sections.append(section)
-        else:
-            sections.append(_run_section(section, out, run))
-
-    def audit() -> dict:
-        from wbc_trust.trust.audit import run_audit
-        return run_audit(train_data, out)
-
-    def calibration() -> dict:
-        from wbc_trust.trust.calibration import run_calibration
-        return run_calibration(model_path, data, out)
-
-    def robustness() -> dict:
-        from wbc_trust.trust.robustness import run_robustness
-        return run_robustness([model_path], data, out, max_images=max_images)
-
-    def gradcam() -> dict:
-        from wbc_trust.trust.gradcam import run_gradcam
-        return run_gradcam(model_path, data, out, max_images=max_images)
-
-    def fisher() -> dict:
-        from wbc_trust.trust.fisher import run_fisher
-        return run_fisher(model_path, data, out, max_images=max_images)
-
-    def influence() -> dict:
-        from wbc_trust.trust.influence import run_influence
-        return run_influence(model_path, train_data, data, out, max_train=max_images, max_test=max_images)
-
-    add("Data-quality audit", "Unreadable files, exact and near duplicates (with conflicting labels), class balance "
-        "of the training data.", audit, needs_train=True)
-    add("Calibration, prediction sets, out-of-distribution", "Does a confidence of 90 % mean right 9 times in 10 "
-        "(ECE, reliability diagram)? Do the prediction sets hold the true class as often as promised?", calibration)
-    add("Robustness", "Accuracy as the images get worse (severity 0 = clean … 5) and under FGSM/PGD attacks whose "
-        "budget ε is in grey levels of 255.", robustness)
-    add("Grad-CAM", "Where the model looked (map of the predicted class). Faithfulness: ROAD score against a random "
-        "map. Sanity: the maps of a randomised model must differ (low Spearman correlation).", gradcam)
-    add("Fisher sensitivity", "Per image: the seed's ‖softmax − onehot‖² (the squared EL2N score of Paul et al. "
-        "2021) and the per-sample gradient norm²; their mean is the empirical Fisher trace. AUROC: how well each score "
-        "picks out the wrong predictions.", fisher)
-    add("Influence", "Which training images helped or hurt each test answer; training images ranked by "
-        "self-influence (likely mislabelled first).", influence, needs_train=True)
-
+    values = {"data": data, "train_data": train_data, "max_images": max_images, "max_train": max_images,
+              "max_test": max_images}
+    sections = [_run_section(method, out, model_path, values) for method in TRUST_METHODS]
     page = _TEMPLATE.render(
         model=str(model_path) if model_path else "default (shipped)", data=str(data), train_data=train_data,
         max_images=max_images, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), sections=sections,

@@ -22,9 +22,9 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import write_json
+from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
-from wbc_trust.models import WbcClassifier, autocast, predict_probs, prepare_for_cpu
+from wbc_trust.models import WbcClassifier, predict_probs, prepare_for_cpu
 from wbc_trust.evaluate import LabelledImages, load_test_images
 
 _BATCH = 128
@@ -91,32 +91,40 @@ def corrupted_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarra
     return correct / len(images)
 
 
-def _prediction_logits(model: WbcClassifier, x: torch.Tensor) -> torch.Tensor:
+def attack_logits(model: WbcClassifier, x: torch.Tensor) -> torch.Tensor:
     """What the attacks differentiate: the prediction users get (``model.predict``, test-time views included), not
-    one view of it. channels_last and bf16 autocast (where the CPU has it) make the 10-step PGD about 4× faster on
-    2 cores; the attacks only use the gradient's sign, and in a check on 64 images PGD's accuracy differed from fp32's
-    by one image."""
-    with autocast():
-        return model.predict(x.contiguous(memory_format=torch.channels_last))[0].float()
+    one view of it. In fp32, not under bf16 autocast: bf16 keeps 8 bits of mantissa, so its rounding of an input
+    near 1.0 (≈ 1/256) is the size of a one-grey-level perturbation, and the gradient the attack follows would be
+    rounding noise. channels_last stays (the fast oneDNN layout, exact in fp32)."""
+    return model.predict(x.contiguous(memory_format=torch.channels_last))[0].float()
 
 
-def adversarial_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, attack: str,
-                         epsilon: float) -> float:
-    """Accuracy under an untargeted L∞ attack (FGSM, or PGD with ``config.PGD_STEPS`` steps of 2.5·ε/steps)."""
+def adversarial_images(model: WbcClassifier, x: torch.Tensor, labels: torch.Tensor, attack: str, epsilon: float,
+                       seed: int = config.SEED) -> torch.Tensor:
+    """Untargeted L∞ attack of float images ``x`` in [0, 1]: FGSM (one step of ε), or PGD (Madry et al. 2018) from a
+    random start in the ε-ball, ``config.PGD_STEPS`` steps of 2.5·ε/steps; the result stays within ε of ``x`` and in
+    [0, 1]. ``seed`` fixes PGD's random start (same numbers every run, the caller's random state untouched)."""
     loss = nn.CrossEntropyLoss(reduction="none")  # captum's default loss expects probabilities; the model gives logits
-    attacker = (FGSM if attack == "fgsm" else PGD)(partial(_prediction_logits, model), loss_func=loss,
+    attacker = (FGSM if attack == "fgsm" else PGD)(partial(attack_logits, model), loss_func=loss,
                                                    lower_bound=0.0, upper_bound=1.0)
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        # captum says it set requires_grad on the (copied) inputs: as it should
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+        torch.manual_seed(seed)
+        if attack == "fgsm":
+            return attacker.perturb(x, epsilon=epsilon, target=labels).detach()
+        return attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
+                                step_num=config.PGD_STEPS, target=labels, random_start=True).detach()
+
+
+def adversarial_accuracy(model: WbcClassifier, images: torch.Tensor, labels: np.ndarray, attack: str,
+                         epsilon: float) -> float:
+    """Accuracy under ``adversarial_images`` (uint8 images, in batches so memory stays small)."""
     correct = 0
     for start in range(0, len(images), _ATTACK_BATCH):
         x = images[start : start + _ATTACK_BATCH].float() / 255
         y = torch.as_tensor(labels[start : start + _ATTACK_BATCH])
-        with warnings.catch_warnings():  # captum says it set requires_grad on the (copied) inputs: as it should
-            warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
-            if attack == "fgsm":
-                adv = attacker.perturb(x, epsilon=epsilon, target=y)
-            else:
-                adv = attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
-                                       step_num=config.PGD_STEPS, target=y)
+        adv = adversarial_images(model, x, y, attack, epsilon, seed=config.SEED + start)
         correct += int((predict_probs(model, adv).argmax(1) == y).sum())
     return correct / len(images)
 
@@ -185,7 +193,8 @@ def run_robustness(model_paths: list[Path | None], data: Path, out: Path, max_im
     summary = {
         "corruption_parameters": {name: list(values) for name, values in config.CORRUPTIONS.items()},
         "attack": {"norm": "Linf", "input_range": [0, 1], "pgd_steps": config.PGD_STEPS,
-                   "pgd_step_size": "2.5*epsilon/steps", "library": "captum.robust"},
+                   "pgd_step_size": "2.5*epsilon/steps", "pgd_random_start": True, "precision": "fp32",
+                   "library": "captum.robust"},
         "models": results,
         "comparison": [comparison_row(r) for r in results],
     }
