@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.data import image_to_tensor, read_image
+from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.onnx_export import META_KEY, OnnxModel
 from wbc_trust.predict import Predictor
@@ -77,3 +78,47 @@ def test_unknown_backend_is_refused() -> None:
     result = CliRunner().invoke(app, ["predict", str(IMAGES[0]), "--backend", "tensorrt"])
     assert result.exit_code != 0
     assert "unknown backend" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def exported_default(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped default model exported with `wbc export-onnx` (network, metadata and calibration in one file)."""
+    out = tmp_path_factory.mktemp("onnx") / "default.onnx"
+    result = CliRunner().invoke(app, ["export-onnx", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_predict_with_an_exported_onnx_file(exported_default: Path, tmp_path: Path) -> None:
+    """The command the CLI help advertises, `wbc predict --backend onnx --model OUT.onnx`, answers like the model
+    file it came from: exactly as the same graph with the model file's calibration, and like PyTorch (same classes,
+    prediction sets and flags, probabilities within 1e-3)."""
+    stored = {p.key: p.value for p in onnx.load(str(exported_default)).metadata_props}
+    assert json.loads(stored[META_KEY]) == load_model(None)[1]  # the model file's metadata, calibration included
+    images = IMAGES + [config.SAMPLE_DATA_DIR.parent / "default_model.safetensors"]  # + one file that is no image
+    rows = {}
+    for name, options in {"torch": [], "onnx": ["--backend", "onnx"],
+                          "onnx file": ["--backend", "onnx", "--model", str(exported_default)]}.items():
+        out = tmp_path / f"{name}.csv"
+        result = CliRunner().invoke(app, ["predict", *map(str, images), *options, "--csv", str(out)])
+        assert result.exit_code == 0, result.output
+        rows[name] = list(csv.DictReader(out.open()))
+    # everything the calibration computes (temperature, sets, OOD scores, flags) is the model file's, to the digit
+    assert rows["onnx file"] == rows["onnx"]
+    assert len(rows["onnx file"]) == len(images) and rows["onnx file"][-1]["flag"].startswith("unreadable")
+    for torch_row, onnx_row in zip(rows["torch"], rows["onnx file"]):
+        assert onnx_row["prediction"] == torch_row["prediction"]
+        assert onnx_row["flag"] == torch_row["flag"] and onnx_row["prediction_set"] == torch_row["prediction_set"]
+        assert onnx_row["prediction_set"] or not onnx_row["prediction"], "the calibration did not travel"
+        for column in (c for c in torch_row if c.startswith("p_") and torch_row[c]):
+            assert abs(float(onnx_row[column]) - float(torch_row[column])) < 1e-3, column
+
+
+def test_onnx_file_needs_the_onnx_backend_and_its_metadata(exported_default: Path, tmp_path: Path) -> None:
+    with pytest.raises(WbcError, match="--backend onnx"):
+        Predictor(exported_default)
+    foreign = onnx.load(str(exported_default))
+    del foreign.metadata_props[:]  # an ONNX file from another tool: no wbc-trust metadata
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(WbcError, match="no wbc-trust metadata"):
+        Predictor(tmp_path / "foreign.onnx", backend="onnx")

@@ -22,7 +22,7 @@ from wbc_trust.data import UnreadableImage, atomic_write_text, image_to_tensor, 
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
-from wbc_trust.onnx_export import BACKENDS, OnnxModel, onnx_model_for
+from wbc_trust.onnx_export import BACKENDS, OnnxModel, is_onnx_file, onnx_model_for
 from wbc_trust.calibration import Calibration
 from wbc_trust.conformal import check_coverage
 
@@ -58,13 +58,20 @@ class Predictor:
                  backend: str = "torch") -> None:
         if backend not in BACKENDS:
             raise WbcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        model, self.meta = load_model(model_path)
-        # --backend onnx: the same network, run by onnxruntime; metadata and calibration still come from the model file
-        self.model = onnx_model_for(model_path, model, self.meta) if backend == "onnx" else prepare_for_cpu(model)
+        if is_onnx_file(model_path):  # `wbc export-onnx`'s file: network, metadata and calibration all inside
+            if backend != "onnx":
+                raise WbcError(f"{model_path} is an ONNX file: run it with --backend onnx")
+            self.model = OnnxModel(Path(model_path))
+            self.meta, extra = self.model.meta, self.model.extra
+        else:
+            model, self.meta = load_model(model_path)
+            # --backend onnx: the same network, run by onnxruntime; metadata and calibration come from the model file
+            self.model = onnx_model_for(model_path, model, self.meta) if backend == "onnx" else prepare_for_cpu(model)
+            extra = load_extra(model_path)
         self.classes: list[str] = self.meta["classes"]
         self.img_size: int = self.meta["img_size"]
         self.batch_size = batch_size
-        self.calibration = Calibration.from_model(self.meta, load_extra(model_path))
+        self.calibration = Calibration.from_model(self.meta, extra)
         self.coverage = coverage if coverage is None else check_coverage(coverage)  # None: the calibrated one
 
     def to_tensor(self, source: Path | bytes) -> torch.Tensor:
