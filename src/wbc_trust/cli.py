@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wbc_trust import config
@@ -100,13 +101,22 @@ def predict(
                                                            "model was calibrated for (0.95)")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model "
                                               "file and cached)")] = "torch",
+    ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray Data: 'local' starts a Ray cluster on this "
+                                               "machine, an ADDRESS (host:port) joins one whose nodes see the same "
+                                               "files; needs pip install 'wbc-trust\\[ray]'")] = None,
+    ray_actors: Annotated[int, typer.Option(help="with --ray: actors that each load the model once")] = config.RAY_ACTORS,
 ) -> None:
     """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
     from wbc_trust.data import find_unlabelled
     from wbc_trust.predict import Predictor
 
     predictor = Predictor(model, coverage=coverage, backend=backend)
-    results = predictor.predict_files(find_unlabelled(paths))
+    if ray:
+        from wbc_trust.distributed_predict import predict_on_ray
+
+        results = predict_on_ray(find_unlabelled(paths), ray, ray_actors, model, coverage, backend)
+    else:
+        results = predictor.predict_files(find_unlabelled(paths))
     if csv:
         predictor.write_csv(results, csv)
     if as_json:
@@ -205,7 +215,8 @@ def main() -> None:
     try:
         app()
     except WbcError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message's own brackets (pip install 'wbc-trust[ray]') are text, not Rich markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

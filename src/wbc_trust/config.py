@@ -77,6 +77,8 @@ PACKAGE_DIR: Path = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH: Path = PACKAGE_DIR / "assets" / "default_model.safetensors"
 #: About 40 real PBC images per class that the default model never trained on.
 SAMPLE_DATA_DIR: Path = PACKAGE_DIR / "assets" / "sample"
+#: ``wbc predict --ray``: actors in the Ray Data pool; each loads the model once and gets an equal share of the CPUs.
+RAY_ACTORS: int = 2
 
 PBC_CREDIT: str = (
     "Trained on the PBC dataset: Acevedo A. et al., 'A dataset of microscopic peripheral blood cell images "
