@@ -27,8 +27,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from wbc_trust import config
-from wbc_trust.data import cache_dir
-from wbc_trust.io import atomic_write
+from wbc_trust.data import atomic_write, cache_dir
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import _validate as validate_metadata  # one set of rules for both file kinds
 from wbc_trust.modelfile import load_extra, load_model
