@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from wbc_trust.data import Record, find_dataset, list_files, load_images, write_json
+from wbc_trust.data import Record, find_dataset, list_files, load_images
+from wbc_trust.io import write_json
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import logits_and_features

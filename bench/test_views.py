@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from wbc_trust.evaluate import load_test_images, model_labels
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import VIEWS, WbcClassifier, logits_and_features, prepare_for_cpu
-from wbc_trust.calibration import validation_split
+from wbc_trust.data import validation_split
 
 
 def view_logits(model: WbcClassifier, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run_and_refuses_
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from wbc_trust.data import atomic_write
+from wbc_trust.io import atomic_write
 
 new_model = Path(sys.argv[2]).read_bytes()
 

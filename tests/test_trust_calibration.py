@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import PBC, PBC_NON_WBC
 from wbc_trust.cli import app
-from wbc_trust.data import Record, list_files, load_images
+from wbc_trust.data import Record, list_files, load_images, validation_split
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, read_metadata, save_model
 from wbc_trust.models import logits_and_features
@@ -27,7 +27,6 @@ from wbc_trust.calibration import (
     Calibration,
     calibration_error,
     fit_temperature,
-    validation_split,
 )
 from wbc_trust.conformal import SplitConformal
 from wbc_trust.ood import OOD_SCORES, MahalanobisOOD

@@ -26,7 +26,8 @@ import streamlit as st
 import torch
 
 from wbc_trust import config
-from wbc_trust.data import atomic_write, read_image
+from wbc_trust.data import read_image
+from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor

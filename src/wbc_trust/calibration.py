@@ -18,15 +18,7 @@ import torch
 
 from wbc_trust import config
 from wbc_trust.conformal import SplitConformal, check_coverage
-from wbc_trust.data import (
-    LoadedImages,
-    find_dataset,
-    load_images,
-    model_labels,
-    relative_paths,
-    split_plan,
-    split_records,
-)
+from wbc_trust.data import LoadedImages, model_labels, validation_split
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.models import WbcClassifier, logits_and_features
@@ -140,31 +132,6 @@ def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded:
     kept = {k: v for k, v in load_extra(model_path).items() if not k.startswith(_OWN_TENSORS)}
     save_model(model_path, model, {**meta, "calibration": stored}, {**kept, **tensors})
     return stored
-
-
-def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
-    """The images to calibrate on: the model's own validation split when ``data`` is its training folder (same root
-    and seed → ``split_records`` gives the same split), otherwise every labelled image in ``data``.
-
-    A model trained with ``--max-images`` used part of that split; the whole split is still unseen in training.
-    """
-
-    index = find_dataset(data, require_all_classes=False)
-    trained = meta.get("data", {})
-    if trained.get("root") != str(index.root):
-        records = [r for rs in index.splits.values() for r in rs]
-        return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
-    pool, fractions, _ = split_plan(index)
-    loaded = load_images(pool, meta["img_size"], desc="reading images")
-    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED))
-    if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
-            trained["test_files"]):
-        raise WbcError(f"the images in {index.root} changed since the model was trained, so its validation split "
-                       "cannot be recomputed: calibrate on a separate folder of held-out labelled images (--data)")
-    position = {r.path: i for i, r in enumerate(loaded.records)}
-    idx = [position[r.path] for r in parts["val"]]
-    val = LoadedImages([loaded.records[i] for i in idx], loaded.images[idx], [loaded.digests[i] for i in idx], [])
-    return val, f"validation split of {index.root} (seed {trained.get('seed', config.SEED)})"
 
 
 def calibrate(model_path: Path, data: Path, coverage: float = config.CONFORMAL_COVERAGE,

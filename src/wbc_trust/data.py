@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from wbc_trust import config
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write
 
 Image.MAX_IMAGE_PIXELS = config.MAX_IMAGE_PIXELS  # Pillow's own guard; read_image checks the exact limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported, never half-read
@@ -361,6 +360,16 @@ class LoadedImages:
     def labels(self) -> torch.Tensor:
         return torch.tensor([r.label if r.label is not None else -1 for r in self.records], dtype=torch.long)
 
+    def subset(self, idx: Sequence[int]) -> LoadedImages:
+        """The images at positions ``idx`` (a split of a decoded pool: nothing is decoded again)."""
+        idx = list(idx)
+        return LoadedImages([self.records[i] for i in idx], self.images[idx], [self.digests[i] for i in idx], [])
+
+    def select(self, records: Iterable[Record]) -> LoadedImages:
+        """The images of ``records`` (a split of this pool's records), in their order."""
+        position = {r.path: i for i, r in enumerate(self.records)}
+        return self.subset([position[r.path] for r in records])
+
 
 def cache_dir() -> Path:
     """Where decoded images are cached: ``$WBC_CACHE_DIR`` or ``~/.cache/wbc-trust``."""
@@ -439,30 +448,28 @@ def load_images(records: Sequence[Record], size: int, desc: str = "decoding imag
     return loaded
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any written file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
+    """The images to calibrate on: the model's own validation split when ``data`` is its training folder (same root
+    and seed → ``split_records`` gives the same split), otherwise every labelled image in ``data``.
 
+    A model trained with ``--max-images`` used part of that split; the whole split is still unseen in training.
+    """
+    index = find_dataset(data, require_all_classes=False)
+    trained = meta.get("data", {})
+    if trained.get("root") != str(index.root):
+        records = [r for rs in index.splits.values() for r in rs]
+        return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
+    pool, fractions, _ = split_plan(index)
+    loaded = load_images(pool, meta["img_size"], desc="reading images")
+    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED))
+    if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
+            trained["test_files"]):
+        raise WbcError(f"the images in {index.root} changed since the model was trained, so its validation split "
+                       "cannot be recomputed: calibrate on a separate folder of held-out labelled images (--data)")
+    name = "calib" if "calib" in parts else "val"  # models from before the calibration split: their validation split
+    return loaded.select(parts[name]), (f"{'calibration' if name == 'calib' else 'validation'} split of {index.root} "
+                                        f"(seed {trained.get('seed', config.SEED)})")
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write`` for text files (JSON, CSV, reports)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

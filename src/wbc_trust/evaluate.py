@@ -3,8 +3,6 @@ written as ``metrics.json``, ``classification_report.txt``, ``confusion_matrix.p
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from wbc_trust import config, plots
-from wbc_trust.data import DatasetIndex, Record, atomic_write_text, find_dataset, load_images, model_labels, write_json
+from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, model_labels
+from wbc_trust.io import atomic_write_text, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import predict_probs
@@ -136,9 +135,7 @@ def write_outputs(out: Path, metrics: dict, probs: np.ndarray, records: list[Rec
     atomic_write_text(out / "classification_report.txt", report)
     plots.confusion_matrix_figure(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
                                   title=f"accuracy {metrics['accuracy']:.2%}, macro-F1 {metrics['macro_f1']:.2%}")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "prediction", "confidence", *[f"p_{c}" for c in classes]])
-    for record, truth, p in zip(records, y_true, probs):
-        writer.writerow([record.path, classes[truth], classes[int(p.argmax())], f"{p.max():.4f}", *[f"{v:.4f}" for v in p]])
-    atomic_write_text(out / "predictions.csv", buffer.getvalue())
+    write_csv(out / "predictions.csv",
+              ([record.path, classes[truth], classes[int(p.argmax())], f"{p.max():.4f}", *[f"{v:.4f}" for v in p]]
+               for record, truth, p in zip(records, y_true, probs)),
+              ["path", "label", "prediction", "confidence", *[f"p_{c}" for c in classes]])

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from wbc_trust import config
-from wbc_trust.data import atomic_write
+from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
 from wbc_trust.models import REGISTRY, VIEWS, WbcClassifier, build_model
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from wbc_trust.data import atomic_write  # noqa: E402
+from wbc_trust.io import atomic_write  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

@@ -9,8 +9,6 @@ exactly one class); without one, those columns stay empty.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from wbc_trust.data import UnreadableImage, atomic_write_text, image_to_tensor, read_image
+from wbc_trust.data import UnreadableImage, image_to_tensor, read_image
+from wbc_trust.io import write_csv
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
@@ -136,11 +135,7 @@ class Predictor:
     def write_csv(self, predictions: Iterable[Prediction], path: Path) -> None:
         """The ``--csv`` file: one row per input file."""
         rows = [p.as_row(self.classes) for p in predictions]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["path"])
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(Path(path), buffer.getvalue())
+        write_csv(Path(path), rows, list(rows[0]) if rows else ["path"])
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

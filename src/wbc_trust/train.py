@@ -23,15 +23,14 @@ from wbc_trust import config, plots
 from wbc_trust.data import (
     ImageTensorDataset,
     LoadedImages,
-    atomic_write,
     find_dataset,
     load_images,
     relative_paths,
     split_plan,
     split_records,
     train_transform,
-    write_json,
 )
+from wbc_trust.io import atomic_write, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.modelfile import load_model, run_manifest, save_model
@@ -102,12 +101,7 @@ def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
         idx = [position[r.path] for r in records]
         if cfg.max_images:
             idx = idx[:: max(1, len(idx) // cfg.max_images)][: cfg.max_images]
-        loaded[name] = LoadedImages(
-            records=[loaded_pool.records[i] for i in idx],
-            images=loaded_pool.images[idx],
-            digests=[loaded_pool.digests[i] for i in idx],
-            unreadable=[],
-        )
+        loaded[name] = loaded_pool.subset(idx)
     for name, records in fixed.items():
         loaded[name] = load_images(records, img_size, desc=f"decoding {name} images")
     split_file = {

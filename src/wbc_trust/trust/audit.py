@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import UnreadableImage, find_dataset, read_image, write_json
+from wbc_trust.data import UnreadableImage, find_dataset, read_image
+from wbc_trust.io import write_json
 
 
 @dataclass(frozen=True)

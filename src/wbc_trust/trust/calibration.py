@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 from wbc_trust import config, plots
 from wbc_trust.calibration import FLAG_OOD, FLAG_UNCERTAIN, Calibration, Trusted, calibration_error
 from wbc_trust.conformal import METHOD as CONFORMAL_METHOD
-from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels, write_json
+from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels
+from wbc_trust.io import write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_extra, load_model

@@ -11,8 +11,6 @@ Each score is judged by how well it separates the model's wrong predictions from
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.io import atomic_write_text, write_json
+from wbc_trust.io import write_csv, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
 from wbc_trust.evaluate import load_test_images
@@ -77,13 +75,9 @@ def wrong_vs_right_auroc(scores: np.ndarray, wrong: np.ndarray) -> float | None:
 def write_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, el2n: np.ndarray,
               grad_norm2: np.ndarray, classes: list[str]) -> None:
     """fisher.csv: path,label,prediction,el2n_squared,grad_norm2 (sorted by grad_norm2, highest first)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "prediction", "el2n_squared", "grad_norm2"])
-    for i in np.argsort(-grad_norm2, kind="stable"):
-        writer.writerow([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}",
-                         f"{grad_norm2[i]:.6g}"])
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, ([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}", f"{grad_norm2[i]:.6g}"]
+                     for i in np.argsort(-grad_norm2, kind="stable")),
+              ["path", "label", "prediction", "el2n_squared", "grad_norm2"])
 
 
 def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int | None = None) -> dict:

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import write_json
+from wbc_trust.io import write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs

@@ -36,9 +36,7 @@ run, 3 epochs), likely because the replay has many checkpoints early in learning
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import time
 from collections.abc import Sequence
@@ -57,7 +55,7 @@ from tqdm import tqdm
 
 from wbc_trust import config, plots
 from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images
-from wbc_trust.io import atomic_write, atomic_write_text, write_json
+from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
 from wbc_trust.modelfile import load_model
@@ -383,13 +381,10 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
 
 
 def _write_train_csv(path: Path, index: InfluenceIndex, scores: dict[str, np.ndarray], predictions: torch.Tensor) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "score", "prediction", "grad_dot_self_influence"])
-    for i in np.argsort(-scores["tracin"], kind="stable"):
-        writer.writerow([index.paths[i], index.classes[int(index.labels[i])], f"{scores['tracin'][i]:.6g}",
-                         index.classes[int(predictions[i])], f"{scores['grad_dot'][i]:.6g}"])
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, ([index.paths[i], index.classes[int(index.labels[i])], f"{scores['tracin'][i]:.6g}",
+                      index.classes[int(predictions[i])], f"{scores['grad_dot'][i]:.6g}"]
+                     for i in np.argsort(-scores["tracin"], kind="stable")),
+              ["path", "label", "score", "prediction", "grad_dot_self_influence"])
 
 
 def _explain_tests(index: InfluenceIndex, records: Sequence[Record], features: torch.Tensor, labels: torch.Tensor,
