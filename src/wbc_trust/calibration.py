@@ -105,6 +105,11 @@ class Calibration:
                 "ood": ood_meta}
         return meta, {**conformal_tensors, **ood_tensors}
 
+    @staticmethod
+    def temperature_of(meta: dict) -> float:
+        """The temperature stored in a model file's metadata; 1.0 (raw softmax) for a model without calibration."""
+        return float(meta.get("calibration", {}).get("temperature", 1.0))
+
     @classmethod
     def from_model(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> Calibration | None:
         """The calibration stored in a model file, or None for files without one (older or uncalibrated models)."""

@@ -206,6 +206,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as every model reads them: uint8 (0..255, as decoded and cached) → float in [0, 1]; float images are
+    taken to be in [0, 1] already and pass as float32."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Finding images
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,6 +345,10 @@ def relative_paths(records: Iterable[Record], root: Path) -> list[str]:
 
 def model_labels(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
     """Record labels (indices into ``config.CLASSES``) as indices into a model's own class list."""
+    unknown = sorted({config.CLASSES[r.label] for r in records} - set(classes))
+    if unknown:
+        raise WbcError(f"the data has class(es) the model does not know ({', '.join(unknown)}): use a model trained "
+                       "on these classes, or data with the model's classes only")
     return np.array([list(classes).index(config.CLASSES[r.label]) for r in records], dtype=np.int64)
 
 
@@ -523,4 +533,4 @@ class ImageTensorDataset(Dataset):
             # time spreading work over threads than computing, ~15× slower on 2 cores than Pillow's C code for the
             # same random transform (bench/train_speed.py, "data" column)
             image = v2.functional.pil_to_tensor(self.transform(v2.functional.to_pil_image(image)))
-        return image.float().div_(255.0), self.labels[i]
+        return to_unit(image), self.labels[i]

@@ -12,6 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from wbc_trust import config, plots
+from wbc_trust.calibration import Calibration
 from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, model_labels
 from wbc_trust.io import atomic_write_text, write_csv, write_json
 from wbc_trust.errors import WbcError
@@ -116,7 +117,7 @@ def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
     model, meta = load_model(model_path)
     test = load_test_images(meta, data_dir)
     print(test.description)
-    probs = predict_probs(model, test.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
+    probs = predict_probs(model, test.images, temperature=Calibration.temperature_of(meta)).numpy()
     metrics = compute_metrics(test.labels, probs.argmax(1), meta["classes"])
     metrics["n_unreadable"] = test.n_unreadable
     metrics["evaluated"] = test.description

@@ -23,6 +23,7 @@ from torchvision import models as tv_models
 from tqdm import tqdm
 
 from wbc_trust import config
+from wbc_trust.data import to_unit
 from wbc_trust.errors import WbcError
 
 #: Test-time views by name. A blood cell has no up, down, left or right, so a flipped image is the same cell; averaging
@@ -394,7 +395,7 @@ def logits_and_features(model: WbcClassifier, images: torch.Tensor, batch_size: 
     logits, features = [], []
     for start in tqdm(starts, desc="predicting", unit="batch", leave=False, disable=not progress or len(starts) < 2):
         x = images[start : start + step]
-        x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=torch.channels_last)
+        x = to_unit(x).contiguous(memory_format=torch.channels_last)
         with autocast():
             batch_logits, batch_features = model.predict(x)
         logits.append(batch_logits)

@@ -27,7 +27,8 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from wbc_trust import config
-from wbc_trust.data import atomic_write, cache_dir
+from wbc_trust.data import cache_dir, to_unit
+from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import _validate as validate_metadata  # one set of rules for both file kinds
 from wbc_trust.modelfile import load_extra, load_model
@@ -109,7 +110,7 @@ class OnnxModel:
         outputs = []
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size]
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            x = to_unit(x)
             outputs.append(self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(x.numpy())}))
         if not outputs:
             return torch.empty(0, 0), torch.empty(0, 0)

@@ -35,7 +35,7 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.modelfile import load_model, run_manifest, save_model
 from wbc_trust.models import VIEWS, autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
-from wbc_trust.calibration import calibrate_loaded
+from wbc_trust.calibration import Calibration, calibrate_loaded
 
 
 @dataclass
@@ -332,7 +332,7 @@ def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
     """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
     model, meta = load_model(model_path)
     probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images),
-                          temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
+                          temperature=Calibration.temperature_of(meta)).numpy()
     y_true = loaded.labels.numpy()
     metrics = compute_metrics(y_true, probs.argmax(1), meta["classes"])
     metrics["n_unreadable"] = len(loaded.unreadable)

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from wbc_trust import config, plots
+from wbc_trust.data import to_unit
 from wbc_trust.io import write_csv, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
@@ -54,7 +55,7 @@ def sensitivity_scores(model: WbcClassifier, images: torch.Tensor, labels: np.nd
     model.eval()
     probs, el2n, grad_norm2 = [], [], []
     for start in tqdm(range(0, len(images), _BATCH), desc="Fisher sensitivity", unit="batch"):
-        x = images[start : start + _BATCH].float() / 255
+        x = to_unit(images[start : start + _BATCH])
         y = torch.as_tensor(labels[start : start + _BATCH])
         with torch.no_grad():
             p = torch.softmax(model(x), dim=1)

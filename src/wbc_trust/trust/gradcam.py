@@ -27,6 +27,8 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from wbc_trust import config, plots
+from wbc_trust.calibration import Calibration
+from wbc_trust.data import to_unit
 from wbc_trust.io import write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
@@ -48,7 +50,7 @@ def cam_method(name: str) -> type[BaseCAM]:
 def compute_cams(model: WbcClassifier, images: torch.Tensor, targets: list[int] | None = None,
                  method: str = "gradcam++") -> np.ndarray:
     """Heat maps (N×S×S, each scaled to [0, 1]) for uint8 images N×3×S×S; ``targets`` None = the predicted class."""
-    x = images.float() / 255.0
+    x = to_unit(images)
     cam_targets = [ClassifierOutputTarget(int(t)) for t in targets] if targets is not None else None
     with cam_method(method)(model=model, target_layers=[model.feature_layer()]) as cam:
         return cam(input_tensor=x, targets=cam_targets)
@@ -93,7 +95,7 @@ def randomised_copy(model: WbcClassifier, images: torch.Tensor, seed: int = conf
         for module in clone.modules():
             if next(module.parameters(recurse=False), None) is not None:  # every layer with weights of its own
                 module.reset_parameters()
-    update_bn([images.float() / 255], clone)
+    update_bn([to_unit(images)], clone)
     return clone.eval()
 
 
@@ -111,7 +113,7 @@ def road_scores(model: WbcClassifier, images: torch.Tensor, maps: np.ndarray, ta
     with torch.random.fork_rng(devices=[]):  # ROAD's imputation adds noise: same numbers every run
         torch.manual_seed(config.SEED)
         metric = ROADCombined(percentiles=list(config.ROAD_PERCENTILES))
-        return metric(images.float() / 255, maps, [ClassifierOutputSoftmaxTarget(t) for t in targets], model)
+        return metric(to_unit(images), maps, [ClassifierOutputSoftmaxTarget(t) for t in targets], model)
 
 
 def sanity_checks(model: WbcClassifier, test: LabelledImages, predictions: np.ndarray) -> dict:
@@ -192,7 +194,7 @@ def run_gradcam(model_path: Path | None, data: Path, out: Path, max_images: int 
     classes = meta["classes"]
     test = load_test_images(meta, data, max_images)
     print(test.description)
-    probs = predict_probs(model, test.images, temperature=meta.get("calibration", {}).get("temperature", 1.0)).numpy()
+    probs = predict_probs(model, test.images, temperature=Calibration.temperature_of(meta)).numpy()
     predictions, confidence = probs.argmax(1), probs.max(1)
     correct, wrong = gallery_picks(test, predictions, confidence)
     n_wrong = int((predictions != test.labels).sum())

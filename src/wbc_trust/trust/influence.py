@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images
+from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, model_labels, to_unit
 from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
@@ -84,7 +84,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = c
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                           disable=len(images) <= batch_size):
-            batch = images[start:start + batch_size].float().div(255.0).contiguous(memory_format=torch.channels_last)
+            batch = to_unit(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
             with autocast():
                 model(batch)
     finally:
@@ -289,15 +289,6 @@ def _subsample(records: list[Record], limit: int | None) -> list[Record]:
     return [records[i] for i in np.linspace(0, len(records) - 1, limit).round().astype(int)]
 
 
-def _model_labels(records: Sequence[Record], classes: Sequence[str]) -> torch.Tensor:
-    """Folder classes (config order) → the model's class indices."""
-    try:
-        return torch.tensor([list(classes).index(config.CLASSES[r.label]) for r in records], dtype=torch.long)
-    except ValueError as exc:
-        raise WbcError(f"the data has a class the model does not know ({exc}): use a model trained on these "
-                       "classes") from exc
-
-
 def found_curve(scores: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inspect images from the highest score down: (fraction inspected, fraction of flagged images found)."""
     order = np.argsort(-scores, kind="stable")
@@ -325,8 +316,8 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
                                   max_test), size, desc="test images")
     if not train.records or not test.records:
         raise WbcError(f"no readable images in {train_data if not train.records else data}: pass labelled folders")
-    train_labels = _model_labels(train.records, classes)
-    test_labels = _model_labels(test.records, classes)
+    train_labels = torch.from_numpy(model_labels(train.records, classes))
+    test_labels = torch.from_numpy(model_labels(test.records, classes))
     train_paths = [str(r.path) for r in train.records]
 
     started = time.perf_counter()

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from wbc_trust import config, plots
+from wbc_trust.data import to_unit
 from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs, prepare_for_cpu
@@ -45,7 +46,7 @@ def _gaussian_blur(x: torch.Tensor, sigma_at_128: float, seed: int) -> torch.Ten
 
 def _jpeg(x: torch.Tensor, quality: float, seed: int) -> torch.Tensor:
     as_bytes = (x * 255).round().to(torch.uint8)
-    return F.jpeg(as_bytes, int(quality)).float() / 255
+    return to_unit(F.jpeg(as_bytes, int(quality)))
 
 
 def _stain_shift(x: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ CORRUPTION_FUNCTIONS: dict[str, Callable[[torch.Tensor, float, int], torch.Tenso
 def corrupt(images: torch.Tensor, name: str | None, severity: int, seed: int = config.SEED) -> torch.Tensor:
     """uint8 images N×3×S×S → float images in [0, 1] with corruption ``name`` at ``severity`` (1-5); name None or
     severity 0 = unchanged."""
-    x = images.float() / 255
+    x = to_unit(images)
     if name is None or severity == 0:
         return x
     return CORRUPTION_FUNCTIONS[name](x, config.CORRUPTIONS[name][severity - 1], seed)
@@ -122,7 +123,7 @@ def adversarial_accuracy(model: WbcClassifier, images: torch.Tensor, labels: np.
     """Accuracy under ``adversarial_images`` (uint8 images, in batches so memory stays small)."""
     correct = 0
     for start in range(0, len(images), _ATTACK_BATCH):
-        x = images[start : start + _ATTACK_BATCH].float() / 255
+        x = to_unit(images[start : start + _ATTACK_BATCH])
         y = torch.as_tensor(labels[start : start + _ATTACK_BATCH])
         adv = adversarial_images(model, x, y, attack, epsilon, seed=config.SEED + start)
         correct += int((predict_probs(model, adv).argmax(1) == y).sum())
