@@ -4,8 +4,14 @@ Start it with ``streamlit run app_streamlit.py`` or ``wbc app`` (see ``serve.py`
 to bottom on every interaction, so everything slow is cached: the model once per model file (``st.cache_resource``),
 each image's analysis once per (model, file content) (``st.cache_data``).
 
-Safety: uploads stay in memory; an upload's file name is only ever shown (escaped), never used as a path. The only file
-the app writes is an uploaded model, into a temporary folder, named after its content hash.
+Safety (the Docker image listens on every interface, so any visitor of the page is a user):
+
+- uploaded images stay in memory; an upload's file name is only ever shown (escaped), never used as a path;
+- the only files the app writes are uploaded model files (``ModelUploads``): at most ``config.APP_MAX_MODEL_UPLOADS`` of
+  them, each at most ``config.APP_MAX_MODEL_UPLOAD_MB``, named after their content hash, in a private temporary folder
+  that is removed when the server stops; a file that is not a usable model is removed at once;
+- the server's own files are reached only through what its operator passed at start (``--model``, ``--models-dir``,
+  ``--influence-index``); folders and index paths typed into the browser only with ``--allow-server-paths``.
 """
 
 from __future__ import annotations
@@ -101,14 +107,49 @@ def display_name(name: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", short)
 
 
-def saved_model_upload(data: bytes) -> Path:
-    """Write an uploaded model file into the temp dir under its content hash (never its uploaded name)."""
-    folder = Path(tempfile.gettempdir()) / "wbc-trust-app"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.safetensors"
-    if not path.exists():
-        atomic_write(path, lambda f: f.write(data))
-    return path
+class ModelUploads:
+    """The model files visitors uploaded to this server process, kept in bounds.
+
+    They live in a private temporary folder (mode 0700) that is removed when this object goes (the server stops, or
+    Streamlit drops its cache); each is named after its content hash, never its uploaded name; there are at most
+    ``max_files`` of them (the least recently uploaded go first: a model already loaded stays usable from memory) and
+    none larger than ``max_mb``.
+    """
+
+    def __init__(self, max_files: int = config.APP_MAX_MODEL_UPLOADS,
+                 max_mb: int = config.APP_MAX_MODEL_UPLOAD_MB) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="wbc-trust-models-")
+        self.folder = Path(self._folder.name)
+        self.max_files, self.max_mb = max_files, max_mb
+        self._lock = threading.Lock()  # sessions run in threads: one upload at a time counts and evicts
+
+    def save(self, data: bytes) -> Path:
+        """Store one uploaded model file and return its path; refuses one larger than ``max_mb``."""
+        if len(data) > self.max_mb * 2**20:
+            raise WbcError(f"the model file is larger than {self.max_mb} MB: use a smaller model, or start the app "
+                           "with --model on the server")
+        path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.safetensors"
+        with self._lock:
+            if path.exists():
+                path.touch()  # uploaded again: the most recent one now
+            else:
+                atomic_write(path, lambda f: f.write(data))
+            for old in self.files()[: -self.max_files]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def files(self) -> list[Path]:
+        """The stored uploads, least recently uploaded first."""
+        return sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+
+    def discard(self, path: Path) -> None:
+        """Remove an upload that turned out not to be a usable model."""
+        if path.parent == self.folder:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove the folder and every upload in it now."""
+        self._folder.cleanup()
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -152,6 +193,12 @@ def load(model_path: str) -> LoadedModel:
     return load_model_for_app(Path(model_path))
 
 
+@st.cache_resource(show_spinner=False)
+def model_uploads() -> ModelUploads:
+    """The uploaded model files of this server process (one store for all sessions)."""
+    return ModelUploads()
+
+
 @st.cache_resource(max_entries=4, show_spinner="loading the influence index…")
 def load_index(index_path: str, model_path: str) -> InfluenceIndex:
     """Load an influence index once, after checking that it was built for this model."""
@@ -170,18 +217,25 @@ def _arguments() -> argparse.Namespace:
     """Options after ``--`` on the ``streamlit run`` line (``wbc app`` fills them in)."""
     parser = argparse.ArgumentParser(prog="app_streamlit.py")
     parser.add_argument("--model", type=Path, default=None, help="the model selected at start")
-    parser.add_argument("--models-dir", type=Path, default=Path.cwd(), help="where to look for other model files")
+    parser.add_argument("--models-dir", type=Path, default=None, help="a server folder whose model files are offered")
     parser.add_argument("--influence-index", type=Path, default=None, help="`wbc trust influence`'s index file")
+    parser.add_argument("--allow-server-paths", action="store_true",
+                        help="let visitors type server folders and index paths (only for a trusted network)")
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
 def choose_model(args: argparse.Namespace) -> Path:
-    """The sidebar's model picker: the default, a model file from a folder, or an uploaded model file."""
+    """The sidebar's model picker: the default, an uploaded model file, or a model file in a server folder: the one
+    ``--models-dir`` names, or (only with ``--allow-server-paths``) any folder the visitor types."""
     st.sidebar.header("Model", anchor=False)
     default = args.model or config.DEFAULT_MODEL_PATH
-    choice = st.sidebar.radio("Which model", [DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE], label_visibility="collapsed")
+    folders = args.allow_server_paths or args.models_dir is not None
+    choices = [DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE] if folders else [DEFAULT_CHOICE, UPLOAD_CHOICE]
+    choice = st.sidebar.radio("Which model", choices, label_visibility="collapsed")
     if choice == FOLDER_CHOICE:
-        folder = Path(st.sidebar.text_input("Folder", str(args.models_dir))).expanduser()
+        folder = args.models_dir or Path.cwd()
+        if args.allow_server_paths:
+            folder = Path(st.sidebar.text_input("Folder", str(folder))).expanduser()
         files = model_files(folder)
         if not files:
             st.sidebar.warning("No .safetensors model files in that folder or its sub-folders: using the default.")
@@ -190,17 +244,28 @@ def choose_model(args: argparse.Namespace) -> Path:
         return Path(picked)
     if choice == UPLOAD_CHOICE:
         upload = st.sidebar.file_uploader("Model file (.safetensors from `wbc train`)", type=["safetensors"],
-                                          max_upload_size=config.APP_MAX_UPLOAD_MB)
-        return saved_model_upload(upload.getvalue()) if upload is not None else default
+                                          max_upload_size=config.APP_MAX_MODEL_UPLOAD_MB)
+        if upload is None:
+            return default
+        try:
+            return model_uploads().save(upload.getvalue())
+        except WbcError as exc:
+            st.sidebar.warning(f"Model file not used: {exc}")
     return default
 
 
 def choose_index(args: argparse.Namespace, model_path: str) -> str | None:
     """The sidebar's optional influence index (``wbc trust influence`` writes one): it adds the training images
-    that most support each answer. None when not given or not usable with this model."""
-    st.sidebar.header("Training images", anchor=False)
-    text = st.sidebar.text_input("Influence index (optional)", str(args.influence_index or ""),
-                                 help="influence_index.safetensors from `wbc trust influence --model <this model>`")
+    that most support each answer. None when not given or not usable with this model. Visitors may type an index
+    path only with ``--allow-server-paths``; otherwise the one given at start is used."""
+    if not args.allow_server_paths:
+        if args.influence_index is None:
+            return None
+        text = str(args.influence_index)
+    else:
+        st.sidebar.header("Training images", anchor=False)
+        text = st.sidebar.text_input("Influence index (optional)", str(args.influence_index or ""),
+                                     help="influence_index.safetensors from `wbc trust influence --model <this model>`")
     if not text.strip():
         return None
     try:
@@ -215,9 +280,9 @@ def show_model(model: LoadedModel) -> None:
     """What the chosen model is, in the sidebar."""
     meta = model.predictor.meta
     st.sidebar.markdown(f"**{meta['arch']}**, {meta['img_size']} px input, classes: {', '.join(meta['classes'])}")
-    accuracy = (meta.get("validation") or {}).get("accuracy")
+    accuracy = (meta.get("validation") or {}).get("val_accuracy")  # written by `wbc train`
     if accuracy is not None:
-        st.sidebar.markdown(f"validation accuracy: **{accuracy:.1%}**")
+        st.sidebar.markdown(f"validation accuracy: **{accuracy:.2%}**")
     if model.predictor.calibration is None:
         st.sidebar.warning("This model file has no calibration: confidences are raw, and there are no prediction "
                            "sets and no out-of-distribution check. Add them with `wbc calibrate`.")
@@ -281,6 +346,7 @@ def main() -> None:
     try:
         model = load(str(model_path))
     except WbcError as exc:
+        model_uploads().discard(model_path)  # an uploaded file that is no model does not stay on the server
         st.error(f"This model cannot be used: {exc}")
         st.stop()
     show_model(model)

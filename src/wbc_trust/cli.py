@@ -191,11 +191,13 @@ def serve_app(
     models_dir: Annotated[Optional[Path], typer.Option(help="folder the app lists model files from")] = None,
     influence_index: Annotated[Optional[Path], typer.Option(help="`wbc trust influence`'s index for this model: shows "
                                                                  "the training images behind each answer")] = None,
+    allow_server_paths: Annotated[bool, typer.Option(help="let visitors type server folders and index paths into the "
+                                                          "page (only on a trusted network)")] = False,
 ) -> None:
     """Open the web app: upload cell images, see class, trust and Grad-CAM; stop with Ctrl+C."""
     from wbc_trust.serve import launch
 
-    launch(port, address, model, models_dir, influence_index)
+    launch(port, address, model, models_dir, influence_index, allow_server_paths)
 
 
 @app.command("export-onnx")

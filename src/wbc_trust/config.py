@@ -91,6 +91,10 @@ PBC_CREDIT: str = (
 APP_PORT: int = 8501
 APP_MAX_UPLOAD_MB: int = 20
 APP_MAX_FILES: int = 200
+#: Uploaded model files: each at most this many MB (EfficientNet-Lite0 and the CNN are ~17 MB, ResNet50 ~95 MB), and
+#: at most this many kept on the server at once (the least recently uploaded are removed first; ``app.ModelUploads``).
+APP_MAX_MODEL_UPLOAD_MB: int = 128
+APP_MAX_MODEL_UPLOADS: int = 4
 APP_DISPLAY_PX: int = 320
 #: How many supporting training images the app shows per answer (when given an influence index).
 APP_SUPPORTING_IMAGES: int = 3

@@ -29,12 +29,16 @@ CHROMIUM_ARGS: tuple[str, ...] = ("--headless", "--no-sandbox", "--disable-gpu",
 
 
 def streamlit_command(port: int = config.APP_PORT, address: str = "localhost", model: Path | None = None,
-                      models_dir: Path | None = None, influence_index: Path | None = None) -> list[str]:
-    """The command that serves this app (``wbc app``, the Docker image, the tests), with the options of config.py."""
+                      models_dir: Path | None = None, influence_index: Path | None = None,
+                      allow_server_paths: bool = False) -> list[str]:
+    """The command that serves this app (``wbc app``, the Docker image, the tests), with the options of config.py.
+    ``allow_server_paths`` lets visitors type server folders and index paths into the page (off by default: with
+    ``--address 0.0.0.0`` any visitor could browse the server's model files)."""
     options = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
                for key, value in config.APP_STREAMLIT_OPTIONS.items()]
     script_args = [f"--{name}={value}" for name, value in
                    (("model", model), ("models-dir", models_dir), ("influence-index", influence_index)) if value]
+    script_args += ["--allow-server-paths"] if allow_server_paths else []
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), f"--server.port={port}",
             f"--server.address={address}", *options, "--", *script_args]
 
@@ -78,11 +82,11 @@ def _healthy(url: str) -> bool:
 
 
 def launch(port: int, address: str, model: Path | None, models_dir: Path | None,
-           influence_index: Path | None) -> NoReturn:
+           influence_index: Path | None, allow_server_paths: bool = False) -> NoReturn:
     """Become the Streamlit server (exec, not a child process: Ctrl+C and Docker's SIGTERM reach it directly)."""
     if model is not None:
         from wbc_trust.modelfile import read_metadata  # imports torch: only when there is a model to check
 
         read_metadata(model)  # a wrong --model fails here, as one line, instead of inside the browser
-    command = streamlit_command(port, address, model, models_dir, influence_index)
+    command = streamlit_command(port, address, model, models_dir, influence_index, allow_server_paths)
     os.execv(command[0], command)
