@@ -60,10 +60,8 @@ def ray_cluster(address: str, num_cpus: int | None = None) -> Iterator[Any]:
         return
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     try:
-        if address == "local":
-            ray.init(num_cpus=num_cpus, **quiet)
-        else:
-            ray.init(address=address, **quiet)
+        # address="local" starts a new cluster even where RAY_ADDRESS points at another one
+        ray.init(address=address, num_cpus=num_cpus if address == "local" else None, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise WbcError(f"could not connect to the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one "
                        "with `ray start --head` and pass the address it prints (host:port), or use --ray local"
