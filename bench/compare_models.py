@@ -14,17 +14,15 @@ import json
 import time
 from pathlib import Path
 
-from wbc_trust.train import TrainConfig, train
+from wbc_trust.recipe import make_config
+from wbc_trust.train import train
 
-#: name → (settings, the equivalent `wbc train` options shown in the table)
-RECIPES: dict[str, tuple[dict, str]] = {
-    "cnn": (dict(arch="cnn", epochs=8, lr=2e-3), "--arch cnn --epochs 8 --lr 2e-3"),
-    "resnet50": (dict(arch="resnet50", img_size=128, epochs=4), "--arch resnet50 --img-size 128 --epochs 4"),
-    "efficientnet_lite0": (dict(arch="efficientnet_lite0", pretrained="imagenet", frozen_stages=4),
-                           "--arch efficientnet_lite0 --pretrained imagenet --frozen-stages 4"),
-    "efficientnet_lite0_cross_lab": (dict(arch="efficientnet_lite0", pretrained="imagenet", frozen_stages=4,
-                                          augment="cross-lab"),
-                                     "--arch efficientnet_lite0 --pretrained imagenet --frozen-stages 4 --augment cross-lab"),
+#: row name in the README table → shipped recipe (src/wbc_trust/recipes/NAME.yaml)
+RECIPES: dict[str, str] = {
+    "cnn": "cnn",
+    "resnet50": "resnet50",
+    "efficientnet_lite0": "default",
+    "efficientnet_lite0_cross_lab": "cross_lab",
 }
 
 
@@ -37,13 +35,13 @@ def main() -> None:
 
     rows = []
     for name in args.only.split(","):
-        settings, options = RECIPES[name]
+        recipe = RECIPES[name]
         started = time.perf_counter()
-        train(TrainConfig(data=args.data, out=args.out / name, **settings))
+        train(make_config(recipe, data=args.data, out=args.out / name))
         minutes = (time.perf_counter() - started) / 60
         metrics = json.loads((args.out / name / "test" / "metrics.json").read_text())
         rows.append((name, metrics["accuracy"], metrics["macro_f1"], metrics["per_class"]["basophil"]["recall"],
-                     minutes, f"wbc train --data {args.data} --out {args.out / name} {options}"))
+                     minutes, f"wbc train --config {recipe} --data {args.data} --out {args.out / name}"))
     print("\n| model | held-out accuracy | macro-F1 | basophil recall | training time | command |")
     print("|---|---|---|---|---|---|")
     for name, acc, f1, baso, minutes, command in rows:

@@ -20,23 +20,22 @@ from pathlib import Path
 import torch
 
 from wbc_trust import config
-from wbc_trust.train import TrainConfig, train
-
-#: The recipe of the shipped default model.
-DEFAULT_RECIPE = dict(arch="efficientnet_lite0", pretrained="imagenet", epochs=config.EPOCHS, frozen_stages=4)
-
+from wbc_trust.recipe import make_config
+from wbc_trust.train import train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
-    parser.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
+    parser.add_argument("--config", default="default", help="recipe (default: the shipped model's, wbc train's defaults)")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--install", action="store_true", help="copy the model to the shipped default")
     args = parser.parse_args()
 
     os.environ["WBC_CACHE_DIR"] = tempfile.mkdtemp(prefix="wbc-cache-")  # time the decoding too
     started = time.perf_counter()
-    result = train(TrainConfig(data=args.data, out=args.out, **{**DEFAULT_RECIPE, "epochs": args.epochs}))
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    result = train(make_config(args.config, data=args.data, out=args.out, **overrides))
     wall = time.perf_counter() - started
     shutil.rmtree(os.environ["WBC_CACHE_DIR"], ignore_errors=True)
 

@@ -1,28 +1,40 @@
 """The training loop: data folder → split → cached images → model → best-on-validation ``model.safetensors``.
 
 Writes into the run folder: ``model.safetensors``, ``checkpoint.pt`` (for ``--resume``), ``history.json``,
-``curves.png``, ``split.json`` and, when the data has a held-out test split, ``test/metrics.json`` & co.
+``curves.png``, ``split.json``, when the data has a held-out test split ``test/metrics.json`` & co., and at the end
+``args.yaml`` (the effective recipe: ``wbc train --config OUT/args.yaml`` repeats the run, as with timm's).
+
+Laid out like torchvision's ``references/classification/train.py``: ``train_one_epoch``, the best-epoch rule
+(``update_best``), the checkpoint (``checkpoint_state`` / ``restore_checkpoint``), and ``train`` wiring them together.
+Under ``torchrun`` the same loop runs on every process with DistributedDataParallel (``distributed.py``): rank 0
+decodes, splits and writes every file, the others read its decode cache; each trains on its share of every batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from wbc_trust import config, plots
+from wbc_trust import config, distributed, plots
+from wbc_trust.calibration import Calibration, calibrate_loaded
 from wbc_trust.data import (
     ImageTensorDataset,
     LoadedImages,
+    data_fingerprint,
     find_dataset,
     load_images,
     relative_paths,
@@ -30,36 +42,38 @@ from wbc_trust.data import (
     split_records,
     train_transform,
 )
-from wbc_trust.io import atomic_write, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
+from wbc_trust.io import atomic_write, write_json
 from wbc_trust.modelfile import load_model, run_manifest, save_model
-from wbc_trust.models import VIEWS, autocast, bf16_supported, build_model, predict_probs, prepare_for_cpu
-from wbc_trust.calibration import Calibration, calibrate_loaded
+from wbc_trust.models import VIEWS, bf16_supported, build_model, default_img_size, get_arch, predict_probs, prepare_for_cpu
+from wbc_trust.recipe import TrainConfig, plain, save_recipe
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    """Everything ``wbc train`` accepts; stored in the model's metadata."""
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Check the settings before any image is decoded and fill in the architecture's defaults: input size, starting
+    weights (ImageNet for the default architecture) and the stages kept at them."""
+    get_arch(cfg.arch)  # an unknown --arch fails now, listing the registered ones
+    train_transform(cfg.augment)  # an unknown --augment fails now
+    unknown = [v for v in cfg.test_views if v not in VIEWS]
+    if unknown or not cfg.test_views:
+        raise WbcError(f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
+                       f"use a comma-separated list of {', '.join(VIEWS)}")
+    distributed.resolve_device(cfg.device)
+    pretrained = cfg.pretrained if cfg.pretrained is not None else config.DEFAULT_PRETRAINED.get(cfg.arch, "none")
+    frozen = cfg.frozen_stages
+    if frozen is None:
+        frozen = config.DEFAULT_FROZEN_STAGES.get(cfg.arch, 0) if pretrained.lower() != "none" else 0
+    return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), pretrained=pretrained, frozen_stages=frozen,
+                   img_size=cfg.img_size or default_img_size(cfg.arch),
+                   test_views=tuple(cfg.test_views))
 
-    data: Path
-    out: Path
-    arch: str = "efficientnet_lite0"
-    epochs: int = config.EPOCHS
-    batch_size: int = config.BATCH_SIZE
-    lr: float = config.LEARNING_RATE
-    img_size: int | None = None  # None → the architecture's default
-    seed: int = config.SEED
-    pretrained: str | None = None
-    freeze_backbone: bool = False
-    frozen_stages: int = 0  # keep the first N backbone stages at their pretrained weights
-    resume: bool = False
-    patience: int = config.EARLY_STOP_PATIENCE
-    label_smoothing: float = config.LABEL_SMOOTHING
-    max_images: int | None = None  # cap per split for quick runs and tests
-    bf16: bool | None = None  # None → on where the CPU supports it natively
-    test_views: tuple[str, ...] = config.TEST_VIEWS  # what the saved model's predictions average over
-    augment: str = "seed"  # or "cross-lab" (config.AUGMENTS)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: split once, decode once
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -77,24 +91,19 @@ class Splits:
     split_file: dict
 
 
-def data_fingerprint(loaded: LoadedImages) -> str:
-    """SHA-256 over the sorted (class, file SHA-256) pairs of the readable training pool: the same images with the
-    same labels give the same fingerprint, whatever their names, order or folder; one changed pixel or label does not."""
-    lines = sorted(f"{config.CLASSES[r.label]}\t{digest}\n" for r, digest in zip(loaded.records, loaded.digests))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
-    """Find the data, decode it once, split it (duplicates kept on one side) and write ``split.json``."""
+def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple[Splits, dict]:
+    """Find the data, decode it once, split it (duplicates kept on one side; ``calib`` carved out of ``val``) and
+    write ``split.json`` (unless ``write`` is False: the other processes of a torchrun job)."""
     index = find_dataset(cfg.data, require_all_classes=True)
     if index.ignored_classes:
-        print("left out (not white-cell classes): "
-              + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items()))
+        log.info("left out (not white-cell classes): "
+                 + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items()))
     pool, fractions, fixed = split_plan(index)
     loaded_pool = load_images(pool, img_size, desc="decoding training images")
     for path, reason in loaded_pool.unreadable:
-        print(f"skipped unreadable file {path}: {reason}")
-    parts = split_records(loaded_pool.records, loaded_pool.digests, fractions, seed=cfg.seed)
+        log.info(f"skipped unreadable file {path}: {reason}")
+    parts = split_records(loaded_pool.records, loaded_pool.digests, fractions, seed=cfg.seed,
+                          calib_fraction=config.CALIB_FRACTION)
     position = {r.path: i for i, r in enumerate(loaded_pool.records)}
     loaded: dict[str, LoadedImages] = {}
     for name, records in parts.items():
@@ -109,12 +118,14 @@ def prepare_splits(cfg: TrainConfig, img_size: int) -> tuple[Splits, dict]:
         "layout": index.layout,
         "seed": cfg.seed,
         "fractions": fractions,
+        "calib_fraction": config.CALIB_FRACTION,
         "unreadable": [[str(p), why] for p, why in loaded_pool.unreadable],
         "data_fingerprint": data_fingerprint(loaded_pool),
         **{name: relative_paths(li.records, index.root) for name, li in loaded.items()},
     }
-    if not (cfg.resume and (cfg.out / "split.json").exists()):  # a refused resume must not overwrite the run's split
-        write_json(cfg.out / "split.json", split_file)
+    # a refused resume must not overwrite the run's split
+    if write and not (cfg.resume and (Path(cfg.out) / "split.json").exists()):
+        write_json(Path(cfg.out) / "split.json", split_file)
     return Splits(loaded, split_file), index.summary()
 
 
@@ -131,28 +142,46 @@ def eval_batch_size(images: torch.Tensor) -> int:
     return max(1, config.MICRO_BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
 
 
-def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module) -> tuple[float, dict, torch.Tensor]:
-    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images))
-    labels = loaded.labels
-    loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
-    metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
-    return loss, metrics, probs
+def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: str = "seed",
+                 ctx: distributed.Context | None = None) -> DataLoader:
+    """Shuffled, augmented batches straight from the decoded uint8 cache (no file is read again after decoding).
+
+    Under torchrun each of the N processes gets ``batch_size / N`` images of every step from a ``DistributedSampler``
+    (seeded by ``seed`` and the epoch): the step and its number per epoch stay those of one process, so a recipe means
+    the same at any world size and a checkpoint resumes at any world size. Pinned memory where a GPU is the target.
+    """
+    dataset = ImageTensorDataset(train_set.images, train_set.labels, train_transform(augment))
+    drop_last = len(train_set.records) > batch_size
+    pin = ctx is not None and ctx.device.type == "cuda"
+    if ctx is None or not ctx.distributed:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, pin_memory=pin,
+                          generator=torch.Generator().manual_seed(seed))
+    # with both drops, steps per epoch = ⌊⌊n/N⌋ / (b/N)⌋ = ⌊n/b⌋, exactly one process's
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler, drop_last=drop_last,
+                      pin_memory=pin)
 
 
-def _ema_step(average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
-    """One exponential-moving-average step with timm's warm-up (decay (1+n)/(10+n) until it reaches
-    config.EMA_DECAY), so that short runs average their recent weights, not their initialisation."""
-    decay = min(config.EMA_DECAY, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
-    return average * decay + current * (1.0 - decay)
+# ---------------------------------------------------------------------------------------------------------------
+# One step, one epoch
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: str = "seed") -> DataLoader:
-    """Shuffled, augmented batches straight from the decoded uint8 cache (no file is read again after decoding)."""
-    return DataLoader(
-        ImageTensorDataset(train_set.images, train_set.labels, train_transform(augment)),
-        batch_size=batch_size, shuffle=True, drop_last=len(train_set.records) > batch_size,
-        generator=torch.Generator().manual_seed(seed),
-    )
+def autocast_dtype(device: torch.device, bf16: bool | None) -> torch.dtype | None:
+    """The autocast dtype of a training step, None for fp32. CPU: bf16 where the CPU has native bf16 (or forced);
+    CUDA: bf16 on GPUs that have it (Ampere and later), fp16 with loss scaling on older ones; ``bf16=False``: fp32."""
+    if bf16 is False:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16 or bf16_supported() else None
+
+
+def _sync_last_chunk_only(model: nn.Module, last: bool):
+    """Under DDP, gradients are averaged across processes once per step (on the last chunk's backward), not per
+    chunk: ``no_sync`` lets the earlier chunks accumulate locally."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
 
 
 def train_step(
@@ -162,144 +191,162 @@ def train_step(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     use_bf16: bool,
+    scaler: torch.amp.GradScaler | None = None,
+    batch_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch: channels_last input (oneDNN's fast layout), forward under bf16 autocast
-    where the CPU has native bf16, loss in fp32. Returns (logits, loss); ``bench/train_speed.py`` times this.
+    """One optimisation step on a batch: channels_last input (oneDNN's and cuDNN's fast layout), forward under
+    autocast (bf16 on CPUs that have it natively; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32.
+    Returns (logits, loss); ``bench/train_speed.py`` times this.
 
     Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
     (class-weighted) mean loss scaled by its share of the batch's weight, so the summed gradient is the whole batch's
     (batch norm sees each chunk's statistics). It cuts activation memory at 224 px to a third, which
     keeps training on all of pbc-wbc at 224 px under 4 GiB (bench/train_memory.py).
+
+    ``batch_weight``: the weight the loss is normalised by, by default this batch's. Under DDP it is the mean over the
+    processes of their batches' weights, so that DDP's average of the processes' gradients is the gradient of the
+    whole step's weighted mean loss.
     """
     images = images.contiguous(memory_format=torch.channels_last)
     n_chunks = -(-len(images) * images.shape[-2] * images.shape[-1] // config.MICRO_BATCH_PIXELS)  # ceiling division
     weight = getattr(criterion, "weight", None)
-    sample_weights = weight[labels] if weight is not None else torch.ones(len(labels))
+    sample_weights = weight[labels] if weight is not None else torch.ones(len(labels), device=labels.device)
+    total = sample_weights.sum() if batch_weight is None else batch_weight
+    dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
     optimizer.zero_grad(set_to_none=True)
-    logits, loss = [], torch.zeros(())
-    for x, y, w in zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks),
-                       sample_weights.tensor_split(n_chunks)):
-        with autocast(use_bf16):
-            chunk_logits = model(x)
-        chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / sample_weights.sum())
-        chunk_loss.backward()
+    logits, loss = [], torch.zeros((), device=labels.device)
+    chunks = list(zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks), sample_weights.tensor_split(n_chunks)))
+    for i, (x, y, w) in enumerate(chunks):
+        with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
+            with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
+                chunk_logits = model(x)
+            chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / total)
+            (scaler.scale(chunk_loss) if scaler is not None else chunk_loss).backward()
         logits.append(chunk_logits.detach())
         loss += chunk_loss.detach()
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return torch.cat(logits), loss
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train one model; returns the best validation metrics (and test metrics when a test split exists)."""
-    run_started = time.perf_counter()
-    train_transform(cfg.augment)  # an unknown --augment fails now, not after decoding every image
-    unknown = [v for v in cfg.test_views if v not in VIEWS]
-    if unknown or not cfg.test_views:
-        raise WbcError(f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
-                       f"use a comma-separated list of {', '.join(VIEWS)}")
-    cfg.out = Path(cfg.out)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    img_size = cfg.img_size or config.DEFAULT_IMG_SIZE.get(cfg.arch) or 224
-    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
-    seed_everything(cfg.seed)
-    splits, data_summary = prepare_splits(cfg, img_size)
-    train_set, val_set = splits.loaded["train"], splits.loaded["val"]
-    print(f"{cfg.arch} at {img_size} px, {'bf16 autocast' if use_bf16 else 'fp32'}: "
-          f"{len(train_set.records)} training, {len(val_set.records)} validation images")
-
-    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
-                                        frozen_stages=cfg.frozen_stages))
-    # the weights that are validated, saved and shipped: an exponential moving average (BN statistics included),
-    # which smooths the epoch-to-epoch swings of the last weights on a small dataset
-    ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=config.WEIGHT_DECAY)
-    loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.augment)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
-    )
-    weights = class_weights(train_set.labels, len(config.CLASSES))
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-    eval_criterion = nn.NLLLoss()
-
-    checkpoint_path, model_path = cfg.out / "checkpoint.pt", cfg.out / "model.safetensors"
-    history: list[dict] = []
-    start_epoch, best, stale = 1, None, 0
-    if cfg.resume:
-        history, best, stale, start_epoch = _resume(checkpoint_path, splits.split_file["data_fingerprint"], model,
-                                                    ema, optimizer, scheduler, loader)
-
-    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for images, labels in bar:
-            logits, loss = train_step(model, images, labels, criterion, optimizer, use_bf16)
-            scheduler.step()
-            ema.update_parameters(model)
-            seen += len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += float(loss.detach()) * len(labels)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_loss, val_metrics, _ = _evaluate_split(ema.module, val_set, eval_criterion)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_metrics["accuracy"],
-            "val_macro_f1": val_metrics["macro_f1"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        # One-cycle weights of the first half are mid-flight (high learning rate): such an epoch is saved only as a
-        # stand-in until the annealing half starts; from then on the best validated epoch is kept.
-        half = cfg.epochs // 2
-        better = best is not None and (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
-        improved = best is None or (epoch > half and (best["epoch"] <= half or better))
-        print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-              f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
-              + ("  (best so far, saved)" if improved else ""))
-        if improved:
-            best, stale = row, 0
-            save_model(model_path, ema.module, _metadata(cfg, img_size, data_summary, splits, row, use_bf16))
-        elif epoch > half:
-            stale += 1
-        state = {
-            "model": model.net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "history": history, "best": best, "stale": stale, "epoch": epoch,
-            "loader_rng": loader.generator.get_state(), "data_fingerprint": splits.split_file["data_fingerprint"],
-        }
-        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
-        write_json(cfg.out / "history.json", history)
-        plots.training_curves(history, cfg.out / "curves.png")
-        if stale >= cfg.patience:
-            print(f"early stop: no validation improvement for {cfg.patience} epochs")
-            break
-
-    result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
-              "train_seconds": history[-1]["seconds"]}
-    best_model, best_meta = load_model(model_path)
-    try:
-        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model), best_meta, val_set,
-                                                 f"validation split of {best_meta['data']['root']} (seed {cfg.seed})")
-    except WbcError as exc:  # too few validation images: the model is still usable, without trust flags
-        print(f"model saved without calibration: {exc}")
-    result["seconds_to_model"] = time.perf_counter() - run_started  # decoding, training, calibration; not the test report
-    for name in ("test", "test_b"):
-        if name in splits.loaded and splits.loaded[name].records:
-            result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
-    return result
+def _ema_step(average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+    """One exponential-moving-average step with timm's warm-up (decay (1+n)/(10+n) until it reaches
+    config.EMA_DECAY), so that short runs average their recent weights, not their initialisation."""
+    decay = min(config.EMA_DECAY, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+    return average * decay + current * (1.0 - decay)
 
 
-def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader) -> tuple[list[dict], dict, int, int]:
-    """Restore an interrupted run from its last per-epoch checkpoint: weights and their average, optimiser, schedule and both random
-    streams (augmentation and shuffling), so the resumed run repeats exactly what the uninterrupted one would do.
+@dataclass
+class Trainer:
+    """What an epoch updates: the network (DDP-wrapped under torchrun), its weight average, optimiser, schedule."""
+
+    model: nn.Module  # the bare WbcClassifier
+    network: nn.Module  # what the step calls: ``model`` or its DistributedDataParallel wrapper
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The augmentation stream of one process in one epoch under torchrun: differs between processes (they must not
+    all draw the same flips), needs no saved state, so a resume at any world size is well defined."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, epochs: int, seed: int,
+                    ctx: distributed.Context) -> dict[str, float]:
+    """One pass over the training split; returns its loss and accuracy over all processes."""
+    trainer.model.train()
+    if ctx.distributed:
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(_epoch_seed(seed, epoch, ctx.rank))
+    seen, correct, loss_sum = 0, 0, 0.0
+    weight = getattr(trainer.criterion, "weight", None)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not ctx.is_main)
+    for images, labels in bar:
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        batch_weight = None
+        if ctx.distributed:
+            local = weight[labels].sum() if weight is not None else torch.tensor(float(len(labels)))
+            batch_weight = torch.tensor(sum(ctx.sum(float(local))) / ctx.world_size, device=ctx.device)
+        logits, loss = train_step(trainer.network, images, labels, trainer.criterion, trainer.optimizer,
+                                  trainer.amp is not None, trainer.scaler if trainer.scaler.is_enabled() else None,
+                                  batch_weight)
+        trainer.scheduler.step()
+        trainer.ema.update_parameters(trainer.model)
+        seen += len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += float(loss.detach()) * len(labels)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    seen, correct, loss_sum = ctx.sum(seen, correct, loss_sum)
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module) -> tuple[float, dict, torch.Tensor]:
+    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images)).cpu()
+    labels = loaded.labels
+    loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
+    metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
+    return loss, metrics, probs
+
+
+def update_best(best: dict | None, stale: int, row: dict, epochs: int) -> tuple[dict | None, int, bool]:
+    """The best-epoch rule: returns (best row, epochs without improvement, whether ``row`` is the new best).
+
+    One-cycle weights of the first half of the run are mid-flight (high learning rate): such an epoch is kept only
+    as a stand-in until the annealing half starts; from then on the best validated epoch (macro-F1, then lower loss)
+    is kept, and epochs of that half that do not improve count towards early stopping.
+    """
+    half = epochs // 2
+    better = best is not None and (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+    if best is None or (row["epoch"] > half and (best["epoch"] <= half or better)):
+        return row, 0, True
+    return best, stale + 1 if row["epoch"] > half else stale, False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint: everything an interrupted run needs to continue exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run stands after an epoch."""
+
+    history: list[dict]
+    best: dict | None = None
+    stale: int = 0
+    epoch: int = 0  # the last finished epoch
+
+
+def checkpoint_state(trainer: Trainer, loader: DataLoader, progress: Progress, fingerprint: str,
+                     ctx: distributed.Context) -> dict:
+    """The per-epoch checkpoint: weights and their average, optimiser, schedule, both random streams (one process:
+    augmentation and shuffling; torchrun derives both from seed and epoch) and the run's progress."""
+    state = {
+        "model": trainer.model.net.state_dict(), "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state(), "history": progress.history,
+        "best": progress.best, "stale": progress.stale, "epoch": progress.epoch, "data_fingerprint": fingerprint,
+        "world_size": ctx.world_size,
+    }
+    if not ctx.distributed:
+        state["loader_rng"] = loader.generator.get_state()
+    return state
+
+
+def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loader: DataLoader) -> Progress:
+    """Restore an interrupted run from its last per-epoch checkpoint, written by any number of processes, so the
+    resumed run repeats what the uninterrupted one would do (exactly, at the same world size).
 
     ``weights_only=True`` unpickles only tensors and plain containers: a crafted checkpoint cannot run code.
-    Returns (history, best row, epochs without improvement, first epoch to run).
     """
     if not checkpoint.exists():
         raise WbcError(f"--resume: no checkpoint.pt in {checkpoint.parent}; start without --resume")
@@ -314,18 +361,149 @@ def _resume(checkpoint: Path, fingerprint: str, model: nn.Module, ema: AveragedM
         raise WbcError(f"--resume: {checkpoint} belongs to other data (the images or labels changed since the "
                        "interrupted run); start without --resume")
     try:
-        model.net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        trainer.model.net.load_state_dict(state["model"])
+        trainer.ema.load_state_dict(state["ema"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:  # checkpoints from before it was saved still resume
+            trainer.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        if "loader_rng" in state:  # checkpoints from before it was saved still resume
+        if "loader_rng" in state and isinstance(loader.generator, torch.Generator):
             loader.generator.set_state(state["loader_rng"])
-        print(f"resuming after epoch {state['epoch']}")
-        return state["history"], state["best"], state["stale"], state["epoch"] + 1
+        log.info(f"resuming after epoch {state['epoch']}")
+        return Progress(state["history"], state["best"], state["stale"], state["epoch"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise WbcError(f"--resume: {checkpoint} does not fit this run ({exc.__class__.__name__}): resume with the "
                        "same --arch, --img-size and --batch-size, or start without --resume") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _build_trainer(cfg: TrainConfig, train_set: LoadedImages, loader: DataLoader, ctx: distributed.Context) -> Trainer:
+    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
+                                        frozen_stages=cfg.frozen_stages)).to(ctx.device)
+    # the weights that are validated, saved and shipped: an exponential moving average (BN statistics included),
+    # which smooths the epoch-to-epoch swings of the last weights on a small dataset
+    ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=config.WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
+    )
+    weights = class_weights(train_set.labels, len(config.CLASSES)).to(ctx.device)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    amp = autocast_dtype(ctx.device, cfg.bf16)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp is torch.float16)
+    network = model
+    if ctx.distributed:
+        network = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return Trainer(model, network, ema, optimizer, scheduler, criterion, scaler, amp)
+
+
+def _split_digest(split_file: dict) -> str:
+    return hashlib.sha256(json.dumps(split_file, sort_keys=True).encode()).hexdigest()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one model; returns the best validation metrics (and test metrics when a test split exists).
+
+    Under torchrun every process calls this; rank 0 returns the result, the others an empty dict.
+    """
+    run_started = time.perf_counter()
+    cfg = resolve(cfg)
+    ctx = distributed.setup(distributed.resolve_device(cfg.device))
+    try:
+        return _train(cfg, ctx, run_started)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> dict:
+    if cfg.batch_size % ctx.world_size:
+        raise WbcError(f"--batch-size {cfg.batch_size} is one step's batch of all {ctx.world_size} processes and "
+                       f"must divide evenly among them: use a multiple of {ctx.world_size}")
+    if ctx.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    with ctx.main_first():  # rank 0 decodes and writes the cache; the others read it
+        splits, data_summary = prepare_splits(cfg, cfg.img_size, write=ctx.is_main)
+    if ctx.broadcast(_split_digest(splits.split_file)) != _split_digest(splits.split_file):
+        raise WbcError(f"process {ctx.rank} sees other images in {cfg.data} than process 0: every node needs the "
+                       "same data folder (shared storage or identical copies)")
+    train_set, val_set = splits.loaded["train"], splits.loaded["val"]
+    amp = autocast_dtype(ctx.device, cfg.bf16)
+    log.info(f"{cfg.arch} at {cfg.img_size} px on {ctx.device.type}"
+             + (f" × {ctx.world_size} processes" if ctx.distributed else "")
+             + f", {'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}: "
+             f"{len(train_set.records)} training, {len(val_set.records)} validation, "
+             f"{len(splits.loaded['calib'].records)} calibration images")
+
+    loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.augment, ctx)
+    trainer = _build_trainer(cfg, train_set, loader, ctx)
+    eval_criterion = nn.NLLLoss()
+    checkpoint_path, model_path = cfg.out / "checkpoint.pt", cfg.out / "model.safetensors"
+    fingerprint = splits.split_file["data_fingerprint"]
+    progress = restore_checkpoint(checkpoint_path, fingerprint, trainer, loader) if cfg.resume else Progress([])
+
+    started = time.perf_counter() - (progress.history[-1]["seconds"] if progress.history else 0.0)
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        row = {"epoch": epoch, **train_one_epoch(trainer, loader, epoch, cfg.epochs, cfg.seed, ctx)}
+        stop = False
+        if ctx.is_main:  # one process validates and decides; its decision is broadcast
+            stop = _finish_epoch(cfg, trainer, loader, progress, row, splits, data_summary, ctx, started, eval_criterion)
+        if ctx.broadcast(stop):
+            break
+
+    ctx.barrier()
+    if not ctx.is_main:
+        return {}
+    best = progress.best
+    result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+              "train_seconds": progress.history[-1]["seconds"], "world_size": ctx.world_size}
+    best_model, best_meta = load_model(model_path)
+    calib = splits.loaded["calib"]
+    try:
+        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model), best_meta, calib,
+                                                 f"calibration split of {best_meta['data']['root']} (seed {cfg.seed})")
+    except WbcError as exc:  # too few calibration images: the model is still usable, without trust flags
+        log.info(f"model saved without calibration: {exc}")
+    result["seconds_to_model"] = time.perf_counter() - run_started  # decoding, training, calibration; not the test report
+    # written once the run has finished (the model file carries the same settings from its first save on), so that
+    # an interrupted run leaves only what --resume needs
+    save_recipe(cfg, cfg.out / "args.yaml")
+    for name in ("test", "test_b"):
+        if name in splits.loaded and splits.loaded[name].records:
+            result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
+    return result
+
+
+def _finish_epoch(cfg: TrainConfig, trainer: Trainer, loader: DataLoader, progress: Progress, row: dict,
+                  splits: Splits, data_summary: dict, ctx: distributed.Context, started: float,
+                  eval_criterion: nn.Module) -> bool:
+    """Rank 0 after an epoch: validate the weight average, apply the best-epoch rule, save the model when it is the
+    best, write checkpoint, history and curves. Returns whether to stop early."""
+    val_loss, val_metrics, _ = _evaluate_split(trainer.ema.module, splits.loaded["val"], eval_criterion)
+    row.update({"val_loss": val_loss, "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
+                "seconds": time.perf_counter() - started})
+    progress.history.append(row)
+    progress.best, progress.stale, improved = update_best(progress.best, progress.stale, row, cfg.epochs)
+    progress.epoch = row["epoch"]
+    log.info(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+             f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
+             + ("  (best so far, saved)" if improved else ""))
+    if improved:
+        save_model(cfg.out / "model.safetensors", trainer.ema.module, _metadata(cfg, data_summary, splits, row, trainer, ctx))
+    state = checkpoint_state(trainer, loader, progress, splits.split_file["data_fingerprint"], ctx)
+    atomic_write(cfg.out / "checkpoint.pt", lambda f: torch.save(state, f))
+    write_json(cfg.out / "history.json", progress.history)
+    plots.training_curves(progress.history, cfg.out / "curves.png")
+    if progress.stale >= cfg.patience:
+        log.info(f"early stop: no validation improvement for {cfg.patience} epochs")
+        return True
+    return False
 
 
 def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
@@ -338,17 +516,17 @@ def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
     metrics["n_unreadable"] = len(loaded.unreadable)
     metrics["evaluated"] = f"held-out {out.name} split of the training data"
     write_outputs(out, metrics, probs, loaded.records, y_true, meta["classes"])
-    print(f"held-out {out.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-          f"({metrics['n_images']} images) → {out}")
+    log.info(f"held-out {out.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+             f"({metrics['n_images']} images) → {out}")
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "n_images")}
 
 
-def _metadata(cfg: TrainConfig, img_size: int, data_summary: dict, splits: Splits, best: dict, bf16: bool) -> dict:
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+def _metadata(cfg: TrainConfig, data_summary: dict, splits: Splits, best: dict, trainer: Trainer,
+              ctx: distributed.Context) -> dict:
     return {
         "arch": cfg.arch,
         "classes": list(config.CLASSES),
-        "img_size": img_size,
+        "img_size": cfg.img_size,
         "mean": list(config.IMAGENET_MEAN),
         "std": list(config.IMAGENET_STD),
         "input": "RGB in [0, 1], whole image resized to img_size × img_size; normalisation is inside the model",
@@ -357,11 +535,16 @@ def _metadata(cfg: TrainConfig, img_size: int, data_summary: dict, splits: Split
             "seed": cfg.seed,
             "n_train": len(splits.loaded["train"].records),
             "n_val": len(splits.loaded["val"].records),
+            "n_calib": len(splits.loaded["calib"].records),
+            "calib_fraction": config.CALIB_FRACTION,
             "test_files": splits.split_file.get("test", []),
             "fingerprint": splits.split_file["data_fingerprint"],
         },
         "validation": {k: best[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
-        "training": {**settings, "bf16": bf16},
+        "training": {**plain(asdict(cfg)), "bf16": trainer.amp is torch.bfloat16,
+                     "autocast": str(trainer.amp).removeprefix("torch.") if trainer.amp else "none",
+                     "device": ctx.device.type, "world_size": ctx.world_size,
+                     "batch_per_process": cfg.batch_size // ctx.world_size, "effective_batch_size": cfg.batch_size},
         "test_views": list(cfg.test_views),
         "credit": config.PBC_CREDIT,
         "manifest": run_manifest(),
