@@ -1,10 +1,16 @@
-"""Shared fixtures: real images from ../shared/datasets, small trees in temp dirs, one tiny real training run."""
+"""Shared fixtures: real images from ../shared/datasets, small trees in temp dirs, one tiny real training run.
+
+Without the shared datasets (a clone on its own), every test that needs them is skipped with a message that says where
+they were looked for; the tests on the shipped model and sample still run.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import CodeType
 
 import pytest
 
@@ -17,10 +23,47 @@ BCCD = SHARED / "bccd-wbc"
 CORRUPT_FILE = PBC / "neutrophil" / ".DS_169665.jpg"
 #: A real byte-identical pair in PBC filed under two labels.
 CONFLICTING_PAIR = (PBC / "neutrophil" / "BNE_191112.jpg", PBC / "eosinophil" / "EO_225902.jpg")
+SHARED_MISSING = (f"needs the shared datasets, not found at {PBC}: put them in ../shared beside the repository, or "
+                  "point WBC_SHARED at the folder that holds datasets/")
+#: Names that mark a test (or one of its fixtures) as reading ../shared.
+_SHARED_NAMES = frozenset({"SHARED", "PBC", "PBC_NON_WBC", "BCCD", "CORRUPT_FILE", "CONFLICTING_PAIR", "pbc_files",
+                           "make_tree"})
+
+
+def require_shared() -> None:
+    """Skip the calling test, or the whole test module when called while it is imported, without the datasets."""
+    if not PBC.is_dir():
+        pytest.skip(SHARED_MISSING, allow_module_level=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the shared datasets, skip (with the reason) each test whose code or fixtures name them."""
+    if PBC.is_dir():
+        return
+    for item in items:
+        if _names_shared_data(item):
+            item.add_marker(pytest.mark.skip(reason=SHARED_MISSING))
+
+
+def _names_shared_data(item: pytest.Item) -> bool:
+    functions: list[Callable] = [getattr(item, "function", None)]
+    fixture_info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures the test uses, transitively
+    if fixture_info is not None:
+        functions += [d.func for defs in fixture_info.name2fixturedefs.values() for d in defs]
+    return any(_SHARED_NAMES & set(_global_names(f.__code__)) for f in functions if hasattr(f, "__code__"))
+
+
+def _global_names(code: CodeType) -> Iterator[str]:
+    """Names a function's code reads, its nested comprehensions and lambdas included."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _global_names(const)
 
 
 def pbc_files(cls: str, n: int, offset: int = 0) -> list[Path]:
     """The first ``n`` real PBC images of a class (sorted, skipping ``offset``), excluding the broken file."""
+    require_shared()
     files = sorted(p for p in (PBC / cls).iterdir() if p.name != CORRUPT_FILE.name)
     return files[offset : offset + n]
 
