@@ -45,3 +45,19 @@ exec {sys.executable} "$@"
     assert result.returncode == 1, result.stderr
     assert f"apt-get install python{version}-venv" in result.stderr and "PYTHON=" in result.stderr, result.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def test_package_metadata_has_an_spdx_license_and_no_deprecation(tmp_path: Path) -> None:
+    """The project table as setuptools builds it (the installed setuptools, as `pip install .` would use)."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "src" / "wbc_trust").mkdir(parents=True)
+    (tmp_path / "src" / "wbc_trust" / "__init__.py").write_text("")
+    (tmp_path / "meta").mkdir()
+    result = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                             "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))", str(tmp_path / "meta")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    metadata = (tmp_path / "meta" / result.stdout.split()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata.splitlines()
+    assert "deprecated" not in result.stderr.lower(), result.stderr
