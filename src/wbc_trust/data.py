@@ -458,15 +458,74 @@ def load_images(records: Sequence[Record], size: int, desc: str = "decoding imag
     return loaded
 
 
+def _fingerprint(records: Sequence[Record], digests: Sequence[str]) -> str:
+    lines = sorted(f"{config.CLASSES[r.label]}\t{digest}\n" for r, digest in zip(records, digests))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def data_fingerprint(loaded: LoadedImages) -> str:
+    """SHA-256 over the sorted (class, file SHA-256) pairs of the readable training pool: the same images with the
+    same labels give the same fingerprint, whatever their names, order or folder; one changed pixel or label does not."""
+    return _fingerprint(loaded.records, loaded.digests)
+
+
+@dataclass
+class TrainingDataMatch:
+    """Whether a data folder is a model's training data, decided by content (never by its path)."""
+
+    same: bool  # its training pool has the fingerprint stored in the model file: the very images and labels
+    changed: bool  # not the same, but it is the training folder changed since (same path, or the model's test files)
+    reason: str  # a sentence for the output
+
+
+def match_training_data(index: DatasetIndex, meta: dict) -> TrainingDataMatch:
+    """Compare a folder with the training data a model file describes (``meta["data"]``: class counts, fingerprint,
+    held-out test files), so that the guard holds through a symlink, a copy, another checkout or another mount.
+
+    The class counts are a free first test; then the SHA-256 of every file of the training pool (a second or two for
+    PBC's 8,757 files). The stored fingerprint covers only the files training could read, so when the folder has
+    files it cannot read the pool is decoded (cached) to leave the same ones out.
+    """
+    trained = meta.get("data", {})
+    pool, _, _ = split_plan(index)
+    present = set(relative_paths(pool, index.root))
+    test_files = trained.get("test_files", [])
+    by_name = sum(f in present for f in test_files)
+    looks_like = trained.get("root") == str(index.root) or (test_files and by_name >= len(test_files) / 2)
+    if not trained.get("fingerprint"):
+        return TrainingDataMatch(False, False, "the model file stores no fingerprint of its training data")
+    same = trained.get("splits", {}).get("train" if index.layout == "kaggle" else "all") == _class_counts(pool)
+    if same:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as threads:
+            digests = list(threads.map(file_digest, [r.path for r in pool]))
+        same = _fingerprint(pool, digests) == trained["fingerprint"]
+        if not same:  # files training could not read are not in the fingerprint
+            loaded = load_images(pool, meta["img_size"], desc="comparing with the model's training data")
+            same = bool(loaded.unreadable) and data_fingerprint(loaded) == trained["fingerprint"]
+    if same:
+        return TrainingDataMatch(True, False, f"its {len(pool)} images and labels are the ones this model was trained "
+                                              f"on: data fingerprint {trained['fingerprint'][:12]}…")
+    if looks_like:
+        return TrainingDataMatch(False, True, f"it holds {by_name} of the model's {len(test_files)} held-out test files "
+                                              "by name, but its images or labels differ from the training data")
+    return TrainingDataMatch(False, False, "its images are not this model's training data")
+
+
 def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
-    """The images to calibrate on: the model's own validation split when ``data`` is its training folder (same root
-    and seed → ``split_records`` gives the same split), otherwise every labelled image in ``data``.
+    """The images to calibrate on: the model's own validation split when ``data`` holds its training data (by
+    content, ``match_training_data``; same images and seed → ``split_records`` gives the same split), otherwise every
+    labelled image in ``data``.
 
     A model trained with ``--max-images`` used part of that split; the whole split is still unseen in training.
     """
     index = find_dataset(data, require_all_classes=False)
     trained = meta.get("data", {})
-    if trained.get("root") != str(index.root):
+    match = match_training_data(index, meta)
+    if match.changed:
+        raise WbcError(f"the images in {index.root} changed since the model was trained ({match.reason}), so its "
+                       "validation split cannot be recomputed: calibrate on a separate folder of held-out labelled "
+                       "images (--data)")
+    if not match.same:
         records = [r for rs in index.splits.values() for r in rs]
         return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
     pool, fractions, _ = split_plan(index)

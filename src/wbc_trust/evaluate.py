@@ -3,7 +3,7 @@ written as ``metrics.json``, ``classification_report.txt``, ``confusion_matrix.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from wbc_trust import config, plots
 from wbc_trust.calibration import Calibration
-from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, model_labels
+from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, match_training_data, model_labels
 from wbc_trust.io import atomic_write_text, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
@@ -39,32 +39,48 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
 
 @dataclass
 class EvaluationTarget:
-    """Which images an evaluation runs on, and a sentence saying so."""
+    """Which images an evaluation runs on, a sentence saying so, and the files left out with the reason."""
 
     records: list[Record]
     description: str
+    left_out: list[Record] = field(default_factory=list)
+    left_out_reason: str = ""
 
 
 def choose_records(index: DatasetIndex, meta: dict) -> EvaluationTarget:
     """Pick what to evaluate in a data folder.
 
-    The model's own training data → its held-out test split (never the images it trained on); a Kaggle-layout folder →
-    Test-A (and Test-B when present); any other folder → all of its images.
+    The model's own training data, recognised by content wherever it lies (``data.match_training_data``) → its
+    held-out test split, by relative path (never the images it trained on); the training folder changed since → the
+    held-out test files still in it; a Kaggle-layout folder → Test-A (and Test-B when present); any other folder → all
+    of its images.
     """
     trained = meta.get("data", {})
     if index.layout == "kaggle":
         records = index.splits.get("test", []) + index.splits.get("test_b", [])
         return EvaluationTarget(records, f"evaluating Test-A/Test-B of {index.root} ({len(records)} files)")
-    if trained.get("root") == str(index.root) and trained.get("test_files"):
-        wanted = set(trained["test_files"])
-        records = [r for r in index.splits["all"] if str(r.path.relative_to(index.root)) in wanted]
-        return EvaluationTarget(
-            records,
-            f"{index.root} is this model's training data: evaluating only its held-out test split "
-            f"({len(records)} files, seed {trained.get('seed')})",
-        )
-    records = index.splits["all"]
-    return EvaluationTarget(records, f"evaluating all {len(records)} files in {index.root}")
+    match = match_training_data(index, meta) if trained.get("test_files") else None
+    if match is None or not (match.same or match.changed):
+        records = index.splits["all"]
+        return EvaluationTarget(records, f"evaluating all {len(records)} files in {index.root}")
+    wanted = set(trained["test_files"])
+    records, left_out = [], []
+    for record in index.splits["all"]:
+        (records if str(record.path.relative_to(index.root)) in wanted else left_out).append(record)
+    if not records:
+        raise WbcError(f"{index.root} holds this model's training data ({match.reason}), but none of its held-out test "
+                       "files is there under its name (renamed?), so the held-out split cannot be told apart: "
+                       "evaluate on a separate folder of images the model never saw")
+    what = ("is this model's training data" if match.same else "is this model's training folder, changed since")
+    reason = ("the model trained or was validated on them" if match.same
+              else "they are not among the model's held-out test files, so it may have trained on them")
+    return EvaluationTarget(
+        records,
+        f"{index.root} {what} ({match.reason}): evaluating only its held-out test split ({len(records)} files, seed "
+        f"{trained.get('seed')}); left out {len(left_out)} files because {reason} (list: left_out.csv)",
+        left_out,
+        reason,
+    )
 
 
 @dataclass
@@ -76,6 +92,8 @@ class LabelledImages:
     labels: np.ndarray  # int N, index into meta["classes"]
     description: str
     n_unreadable: int = 0
+    left_out: list[Record] = field(default_factory=list)  # files of the folder not evaluated (``choose_records``)
+    left_out_reason: str = ""
 
 
 def stratified_subset(records: list[Record], max_images: int | None, seed: int = config.SEED) -> list[Record]:
@@ -109,7 +127,8 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> L
     labels = model_labels(loaded.records, classes)
     subset = len(records) < len(target.records)
     description = target.description + (f"; stratified subset of {len(records)}" if subset else "")
-    return LabelledImages(loaded.records, loaded.images, labels, description, len(loaded.unreadable))
+    return LabelledImages(loaded.records, loaded.images, labels, description, len(loaded.unreadable),
+                          target.left_out, target.left_out_reason)
 
 
 def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
@@ -123,6 +142,9 @@ def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
     metrics["evaluated"] = test.description
     metrics["model"] = str(model_path) if model_path else "default"
     write_outputs(Path(out_dir), metrics, probs, test.records, test.labels, meta["classes"])
+    if test.left_out:
+        write_csv(Path(out_dir) / "left_out.csv", ([r.path, test.left_out_reason] for r in test.left_out),
+                  ["path", "reason"])
     return metrics
 
 

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, model_labels, to_unit
+from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, match_training_data, model_labels, to_unit
 from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
@@ -271,10 +271,12 @@ def _described(index: InfluenceIndex, idx: torch.Tensor, scores: torch.Tensor) -
 
 def training_records(index: DatasetIndex, meta: dict) -> list[Record]:
     """The images a model trained on in a folder: the Kaggle train split, or all images less the model's held-out
-    test files when the folder is its own training data (validation images, if any, stay in)."""
+    test files when the folder holds its own training data, recognised by content wherever it lies
+    (``data.match_training_data``; validation images, if any, stay in)."""
     pool = index.splits.get("train", index.splits.get("all", []))
     trained = meta.get("data", {})
-    held_out = set(trained.get("test_files", [])) if trained.get("root") == str(index.root) else set()
+    match = match_training_data(index, meta)
+    held_out = set(trained.get("test_files", [])) if match.same or match.changed else set()
     return [r for r in pool if str(r.path.relative_to(index.root)) not in held_out]
 
 
