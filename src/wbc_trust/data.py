@@ -307,11 +307,14 @@ def split_records(
     digests: Sequence[str],
     fractions: dict[str, float],
     seed: int = config.SEED,
+    calib_fraction: float = 0.0,
 ) -> dict[str, list[Record]]:
     """Stratified, seeded split that keeps byte-identical files (even with different labels) on one side.
 
     ``fractions`` maps split names other than "train" to their share, e.g. ``{"val": .15, "test": .15}``.
     Groups of identical files are split as units, stratified by the first member's class.
+    ``calib_fraction`` > 0 then moves that share of "val" into "calib" the same way; done after the split, it leaves
+    "train" and "test" exactly as without it (the held-out test files of older models stay theirs).
     """
     groups: dict[str, list[int]] = {}
     for i, digest in enumerate(digests):
@@ -327,6 +330,16 @@ def split_records(
         assignment[name] = taken
         left -= share
     assignment["train"] = remaining
+    if calib_fraction > 0:
+        assignment["calib"] = []
+    if calib_fraction > 0 and len(assignment.get("val", [])) > 1:
+        val_strata = [records[groups[k][0]].label for k in assignment["val"]]
+        try:
+            assignment["val"], assignment["calib"] = train_test_split(
+                assignment["val"], test_size=calib_fraction, stratify=val_strata, random_state=seed)
+        except ValueError:  # a class with a single group in a tiny validation split: split it unstratified
+            assignment["val"], assignment["calib"] = train_test_split(
+                assignment["val"], test_size=calib_fraction, random_state=seed)
     return {name: [records[i] for k in sorted(ks) for i in groups[k]] for name, ks in assignment.items()}
 
 
@@ -530,7 +543,8 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
         return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
     pool, fractions, _ = split_plan(index)
     loaded = load_images(pool, meta["img_size"], desc="reading images")
-    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED))
+    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED),
+                          calib_fraction=trained.get("calib_fraction", 0.0))
     if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
             trained["test_files"]):
         raise WbcError(f"the images in {index.root} changed since the model was trained, so its validation split "
