@@ -73,11 +73,11 @@ def wrong_vs_right_auroc(scores: np.ndarray, wrong: np.ndarray) -> float | None:
     return float(roc_auc_score(wrong, scores))
 
 
-def write_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, el2n: np.ndarray,
-              grad_norm2: np.ndarray, classes: list[str]) -> None:
+def write_fisher_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, el2n: np.ndarray,
+                     grad_norm2: np.ndarray, classes: list[str]) -> None:
     """fisher.csv: path,label,prediction,el2n_squared,grad_norm2 (sorted by grad_norm2, highest first)."""
-    write_csv(path, ([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}", f"{grad_norm2[i]:.6g}"]
-                     for i in np.argsort(-grad_norm2, kind="stable")),
+    write_csv(path, ([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}",
+                      f"{grad_norm2[i]:.6g}"] for i in np.argsort(-grad_norm2, kind="stable")),
               ["path", "label", "prediction", "el2n_squared", "grad_norm2"])
 
 
@@ -94,7 +94,7 @@ def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int |
     predictions = scores["probs"].argmax(1)
     wrong = predictions != test.labels
     el2n, grad_norm2 = scores["el2n_squared"], scores["grad_norm2"]
-    write_csv(out / "fisher.csv", test.records, test.labels, predictions, el2n, grad_norm2, classes)
+    write_fisher_csv(out / "fisher.csv", test.records, test.labels, predictions, el2n, grad_norm2, classes)
     named = {"el2n_squared": el2n, "grad_norm2": grad_norm2, "1 - confidence (baseline)": 1 - scores["probs"].max(1)}
     summary = {
         "model": str(model_path) if model_path else "default",

@@ -108,7 +108,7 @@ TRUST_METHODS: tuple[TrustMethod, ...] = (
         "the true class as often as promised?",
         "ECE before/after temperature scaling, prediction-set coverage and size, out-of-distribution flags.",
         "wbc_trust.trust.calibration:run_calibration", ("data", "ood_data"),
-        ("calibration.json", "reliability_diagram.png", "ood_scores.png")),
+        ("calibration.json", "reliability_diagram.png", "set_sizes.png", "ood_scores.png")),
     TrustMethod(
         "robustness", "Robustness",
         "Accuracy as the images get worse (severity 0 = clean … 5) and under FGSM/PGD attacks whose budget ε is in "
