@@ -44,7 +44,7 @@ from wbc_trust.trust.influence import InfluenceIndex, influential_training_image
 UPLOAD_TYPES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE = "shipped default", "a file in a folder", "upload a model file"
 PREDICTION_SET_HELP = ("The classes the calibration cannot rule out: the true class is in this set for the chosen "
-                       "share of images (95 % by default). One class = a confident answer.")
+                       "share of images of every class (99 % by default). One class = a confident answer.")
 
 
 @dataclass

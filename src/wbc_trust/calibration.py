@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from wbc_trust import config
-from wbc_trust.conformal import SplitConformal, check_coverage
+from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage, conformal_from_metadata
 from wbc_trust.data import LoadedImages, model_labels, validation_split
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model, save_model
@@ -73,7 +73,7 @@ class Calibration:
     """Everything a prediction needs to say how far to trust itself; lives in the model file."""
 
     temperature: float
-    conformal: SplitConformal
+    conformal: MondrianConformal | SplitConformal  # SplitConformal: files calibrated before the Mondrian sets
     ood: OODScore
     fitted_on: str = ""
 
@@ -84,7 +84,7 @@ class Calibration:
         """Fit all three on the same held-out white cells of known class (``ood_method``: a name in
         ``ood.OOD_SCORES``)."""
         temperature = fit_temperature(logits, labels)
-        conformal = SplitConformal.fit(torch.softmax(logits / temperature, 1), labels, coverage)
+        conformal = MondrianConformal.fit(torch.softmax(logits / temperature, 1), labels, coverage)
         return cls(temperature, conformal, ood_score_class(ood_method).fit(logits, features, labels), fitted_on)
 
     def apply(self, logits: torch.Tensor, features: torch.Tensor, coverage: float | None = None) -> Trusted:
@@ -116,7 +116,7 @@ class Calibration:
         stored = meta.get("calibration")
         if not stored or "conformal" not in stored or "ood" not in stored:
             return None
-        return cls(float(stored["temperature"]), SplitConformal.from_metadata(stored["conformal"], tensors),
+        return cls(float(stored["temperature"]), conformal_from_metadata(stored["conformal"], tensors),
                    from_stored(stored["ood"], tensors), stored.get("fitted_on", ""))
 
 

@@ -98,7 +98,7 @@ def predict(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="write one row per file to this CSV")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     coverage: Annotated[Optional[float], typer.Option(help="coverage of the prediction sets; default: the one the "
-                                                           "model was calibrated for (0.95)")] = None,
+                                                           "model was calibrated for (e.g. 0.99)")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model "
                                               "file and cached)")] = "torch",
     ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray Data: 'local' starts a Ray cluster on this "
@@ -147,8 +147,8 @@ def calibrate(
 
     stored = run_calibrate(model, data, coverage)
     console.print(f"temperature {stored['temperature']:.3f} (validation ECE {stored['ece_before']:.2%} → "
-                  f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.0%} sets: qhat "
-                  f"{stored['conformal']['qhat']:.4f}, OOD threshold {stored['ood']['threshold']:.1f}; "
+                  f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.1%} class-conditional "
+                  f"{stored['conformal']['score'].upper()} sets, OOD threshold {stored['ood']['threshold']:.1f}; "
                   f"fitted on the {stored['fitted_on']} ({stored['n_images']} images) → {model}")
 
 

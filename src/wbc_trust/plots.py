@@ -151,6 +151,24 @@ def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: floa
     save_figure(fig, path)
 
 
+def set_size_histogram(sizes: dict[str, np.ndarray], wrong: np.ndarray, n_classes: int, path: Path,
+                       title: str = "") -> None:
+    """Share of images per prediction-set size (0 to n_classes), one group of bars per coverage; hatched: the images
+    whose top-1 answer is wrong, which a useful set puts in the sizes of two or more."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    width = 0.8 / max(len(sizes), 1)
+    positions = np.arange(n_classes + 1)
+    for i, (name, size) in enumerate(sizes.items()):
+        x = positions - 0.4 + (i + 0.5) * width
+        ax.bar(x, np.bincount(size, minlength=n_classes + 1) / len(size), width, color=f"C{i}", alpha=0.7, label=name)
+        ax.bar(x, np.bincount(size[wrong], minlength=n_classes + 1) / len(size), width, color="none",
+               edgecolor="k", hatch="//", label=f"{name}: wrong top-1 ({int(wrong.sum())})")
+    ax.set(xticks=positions, xlabel="classes in the prediction set", ylabel="share of images (log)", yscale="log",
+           title=title or "Prediction-set sizes")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def score_distributions(panels: Sequence[tuple[str, np.ndarray, float | None]], wrong: np.ndarray, path: Path) -> None:
     """Per score (title, values per image, AUROC or None): histograms of right vs wrong predictions on a log axis
     (the scores span orders of magnitude), with a tick under the axis for every wrong prediction."""

@@ -5,6 +5,7 @@ unseen images; writes ``calibration.json`` and ``reliability_diagram.png``. What
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from wbc_trust import config, plots
 from wbc_trust.calibration import FLAG_OOD, FLAG_UNCERTAIN, Calibration, Trusted, calibration_error
-from wbc_trust.conformal import METHOD as CONFORMAL_METHOD
+from wbc_trust.conformal import check_coverage
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels
 from wbc_trust.io import write_json
 from wbc_trust.errors import WbcError
@@ -30,10 +31,13 @@ def _ood_images(ood_data: Path, img_size: int) -> torch.Tensor:
     return load_images([Record(p, None) for p in files], img_size, desc="reading non-white-cell images").images
 
 
-def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Path | None = None) -> dict:
+def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Path | None = None,
+                    coverages: Sequence[float] = ()) -> dict:
     """Measure calibration, prediction sets, OOD flags (and, with ``ood_data``, the OOD AUROC) on the images of
-    ``data`` (a model's own training folder → its held-out test split); writes ``calibration.json`` and
-    ``reliability_diagram.png`` (plus ``ood_scores.png`` with ``ood_data``) into ``out``."""
+    ``data`` (a model's own training folder → its held-out test split); writes ``calibration.json``,
+    ``reliability_diagram.png`` and ``set_sizes.png`` (plus ``ood_scores.png`` with ``ood_data``) into ``out``.
+    The sets are measured at the model's coverage (``result["conformal"]``) and at each of ``coverages``
+    (``result["conformal_at"]["0.995"]``...), per class too: a class-conditional guarantee is checked class by class."""
     out = Path(out)
     model, meta = load_model(model_path)
     calibration = Calibration.from_model(meta, load_extra(model_path))
@@ -54,7 +58,14 @@ def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Pa
         result["note"] = "this model file carries no calibration: run `wbc calibrate MODEL --data TRAINING_DATA`"
     else:
         trusted = calibration.apply(logits, features)
-        result.update(_trust_summary(calibration, trusted, labels, correct))
+        result.update(_trust_summary(calibration, trusted, labels, correct, meta["classes"]))
+        at = {c: calibration.conformal.sets(trusted.probs, check_coverage(c)) for c in coverages}
+        result["conformal_at"] = {f"{c:g}": _set_summary(sets, labels, correct, meta["classes"], c,
+                                                         calibration.conformal.name) for c, sets in at.items()}
+        sizes = {f"{c:.1%}": sets.sum(1).numpy()
+                 for c, sets in {calibration.conformal.coverage: trusted.sets, **at}.items()}
+        plots.set_size_histogram(sizes, (~correct).numpy(), len(meta["classes"]), out / "set_sizes.png",
+                                 title=f"{calibration.conformal.name} prediction sets: {len(labels)} images")
         confidences[f"after (T = {calibration.temperature:.2f}): ECE {result['ece_after']:.2%}"] = (
             trusted.probs.max(1).values.numpy())
         if ood_data is not None:
@@ -73,20 +84,41 @@ def run_calibration(model_path: Path | None, data: Path, out: Path, ood_data: Pa
     return result
 
 
-def _trust_summary(calibration: Calibration, trusted: Trusted, labels: torch.Tensor, correct: torch.Tensor) -> dict:
-    """ECE after scaling, coverage and set sizes, OOD and flag shares, and the accuracy of the unflagged answers."""
-    sizes = trusted.sets.sum(1)
+def _set_summary(sets: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, classes: Sequence[str],
+                 coverage: float, method: str) -> dict:
+    """Coverage and mean set size, overall and per class; share of each set size; and where the wrong top-1 answers
+    went: in a set of two or more classes (the set warns), or alone in a one-class set (it does not)."""
+    sizes = sets.sum(1)
+    covered = sets[torch.arange(len(labels)), labels]
+    wrong = ~correct
+    per_class = {name: {"n": int((labels == k).sum()),
+                        "coverage": float(covered[labels == k].float().mean()) if (labels == k).any() else None,
+                        "mean_set_size": float(sizes[labels == k].float().mean()) if (labels == k).any() else None}
+                 for k, name in enumerate(classes)}
+    return {
+        "method": method,
+        "coverage_target": coverage,
+        "coverage": float(covered.float().mean()),
+        "per_class": per_class,
+        "mean_set_size": float(sizes.float().mean()),
+        "empty": float((sizes == 0).float().mean()),
+        "set_size_share": {str(k): float((sizes == k).float().mean()) for k in range(sets.shape[1] + 1)},
+        "wrong_top1": int(wrong.sum()),
+        "wrong_in_multi_class_sets": float((sizes[wrong] >= 2).float().mean()) if wrong.any() else None,
+        "wrong_covered": float(covered[wrong].float().mean()) if wrong.any() else None,
+    }
+
+
+def _trust_summary(calibration: Calibration, trusted: Trusted, labels: torch.Tensor, correct: torch.Tensor,
+                   classes: Sequence[str]) -> dict:
+    """ECE after scaling, prediction sets (``_set_summary``), OOD and flag shares, and the accuracy of the unflagged
+    answers."""
     unflagged = torch.tensor([not flag for flag in trusted.flags])
     return {
         "temperature": calibration.temperature,
         "ece_after": calibration_error(trusted.probs, labels),
-        "conformal": {
-            "method": CONFORMAL_METHOD,
-            "coverage_target": calibration.conformal.coverage,
-            "coverage": float(trusted.sets[torch.arange(len(labels)), labels].float().mean()),
-            "mean_set_size": float(sizes.float().mean()),
-            "set_size_share": {str(k): float((sizes == k).float().mean()) for k in range(trusted.sets.shape[1] + 1)},
-        },
+        "conformal": _set_summary(trusted.sets, labels, correct, classes, calibration.conformal.coverage,
+                                  calibration.conformal.name),
         "ood": {"method": calibration.ood.method, "threshold": calibration.ood.threshold,
                 "flagged": float((trusted.ood_scores > calibration.ood.threshold).float().mean())},
         "flags": {
