@@ -6,7 +6,9 @@ Problems with the user's input (``WbcError``) print one line naming the problem 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +21,7 @@ from wbc_trust import config
 from wbc_trust.console import make_console, print_table
 from wbc_trust.cli_options import ModelOption
 from wbc_trust.errors import WbcError
+from wbc_trust.recipe import TrainConfig, shipped_recipes
 from wbc_trust.trust.cli import trust_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,36 +30,82 @@ app.add_typer(trust_app, name="trust")
 console = make_console()  # not a terminal: lines and table rows are written whole
 
 
+_TRAIN = {f.name: f.default for f in fields(TrainConfig)}  # the defaults shown by --help are TrainConfig's
+
+
+def _per_arch(defaults: dict[str, object], otherwise: object) -> str:
+    """A per-architecture default for the help, e.g. "imagenet for efficientnet_lite0, else none"."""
+    return ", ".join(f"{value} for {arch}" for arch, value in defaults.items()) + f", else {otherwise}"
+
+
+def _log_to_stdout() -> None:
+    """The training log (library code logs, the CLI shows it): one line per message on stdout."""
+    logger = logging.getLogger("wbc_trust")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="image folder: class folders, Kaggle Train/Test-A/Test-B, or PBC")],
-    out: Annotated[Path, typer.Option(help="run folder for model.safetensors, history, curves, split")],
-    arch: Annotated[str, typer.Option(help="cnn | vgg16 | resnet50 | efficientnet_lite0")] = "efficientnet_lite0",
-    epochs: int = config.EPOCHS,
-    batch_size: int = config.BATCH_SIZE,
-    lr: float = config.LEARNING_RATE,
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option(help="image folder: class folders, Kaggle Train/Test-A/Test-B, or "
+                                                      "PBC (required unless the --config file names it)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run folder for model.safetensors, history, curves, split, "
+                                                     "args.yaml")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--config", help="recipe: a YAML file of these settings (e.g. a "
+                                                  f"run's args.yaml) or a shipped one: {', '.join(shipped_recipes())}"
+                                                  "; options given here override it")] = None,
+    arch: Annotated[str, typer.Option(help="architecture; `--arch list` lists the registered ones (models.REGISTRY: "
+                                           "reading it imports torch, so --help does not)")] = _TRAIN["arch"],
+    epochs: int = _TRAIN["epochs"],
+    batch_size: Annotated[int, typer.Option(help="one step's batch (under torchrun shared among the processes)")]
+    = _TRAIN["batch_size"],
+    lr: float = _TRAIN["lr"],
     img_size: Annotated[Optional[int], typer.Option(help="input size in pixels; default per architecture")] = None,
-    seed: int = config.SEED,
-    pretrained: Annotated[Optional[str], typer.Option(help="imagenet | PATH to a weights file | none")] = None,
-    freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")] = False,
-    frozen_stages: Annotated[int, typer.Option(help="keep the first N backbone stages at their pretrained weights")] = 0,
+    seed: int = _TRAIN["seed"],
+    pretrained: Annotated[Optional[str], typer.Option(help="imagenet | PATH to a weights file | none; default: "
+                                                           + _per_arch(config.DEFAULT_PRETRAINED, "none"))] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")]
+    = _TRAIN["freeze_backbone"],
+    frozen_stages: Annotated[Optional[int], typer.Option(help="keep the first N backbone stages at their pretrained "
+                                                               "weights; default with pretrained weights: "
+                                                               + _per_arch(config.DEFAULT_FROZEN_STAGES, 0))] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT/checkpoint.pt")] = False,
     max_images: Annotated[Optional[int], typer.Option(help="use at most this many images per split (quick runs)")] = None,
     test_views: Annotated[str, typer.Option(help="comma-separated flips whose logits predictions average: "
                                                  "identity, hflip, vflip (identity alone = no test-time flips)")]
-    = ",".join(config.TEST_VIEWS),
+    = ",".join(_TRAIN["test_views"]),
     augment: Annotated[str, typer.Option(help="seed (the seed's augmentation) | cross-lab (zoom to 3x, blur, colour "
-                                              "jitter: for images from other labs)")] = "seed",
+                                              "jitter: for images from other labs)")] = _TRAIN["augment"],
+    device: Annotated[str, typer.Option(help="auto (CUDA when there is a GPU) | cpu | cuda")] = _TRAIN["device"],
 ) -> None:
-    """Train a model; the best-on-validation weights go to OUT/model.safetensors."""
-    from wbc_trust.train import TrainConfig, train as run_training
+    """Train a model; the best-on-validation weights go to OUT/model.safetensors.
 
-    result = run_training(TrainConfig(
-        data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed,
-        pretrained=pretrained, freeze_backbone=freeze_backbone, frozen_stages=frozen_stages, resume=resume, max_images=max_images,
-        test_views=tuple(v.strip() for v in test_views.split(",") if v.strip()), augment=augment,
-    ))
-    console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {out / 'model.safetensors'}")
+    Defaults: the shipped default model's recipe. Several processes: torchrun --nproc-per-node N wbc train ...
+    """
+    if arch == "list":
+        from wbc_trust.models import arch_help
+
+        console.print(arch_help(), highlight=False)
+        return
+    from wbc_trust.distributed import is_main_process
+    from wbc_trust.recipe import make_config
+    from wbc_trust.train import train as run_training
+
+    values = {"data": data, "out": out, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "img_size": img_size, "seed": seed, "pretrained": pretrained, "freeze_backbone": freeze_backbone,
+              "frozen_stages": frozen_stages, "resume": resume, "max_images": max_images,
+              "test_views": tuple(v.strip() for v in test_views.split(",") if v.strip()), "augment": augment,
+              "device": device}
+    given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+    _log_to_stdout()
+    cfg = make_config(recipe, **given)
+    result = run_training(cfg)
+    if is_main_process():
+        console.print(f"[bold green]done[/]: {json.dumps(result)}\nmodel: {Path(cfg.out) / 'model.safetensors'}")
 
 
 @app.command()

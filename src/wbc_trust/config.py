@@ -54,8 +54,18 @@ CROSS_LAB_JITTER: dict[str, float] = {"brightness": 0.25, "contrast": 0.3, "satu
 VAL_FRACTION: float = 0.15
 TEST_FRACTION: float = 0.15
 SEED: int = 0
+#: Share of the validation split set apart as the calibration split (temperature, prediction sets, OOD statistics),
+#: so that the images that chose the best epoch are not also the ones that say how far to trust it. Carved out of the
+#: validation split after the train/val/test split (stratified, duplicates together): train and test do not change.
+CALIB_FRACTION: float = 0.5
 
-#: Training defaults.
+#: Training defaults: the recipe of the shipped default model (``wbc train`` with no options; spelled out in
+#: ``recipes/default.yaml``). The architecture, and per architecture the starting weights when ``--pretrained`` is not
+#: given (ImageNet only where they install offline with the package; VGG16/ResNet50 would download theirs) and the
+#: backbone stages kept at those weights when ``--frozen-stages`` is not given (none when training from scratch).
+DEFAULT_ARCH: str = "efficientnet_lite0"
+DEFAULT_PRETRAINED: dict[str, str] = {"efficientnet_lite0": "imagenet"}
+DEFAULT_FROZEN_STAGES: dict[str, int] = {"efficientnet_lite0": 4}
 EPOCHS: int = 8
 BATCH_SIZE: int = 48
 LEARNING_RATE: float = 1e-3
