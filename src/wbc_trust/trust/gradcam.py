@@ -95,7 +95,9 @@ def randomised_copy(model: WbcClassifier, images: torch.Tensor, seed: int = conf
         for module in clone.modules():
             if next(module.parameters(recurse=False), None) is not None:  # every layer with weights of its own
                 module.reset_parameters()
-    update_bn([to_unit(images)], clone)
+        # update_bn runs the network in train mode, where dropout draws random masks: seeded too, so that the check
+        # gives the same numbers on every run
+        update_bn([to_unit(images)], clone)
     return clone.eval()
 
 
