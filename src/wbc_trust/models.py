@@ -374,9 +374,20 @@ def bf16_supported() -> bool:
         return False
 
 
-def autocast(enabled: bool | None = None) -> torch.autocast:
-    """bf16 autocast on CPUs that support it natively, fp32 otherwise (``enabled`` forces it either way)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported() if enabled is None else enabled)
+def autocast_dtype(device: torch.device | str = "cpu", enabled: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype on ``device``, None for fp32. CPU: bf16 where the CPU runs it natively; CUDA: bf16 on GPUs
+    that have it (Ampere and later), else fp16 (training then scales the loss). ``enabled`` forces it on or off."""
+    if enabled is False:
+        return None
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if enabled or bf16_supported() else None
+
+
+def autocast(enabled: bool | None = None, device: torch.device | str = "cpu") -> torch.autocast:
+    """Autocast on ``device`` with ``autocast_dtype``'s choice (fp32 where it says None)."""
+    dtype = autocast_dtype(device, enabled)
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def prepare_for_cpu(model: nn.Module) -> nn.Module:
@@ -390,16 +401,17 @@ def logits_and_features(model: WbcClassifier, images: torch.Tensor, batch_size: 
     """``model.predict`` for uint8 (or [0, 1] float) images N×3×S×S, in batches of ``batch_size`` network inputs
     (views included), under bf16 where supported: logits N×C and pooled features N×D."""
     model.eval()
+    device = next(model.parameters()).device  # the images go where the model is (a GPU after training on one)
     step = max(1, batch_size // len(model.views))
     starts = range(0, len(images), step)
     logits, features = [], []
     for start in tqdm(starts, desc="predicting", unit="batch", leave=False, disable=not progress or len(starts) < 2):
-        x = images[start : start + step]
+        x = images[start : start + step].to(device, non_blocking=True)
         x = to_unit(x).contiguous(memory_format=torch.channels_last)
-        with autocast():
+        with autocast(device=device):
             batch_logits, batch_features = model.predict(x)
-        logits.append(batch_logits)
-        features.append(batch_features)
+        logits.append(batch_logits.to("cpu"))  # results for metrics, numpy and CSV rows (a blocking copy: safe to read)
+        features.append(batch_features.to("cpu"))
     if not logits:
         return torch.empty(0, 0), torch.empty(0, 0)
     return torch.cat(logits), torch.cat(features)

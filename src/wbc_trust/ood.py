@@ -99,6 +99,9 @@ def _fit_gaussians(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     present = np.unique(labels)
     means = np.stack([features[labels == k].mean(0) for k in present])
     centred = features - means[np.searchsorted(present, labels)]
+    if not centred.any():  # one image per class (a tiny calibration split or fold): no spread to estimate
+        raise WbcError("the out-of-distribution statistics need at least two held-out images of a class: "
+                       "calibrate on more labelled images (wbc calibrate MODEL --data FOLDER)")
     # shrinkage keeps the covariance well conditioned, so a plain inverse is safe (and 30x faster than the
     # eigendecomposition scikit-learn uses for ``precision_``)
     covariance = LedoitWolf(assume_centered=True, store_precision=False).fit(centred).covariance_

@@ -46,7 +46,7 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.io import atomic_write, write_json
 from wbc_trust.modelfile import load_model, run_manifest, save_model
-from wbc_trust.models import VIEWS, bf16_supported, build_model, default_img_size, get_arch, predict_probs, prepare_for_cpu
+from wbc_trust.models import VIEWS, autocast_dtype, build_model, default_img_size, get_arch, predict_probs, prepare_for_cpu
 from wbc_trust.recipe import TrainConfig, plain, save_recipe
 
 log = logging.getLogger(__name__)
@@ -168,16 +168,6 @@ def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: s
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def autocast_dtype(device: torch.device, bf16: bool | None) -> torch.dtype | None:
-    """The autocast dtype of a training step, None for fp32. CPU: bf16 where the CPU has native bf16 (or forced);
-    CUDA: bf16 on GPUs that have it (Ampere and later), fp16 with loss scaling on older ones; ``bf16=False``: fp32."""
-    if bf16 is False:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if bf16 or bf16_supported() else None
-
-
 def _sync_last_chunk_only(model: nn.Module, last: bool):
     """Under DDP, gradients are averaged across processes once per step (on the last chunk's backward), not per
     chunk: ``no_sync`` lets the earlier chunks accumulate locally."""
@@ -275,7 +265,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, epochs: in
         batch_weight = None
         if ctx.distributed:
             local = weight[labels].sum() if weight is not None else torch.tensor(float(len(labels)))
-            batch_weight = torch.tensor(sum(ctx.sum(float(local))) / ctx.world_size, device=ctx.device)
+            batch_weight = torch.tensor(ctx.sum(float(local))[0] / ctx.world_size, device=ctx.device)
         logits, loss = train_step(trainer.network, images, labels, trainer.criterion, trainer.optimizer,
                                   trainer.amp is not None, trainer.scaler if trainer.scaler.is_enabled() else None,
                                   batch_weight)
@@ -290,7 +280,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, epochs: in
 
 
 def _evaluate_split(model: nn.Module, loaded: LoadedImages, criterion: nn.Module) -> tuple[float, dict, torch.Tensor]:
-    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images)).cpu()
+    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images))
     labels = loaded.labels
     loss = float(criterion(torch.log(probs.clamp_min(1e-8)), labels)) if len(labels) else float("nan")
     metrics = compute_metrics(labels.numpy(), probs.argmax(1).numpy(), list(config.CLASSES))
@@ -339,6 +329,8 @@ def checkpoint_state(trainer: Trainer, loader: DataLoader, progress: Progress, f
     }
     if not ctx.distributed:
         state["loader_rng"] = loader.generator.get_state()
+    if ctx.device.type == "cuda":  # dropout on a GPU draws from its own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(ctx.device)
     return state
 
 
@@ -370,6 +362,8 @@ def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loa
         torch.set_rng_state(state["rng"])
         if "loader_rng" in state and isinstance(loader.generator, torch.Generator):
             loader.generator.set_state(state["loader_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"], torch.cuda.current_device())
         log.info(f"resuming after epoch {state['epoch']}")
         return Progress(state["history"], state["best"], state["stale"], state["epoch"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -434,15 +428,13 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
         raise WbcError(f"process {ctx.rank} sees other images in {cfg.data} than process 0: every node needs the "
                        "same data folder (shared storage or identical copies)")
     train_set, val_set = splits.loaded["train"], splits.loaded["val"]
-    amp = autocast_dtype(ctx.device, cfg.bf16)
-    log.info(f"{cfg.arch} at {cfg.img_size} px on {ctx.device.type}"
-             + (f" × {ctx.world_size} processes" if ctx.distributed else "")
-             + f", {'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}: "
-             f"{len(train_set.records)} training, {len(val_set.records)} validation, "
-             f"{len(splits.loaded['calib'].records)} calibration images")
-
     loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.augment, ctx)
     trainer = _build_trainer(cfg, train_set, loader, ctx)
+    log.info(f"{cfg.arch} at {cfg.img_size} px on {ctx.device.type}"
+             + (f" × {ctx.world_size} processes" if ctx.distributed else "")
+             + f", {'fp32' if trainer.amp is None else str(trainer.amp).removeprefix('torch.') + ' autocast'}: "
+             f"{len(train_set.records)} training, {len(val_set.records)} validation, "
+             f"{len(splits.loaded['calib'].records)} calibration images")
     eval_criterion = nn.NLLLoss()
     checkpoint_path, model_path = cfg.out / "checkpoint.pt", cfg.out / "model.safetensors"
     fingerprint = splits.split_file["data_fingerprint"]
@@ -466,7 +458,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
     best_model, best_meta = load_model(model_path)
     calib = splits.loaded["calib"]
     try:
-        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model), best_meta, calib,
+        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model).to(ctx.device), best_meta, calib,
                                                  f"calibration split of {best_meta['data']['root']} (seed {cfg.seed})")
     except WbcError as exc:  # too few calibration images: the model is still usable, without trust flags
         log.info(f"model saved without calibration: {exc}")
@@ -476,7 +468,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
     save_recipe(cfg, cfg.out / "args.yaml")
     for name in ("test", "test_b"):
         if name in splits.loaded and splits.loaded[name].records:
-            result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name)
+            result[name] = _test_report(model_path, splits.loaded[name], cfg.out / name, ctx.device)
     return result
 
 
@@ -506,9 +498,10 @@ def _finish_epoch(cfg: TrainConfig, trainer: Trainer, loader: DataLoader, progre
     return False
 
 
-def _test_report(model_path: Path, loaded: LoadedImages, out: Path) -> dict:
+def _test_report(model_path: Path, loaded: LoadedImages, out: Path, device: torch.device | None = None) -> dict:
     """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
     model, meta = load_model(model_path)
+    model.to(device or "cpu")
     probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images),
                           temperature=Calibration.temperature_of(meta)).numpy()
     y_true = loaded.labels.numpy()
