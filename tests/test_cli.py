@@ -36,8 +36,13 @@ def test_predict_nothing_readable_exits_non_zero(tmp_path: Path, tiny_run: Path)
     assert result.returncode == 2 and "none of the files" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["no-class-folders", "missing-class", "empty", "not-there", "wrong-model", "bad-view",
-                                  "bad-augment"])
+#: Per case: what the one error line must name (the problem itself, not some other complaint about the input).
+BAD_INPUT = {"no-class-folders": "no class folders in", "missing-class": "basophil missing or empty",
+             "empty": "no class folders in", "not-there": "does not exist", "wrong-model": "not a safetensors model file",
+             "bad-view": "unknown view(s) rotate45", "bad-augment": "unknown --augment 'heavy'"}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -49,22 +54,26 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
         shutil.rmtree(data / "basophil")
     elif case == "not-there":
         data = tmp_path / "absent"
-    elif case == "wrong-model":
+    elif case in ("wrong-model", "bad-view", "bad-augment"):  # valid data: only the option itself is wrong
         make_tree(data, 2)
+    if case == "wrong-model":
         bad = tmp_path / "model.safetensors"
         bad.write_bytes(b"\x00" * 64)
         extra = ["--model", str(bad)]
     command = ["evaluate", "--data", str(data), "--out", str(tmp_path / "o"), *extra]
     if case == "missing-class":
         command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--arch", "cnn"]
+    quick = ["--arch", "cnn", "--epochs", "1", "--img-size", "32"]  # were the option accepted, a short run
     if case == "bad-augment":
-        command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--augment", "heavy"]
+        command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), *quick, "--augment", "heavy"]
     if case == "bad-view":
-        command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--test-views", "identity,rotate45"]
+        command = ["train", "--data", str(data), "--out", str(tmp_path / "o"), *quick, "--test-views",
+                   "identity,rotate45"]
     result = wbc(*command)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert BAD_INPUT[case] in lines[0], lines[0]
     assert "Traceback" not in result.stderr
 
 
