@@ -115,10 +115,10 @@ class MondrianConformal:
     eosinophil quantile at 0.99 alone would admit eosinophils only from p ≥ 0.97).
 
     ``scores`` holds each calibration image's score of its true class, grouped by class (``counts[k]`` of class k,
-    in class order), which is all ``--coverage`` needs to re-derive the quantiles. Hand-written: MAPIE 1.x dropped
-    its Mondrian wrapper, its RAPS refuses coverages above 1 - 1/n of its internal tuning split (0.99 needs ≥ 100
-    images of each class there), and it needs a scikit-learn estimator where we have stored scores; TorchCP brings
-    heavy dependencies for the same few lines. The method is a sort and a per-class order statistic.
+    in class order), which is all ``--coverage`` needs to re-derive the quantiles. Hand-written: MAPIE 1.6 has no
+    Mondrian mode, needs a scikit-learn estimator where the model file has stored scores, and its RAPS tunes on an
+    internal 20 % split of the calibration images; TorchCP brings heavy dependencies for the same few lines. The
+    method is a sort and a per-class order statistic.
     """
 
     scores: torch.Tensor
