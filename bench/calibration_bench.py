@@ -125,7 +125,8 @@ def set_rows(summary: dict) -> list[tuple[str, float | None, bool | None]]:
 
 def print_comparison(rows: list[dict], classes: list[str]) -> None:
     """The comparison as a Markdown table (the README's)."""
-    print("| coverage | sets | " + " | ".join(classes) + " | mean size | ≥ 2 classes | empty | wrong top-1 in ≥ 2 |")
+    print("| coverage | sets | " + " | ".join(classes) + " | mean size | ≥ 2 classes | empty "
+          "| wrong top-1 in ≥ 2 |")
     print("|---" * (len(classes) + 6) + "|")
     for r in rows:
         print(f"| {r['coverage']:.1%} | {r['method']} | " + " | ".join(f"{r['per_class'][c]:.2%}" for c in classes)

@@ -95,8 +95,9 @@ def aps_scores(probs: torch.Tensor) -> torch.Tensor:
 
 def raps_scores(probs: torch.Tensor, lam: float = config.RAPS_LAMBDA, k_reg: int = config.RAPS_K_REG) -> torch.Tensor:
     """RAPS (Angelopoulos et al. 2021), not randomised: APS plus ``lam`` for every rank beyond the ``k_reg``-th."""
-    ranks = torch.empty_like(probs).scatter_(
-        1, probs.argsort(dim=1, descending=True, stable=True), torch.arange(1, probs.shape[1] + 1, dtype=probs.dtype).expand_as(probs))
+    order = probs.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(1, probs.shape[1] + 1, dtype=probs.dtype).expand_as(probs)
+    ranks = torch.empty_like(probs).scatter_(1, order, positions)
     return aps_scores(probs) + lam * (ranks - k_reg).clamp(min=0)
 
 
