@@ -188,7 +188,10 @@ def test_calibrate_recomputes_the_validation_split(tiny_run: Path, small_tree: P
     meta = read_metadata(model_path)
     loaded, fitted_on = validation_split(meta, small_tree)
     split = json.loads((tiny_run / "split.json").read_text())
-    assert sorted(str(r.path.relative_to(small_tree)) for r in loaded.records) == sorted(split["val"])
+    # calibration data are kept apart from the images that chose the checkpoint (issue 11): the "calib" part of the
+    # validation split, disjoint from "val"
+    assert sorted(str(r.path.relative_to(small_tree)) for r in loaded.records) == sorted(split["calib"])
+    assert not set(split["calib"]) & set(split["val"])
     result = CliRunner().invoke(app, ["calibrate", str(model_path), "--data", str(small_tree), "--coverage", "0.9"])
     assert result.exit_code == 0, result.output
     stored = read_metadata(model_path)["calibration"]
