@@ -261,6 +261,28 @@ def export_onnx(
     console.print(f"wrote {out}: {meta['arch']}, {meta['img_size']} px, classes {', '.join(meta['classes'])}")
 
 
+
+@app.command()
+def count(
+    paths: Annotated[list[Path], typer.Argument(help="smear images (fields or crops) and/or folders (recursive)")],
+    out: Annotated[Path, typer.Option(help="folder for cells.csv, images.csv, differential.csv/.json, report.html")],
+    model: ModelOption = None,
+) -> None:
+    """Find every white cell, classify it, and count a differential with 95 % intervals (flagged cells apart)."""
+    from wbc_trust.count import run_count
+
+    summary = run_count(paths, out, model)
+    table = Table(title=f"{summary.n_cells} white cells in {summary.n_images} image(s), {summary.n_flagged} flagged "
+                        f"(counted apart), {summary.n_unreadable} unreadable image(s)")
+    for column in ("class", "count", "%", "95 % interval"):
+        table.add_column(column)
+    for r in summary.differential:
+        ci = "" if r["ci_low"] is None or r["ci_low"] != r["ci_low"] else f"{r['ci_low']:.1f}–{r['ci_high']:.1f}"
+        table.add_row(r["class"], str(r["count"]), "" if r["percent"] != r["percent"] else f"{r['percent']:.1f}", ci)
+    print_table(table, console)
+    console.print(f"wrote {out / 'report.html'} and the CSV/JSON files ({summary.seconds:.1f} s)")
+
+
 def main() -> None:
     """Entry point of ``wbc``: user errors become one line on stderr and exit code 2."""
     try:

@@ -185,3 +185,47 @@ OOD_ACCEPT: float = 0.95
 #: Out-of-distribution score written by `wbc train` / `wbc calibrate` (a name in ood.OOD_SCORES).
 OOD_METHOD: str = "mahalanobis"
 OOD_FOLDS: int = 5
+
+# --- cell finder and `wbc count` (finder.py, count.py) ------------------------------------------------------------
+
+#: The finder's weights (gradient-boosted region verifier + box regressors, fitted by ``python bench/finder.py --fit``).
+FINDER_MODEL_PATH: Path = PACKAGE_DIR / "assets" / "finder.npz"
+#: Long side (pixels) of the working image the finder thresholds. Images longer than FINDER_TILE_PX may be searched
+#: in overlapping tiles (share FINDER_TILE_OVERLAP) FINDER_TILE_RED_CELLS red cells across (BCCD's 640 px fields span
+#: ~6.5 of their ~97 px red cells), like the fields the verifier was fitted on: searched whole, a 3×3 mosaic of BCCD
+#: fields (1920×1440) gave 0 of its 9 white cells, in tiles 8.
+FINDER_WORK_PX: int = 400
+FINDER_TILE_PX: int = 640
+FINDER_TILE_RED_CELLS: float = 4.5
+FINDER_TILE_OVERLAP: float = 0.4
+#: Gaussian sigma (working pixels) of the violet index; regions smaller than this share of the working image are
+#: not proposed; fewer red cells than this give no scale.
+FINDER_SMOOTH_SIGMA: float = 1.5
+FINDER_MIN_AREA_SHARE: float = 0.0003
+FINDER_MIN_RED_CELLS: int = 5
+#: A proposal is a white cell when the verifier's probability is at least this; boxes overlapping more than
+#: FINDER_NMS_IOU are one cell; a found box matches a true one at IoU ≥ FINDER_MATCH_IOU (bench, tests).
+FINDER_MIN_SCORE: float = 0.5
+FINDER_NMS_IOU: float = 0.3
+FINDER_MATCH_IOU: float = 0.5
+#: Size of the verifier and of each box regressor (boosting iterations, leaves per tree).
+FINDER_TREES: int = 150
+FINDER_LEAVES: int = 15
+#: The red-cell ruler: a normal red cell is about 7.5 µm across in every smear.
+RED_CELL_DIAMETER_UM: float = 7.5
+#: The red-cell ruler (finder._ruler): percentile of the distance-transform maxima, and its ratio to the annotated
+#: red-cell size (measured on txl-fields train: BCCD 0.84, BCD 0.79, PBC 0.85, Raabin 0.77).
+FINDER_RED_CELL_PERCENTILE: float = 90.0
+FINDER_RED_CELL_BOX_RATIO: float = 0.81
+#: `wbc count`: the share of its square crop window that a found cell's box (its longer side) covers, as in the PBC
+#: crops the model was trained on (cell boxes ~135 px in 360 px crops: 0.375); chosen on bccd-fields
+#: (python bench/count.py --shares). Cells whose box comes within COUNT_EDGE_MARGIN_PX of the image edge are flagged.
+COUNT_CELL_SHARE: float = 0.375
+COUNT_EDGE_MARGIN_PX: float = 2.0
+#: At most this many white cells are classified per image (the rest are reported in images.csv's flag).
+COUNT_MAX_CELLS: int = 500
+#: Sizes of the annotated pictures (long side) and gallery crops; how many of each report.html inlines.
+COUNT_ANNOTATED_PX: int = 1024
+COUNT_THUMB_PX: int = 96
+COUNT_REPORT_IMAGES: int = 40
+COUNT_REPORT_GALLERY: int = 60
