@@ -20,18 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from wbc_trust import config  # noqa: E402
-from wbc_trust.count import _lossless_bytes, crop_cell, run_count  # noqa: E402
-from wbc_trust.data import find_dataset, read_image  # noqa: E402
-from wbc_trust.finder import CellFinder  # noqa: E402
-from wbc_trust.predict import Predictor  # noqa: E402
+from wbc_trust import config
+from wbc_trust.count import _lossless_bytes, crop_cell, run_count
+from wbc_trust.data import find_dataset, read_image
+from wbc_trust.finder import CellFinder
+from wbc_trust.predict import Predictor
 
 DATA = ROOT.parent / "shared" / "datasets"
 OUT = ROOT / "bench_out" / "count"

@@ -31,8 +31,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from wbc_trust import config  # noqa: E402
-from wbc_trust.finder import CellFinder, fit, match, proposal_table, read_voc, read_yolo  # noqa: E402
+from wbc_trust import config
+from wbc_trust.finder import CellFinder, fit, match, proposal_table, read_voc, read_yolo
 
 DATA = ROOT.parent / "shared" / "datasets"
 TXL = DATA / "txl-fields"
@@ -80,7 +80,7 @@ def edge_crop(array: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) ->
     if right - left < w // 3 or bottom - top < h // 3:
         return array, boxes
     clipped = np.clip(boxes - [left, top, left, top], 0, [right - left, bottom - top] * 2)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     keep = area(clipped) >= 0.25 * area(boxes)
     return array[top:bottom, left:right], clipped[keep]
 
@@ -98,7 +98,7 @@ def fit_finder(seed: int = 0) -> dict:
             rows.append(proposal_table(*edge_crop(array, boxes, rng)))
     features, positive, offsets = (np.concatenate(parts) for parts in zip(*rows))
     fit(features, positive, offsets, config.FINDER_MODEL_PATH, seed)
-    return {"proposals": int(len(features)), "positive": int(positive.sum()), "fit_seconds": time.perf_counter() - start,
+    return {"proposals": len(features), "positive": int(positive.sum()), "fit_seconds": time.perf_counter() - start,
             "weights_bytes": config.FINDER_MODEL_PATH.stat().st_size}
 
 

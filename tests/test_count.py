@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED, require_shared
 from PIL import Image
 
-from conftest import SHARED, require_shared
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.count import crop_cell

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED, require_shared
 from PIL import Image
 
-from conftest import SHARED, require_shared
 from wbc_trust.finder import CellFinder, TreeEnsemble, match, read_voc, read_yolo
 
 require_shared()  # real fields and crops from ../shared/datasets
@@ -60,7 +60,7 @@ def test_boxes_match_annotations_on_four_labs_and_bccd(finder: CellFinder) -> No
 
 
 def test_boxes_are_in_pixels_of_the_original_image_at_any_size(finder: CellFinder) -> None:
-    path = sorted((FIELDS / "JPEGImages").glob("*.jpg"))[0]
+    path = min((FIELDS / "JPEGImages").glob("*.jpg"))
     image = Image.open(path).convert("RGB")
     truth = read_voc(FIELDS / "Annotations" / f"{path.stem}.xml")
     for factor in (0.5, 2.0):  # 320×240 and 1280×960: same cells, boxes scaled with the image
@@ -81,7 +81,7 @@ def test_a_big_field_is_tiled_and_every_part_is_searched(finder: CellFinder) -> 
 
 
 def test_red_cells_give_the_scale(finder: CellFinder) -> None:
-    path = sorted((FIELDS / "JPEGImages").glob("*.jpg"))[0]
+    path = min((FIELDS / "JPEGImages").glob("*.jpg"))
     rbc = read_voc(FIELDS / "Annotations" / f"{path.stem}.xml", "RBC")
     inner = rbc[(rbc[:, 0] > 1) & (rbc[:, 1] > 1) & (rbc[:, 2] < 639) & (rbc[:, 3] < 479)]
     annotated = float(np.median((inner[:, 2] - inner[:, 0] + inner[:, 3] - inner[:, 1]) / 2))
@@ -93,7 +93,7 @@ def test_red_cells_give_the_scale(finder: CellFinder) -> None:
 def test_no_white_cell_in_blank_tiny_or_grey_images(finder: CellFinder) -> None:
     assert finder.find(Image.new("RGB", (640, 480), (235, 225, 230))).cells == []
     assert finder.find(np.zeros((5, 5, 3), np.uint8)).cells == []
-    grey = np.asarray(Image.open(sorted((FIELDS / "JPEGImages").glob("*.jpg"))[0]).convert("L"))
+    grey = np.asarray(Image.open(min((FIELDS / "JPEGImages").glob("*.jpg"))).convert("L"))
     finder.find(grey)  # a 2-D array is read as grey RGB, without error
 
 

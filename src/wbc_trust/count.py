@@ -24,6 +24,7 @@ import csv
 import html
 import io
 import logging
+import math
 import os
 import tempfile
 import time
@@ -39,9 +40,9 @@ from tqdm import tqdm
 
 from wbc_trust import config
 from wbc_trust.data import UnreadableImage, find_unlabelled, read_image
-from wbc_trust.io import atomic_write_text, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import Cell, CellFinder
+from wbc_trust.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +254,19 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
+def _missing(value: float | None) -> bool:
+    """No number: a class interval of an empty count (NaN) or the flagged row's interval (None)."""
+    return value is None or math.isnan(value)
+
+
 def _write_differential(out: Path, table: list[dict], n_counted: int, n_flagged: int) -> None:
-    fmt = lambda v: "" if v is None or v != v else f"{v:.2f}"  # noqa: E731  (None/NaN → empty cell)
+    def fmt(value: float | None) -> str:
+        return "" if _missing(value) else f"{value:.2f}"
+
     lines = ["class,count,percent,ci_low,ci_high"]
     lines += [f"{r['class']},{r['count']},{fmt(r['percent'])},{fmt(r['ci_low'])},{fmt(r['ci_high'])}" for r in table]
     atomic_write_text(out / "differential.csv", "\n".join(lines) + "\n")
-    clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in table]
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in table]
     write_json(out / "differential.json", {
         "counted": n_counted, "flagged": n_flagged,
         "interval": "95 % Wilson score interval (statsmodels proportion_confint), percent",
@@ -279,16 +287,16 @@ def _write_report(out: Path, table: list[dict], n_counted: int, n_flagged: int, 
     1,000-field run stays openable; the folders hold all of them."""
     esc = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>wbc count</title><style>",
-             "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse} td,th{border:1px solid #ccc;"
-             "padding:3px 8px;text-align:right} img{margin:2px} .g img{width:%dpx}</style></head><body>"
-             % config.COUNT_THUMB_PX,
-             f"<h1>White-cell differential</h1><p>{n_images} image(s), {n_unreadable} unreadable; "
-             f"{n_counted + n_flagged} white cells found, {n_counted} counted, {n_flagged} flagged and counted apart "
-             "(uncertain, out-of-distribution or cut by the image edge). Intervals: 95 % Wilson score.</p>",
+             ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse} td,th{border:1px solid #ccc;"
+              f"padding:3px 8px;text-align:right}} img{{margin:2px}} .g img{{width:{config.COUNT_THUMB_PX}px}}"
+              "</style></head><body>"),
+             (f"<h1>White-cell differential</h1><p>{n_images} image(s), {n_unreadable} unreadable; "
+              f"{n_counted + n_flagged} white cells found, {n_counted} counted, {n_flagged} flagged and counted apart "
+              "(uncertain, out-of-distribution or cut by the image edge). Intervals: 95 % Wilson score.</p>"),
              "<table><tr><th>class</th><th>count</th><th>%</th><th>95 % interval</th></tr>"]
     for r in table:
-        interval = "" if r["ci_low"] is None or r["ci_low"] != r["ci_low"] else f"{r['ci_low']:.1f}–{r['ci_high']:.1f}"
-        percent = "" if r["percent"] != r["percent"] else f"{r['percent']:.1f}"
+        interval = "" if _missing(r["ci_low"]) else f"{r['ci_low']:.1f}–{r['ci_high']:.1f}"
+        percent = "" if _missing(r["percent"]) else f"{r['percent']:.1f}"
         parts.append(f"<tr><td style='text-align:left'>{esc(r['class'])}</td><td>{r['count']}</td><td>{percent}</td>"
                      f"<td>{interval}</td></tr>")
     parts.append("</table><p>Box colours: " + ", ".join(

@@ -505,12 +505,15 @@ def proposal_table(array: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np
 
 def fit(features: np.ndarray, positive: np.ndarray, offsets: np.ndarray, out: Path, seed: int = 0) -> Path:
     """Fit the verifier and the four box regressors, convert them to arrays and write ``out`` (.npz, atomically)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.ensemble import (
+        HistGradientBoostingClassifier,
+        HistGradientBoostingRegressor,
+    )
 
     from wbc_trust.io import atomic_write
 
-    params = dict(max_iter=config.FINDER_TREES, learning_rate=0.1, max_leaf_nodes=config.FINDER_LEAVES,
-                  random_state=seed)
+    params = {"max_iter": config.FINDER_TREES, "learning_rate": 0.1, "max_leaf_nodes": config.FINDER_LEAVES,
+              "random_state": seed}
     verifier = HistGradientBoostingClassifier(**params).fit(features, positive)
     arrays = {"feature_names": np.array(FEATURE_NAMES)}
     arrays.update(TreeEnsemble.from_sklearn(verifier, features[:500]).arrays("verifier"))
