@@ -191,9 +191,9 @@ OOD_FOLDS: int = 5
 #: The finder's weights (gradient-boosted region verifier + box regressors, fitted by ``python bench/finder.py --fit``).
 FINDER_MODEL_PATH: Path = PACKAGE_DIR / "assets" / "finder.npz"
 #: Long side (pixels) of the working image the finder thresholds. Images longer than FINDER_TILE_PX may be searched
-#: in overlapping tiles (share FINDER_TILE_OVERLAP) FINDER_TILE_RED_CELLS red cells across (BCCD's 640 px fields span
-#: ~6.5 of their ~97 px red cells), like the fields the verifier was fitted on: searched whole, a 3×3 mosaic of BCCD
-#: fields (1920×1440) gave 0 of its 9 white cells, in tiles 8.
+#: in overlapping tiles (share FINDER_TILE_OVERLAP) FINDER_TILE_RED_CELLS red-cell diameters (as the ruler reads them)
+#: across, like the fields the verifier was fitted on: a 3×3 mosaic of BCCD fields (1920×1440) searched whole gave 0
+#: of its 9 white cells, in 640 px tiles 8 (the ruler read 143 px there: 4.5 diameters), in 928 px tiles (6.5) 0.
 FINDER_WORK_PX: int = 400
 FINDER_TILE_PX: int = 640
 FINDER_TILE_RED_CELLS: float = 4.5
