@@ -37,7 +37,7 @@ from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
-from wbc_trust.calibration import FLAG_OOD, FLAG_UNCERTAIN
+from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC, FLAG_OOD, FLAG_UNCERTAIN
 from wbc_trust.trust.gradcam import gradcam_overlay
 from wbc_trust.trust.influence import InfluenceIndex, influential_training_images
 
@@ -292,7 +292,11 @@ def show_model(model: LoadedModel) -> None:
 
 def trust_warnings(prediction: Prediction) -> list[str]:
     """Plain-words warnings for a flagged answer (the flags come from the model's calibration)."""
-    if prediction.flag == FLAG_OOD:
+    if prediction.flag == FLAG_NEW_LAB:
+        return ["This looks like a white cell photographed in another lab (other stain, microscope or camera) than "
+                "the images the model learned from: its answer and confidence are not reliable there. Adapt the model "
+                "to that lab with `wbc adapt` (README, \"Another lab's cells\")."]
+    if prediction.flag in (FLAG_OOD, FLAG_NOT_WBC):
         return ["This image does not look like the white-cell images the model learned from "
                 f"(out-of-distribution score {prediction.ood_score:.1f}). The answer may mean nothing: check that the "
                 "picture shows one stained white blood cell, photographed like the training images."]

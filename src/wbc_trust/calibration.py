@@ -20,11 +20,14 @@ from wbc_trust import config
 from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage, conformal_from_metadata
 from wbc_trust.data import LoadedImages, model_labels, validation_split
 from wbc_trust.errors import WbcError
+from wbc_trust.lab import LabShift
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.models import WbcClassifier, logits_and_features
 from wbc_trust.ood import OODScore, from_stored, ood_score_class
 
-FLAG_OOD = "out-of-distribution"
+FLAG_OOD = "out-of-distribution"  # models without the lab statistic (lab.py), or no images to compute it on
+FLAG_NOT_WBC = "not a white cell"  # far from the calibration lab's white cells, but in that lab's colours
+FLAG_NEW_LAB = "white cell from an unfamiliar lab"  # another lab's colours: run `wbc adapt`
 FLAG_UNCERTAIN = "uncertain"
 _OWN_TENSORS = ("conformal.", "ood.")
 
@@ -76,6 +79,7 @@ class Calibration:
     conformal: MondrianConformal | SplitConformal  # SplitConformal: files calibrated before the Mondrian sets
     ood: OODScore
     fitted_on: str = ""
+    lab: LabShift | None = None  # the lab statistic (lab.py): the shipped default and `wbc adapt`'s models carry it
 
     @classmethod
     def fit(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
@@ -87,14 +91,20 @@ class Calibration:
         conformal = MondrianConformal.fit(torch.softmax(logits / temperature, 1), labels, coverage)
         return cls(temperature, conformal, ood_score_class(ood_method).fit(logits, features, labels), fitted_on)
 
-    def apply(self, logits: torch.Tensor, features: torch.Tensor, coverage: float | None = None) -> Trusted:
+    def apply(self, logits: torch.Tensor, features: torch.Tensor, coverage: float | None = None,
+              images: torch.Tensor | None = None) -> Trusted:
         """Temperature-scaled probabilities, prediction sets at ``coverage`` (default: the fitted one), OOD scores,
-        and the flag of each image: out-of-distribution first, else uncertain when the set is not one class."""
+        and the flag of each image: another lab's colours first (with a lab statistic and the ``images``), then out of
+        distribution (named "not a white cell" where the lab statistic vouches for the lab), else uncertain when the
+        set is not one class."""
         probs = torch.softmax(logits.float() / self.temperature, 1)
         sets = self.conformal.sets(probs, coverage)
         scores = self.ood.score(logits, features)
-        flags = [FLAG_OOD if s > self.ood.threshold else FLAG_UNCERTAIN if int(n) != 1 else ""
-                 for s, n in zip(scores.tolist(), sets.sum(1))]
+        knows_lab = self.lab is not None and images is not None
+        new_lab = self.lab.flagged(images).tolist() if knows_lab else [False] * len(scores)
+        flags = [FLAG_NEW_LAB if lab else (FLAG_NOT_WBC if knows_lab else FLAG_OOD) if s > self.ood.threshold
+                 else FLAG_UNCERTAIN if int(n) != 1 else ""
+                 for s, n, lab in zip(scores.tolist(), sets.sum(1), new_lab)]
         return Trusted(probs, sets, scores, flags)
 
     def metadata(self) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -102,7 +112,7 @@ class Calibration:
         conformal_meta, conformal_tensors = self.conformal.metadata()
         ood_meta, ood_tensors = self.ood.metadata()
         meta = {"temperature": self.temperature, "fitted_on": self.fitted_on, "conformal": conformal_meta,
-                "ood": ood_meta}
+                "ood": ood_meta, **({"lab": self.lab.metadata()} if self.lab is not None else {})}
         return meta, {**conformal_tensors, **ood_tensors}
 
     @staticmethod
@@ -117,7 +127,8 @@ class Calibration:
         if not stored or "conformal" not in stored or "ood" not in stored:
             return None
         return cls(float(stored["temperature"]), conformal_from_metadata(stored["conformal"], tensors),
-                   from_stored(stored["ood"], tensors), stored.get("fitted_on", ""))
+                   from_stored(stored["ood"], tensors), stored.get("fitted_on", ""),
+                   LabShift.from_metadata(stored["lab"]) if "lab" in stored else None)
 
 
 def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded: LoadedImages, fitted_on: str,

@@ -22,7 +22,8 @@ from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
 from wbc_trust.onnx_export import BACKENDS, OnnxModel, is_onnx_file, onnx_model_for
-from wbc_trust.calibration import Calibration
+from wbc_trust.calibration import FLAG_NEW_LAB, Calibration
+from wbc_trust.lab import batch_notice
 from wbc_trust.conformal import check_coverage
 
 
@@ -93,7 +94,7 @@ class Predictor:
         if self.calibration is None:
             probs, sets, scores, flags = torch.softmax(logits, 1), None, None, [""] * len(paths)
         else:
-            trusted = self.calibration.apply(logits, features, self.coverage)
+            trusted = self.calibration.apply(logits, features, self.coverage, images)
             probs, sets, scores, flags = trusted.probs, trusted.sets, trusted.ood_scores.tolist(), trusted.flags
         return [
             Prediction(
@@ -131,6 +132,11 @@ class Predictor:
             if tensors:
                 results.update(zip(positions, self._answers([str(paths[i]) for i in positions], torch.stack(tensors))))
         return [results[i] for i in range(len(paths))]
+
+    def batch_notice(self, predictions: Sequence[Prediction]) -> str | None:
+        """One message for a batch that mostly looks like another lab's (``lab.batch_notice``), or None."""
+        readable = [p for p in predictions if p.prediction is not None]
+        return batch_notice(sum(p.flag == FLAG_NEW_LAB for p in readable), len(readable))
 
     def write_csv(self, predictions: Iterable[Prediction], path: Path) -> None:
         """The ``--csv`` file: one row per input file."""

@@ -1,0 +1,422 @@
+"""``wbc adapt``: make a model read another lab's cells, from a few of that lab's labelled cells, or from its
+unlabelled images, and recalibrate its trust columns on that lab.
+
+- **With labels** (``--data``: class folders, any layout ``wbc train`` reads): the backbone stays frozen and only the
+  classification head is re-fitted, on the pooled features of the lab's cells (computed once, with the model's
+  test-time views) plus features of the base model's own training images (*replay*: the base lab's knowledge, and all
+  a class with fewer than ``config.ADAPT_MIN_CELLS`` lab cells is learnt from). The head starts from the base head and
+  is pulled towards it (an L2 penalty), so a handful of cells moves it only as far as they justify. Chosen by
+  measurement (README "Another lab's cells"): on 2 cores it takes seconds, where fine-tuning stages takes minutes.
+- **Recalibrated on the lab**, cross-fitted because the cells are few: the head is fitted ``config.ADAPT_FOLDS``
+  times, each time without one fold of the lab's cells, and those cells' out-of-fold logits fit the temperature and the
+  prediction sets; the OOD statistics are the lab cells' features (their threshold cross-fitted by ``ood.py``) and the
+  lab statistic (``lab.py``) their images' colours. So a flag on the adapted model means on that lab what it means on
+  PBC for the base model. Prediction sets are class-conditional when every class has enough lab cells for the coverage,
+  marginal LAC otherwise (a class-conditional quantile from 5 cells would put the class in every set).
+- **Without labels** (``--unlabelled DIR``, also together with ``--data``): batch-norm statistics re-estimated on the
+  lab's images (AdaBN, Li et al. 2016): every batch-norm layer averages the lab's batch statistics (momentum None), no
+  gradient; other labs' stain and camera shift activations that these statistics then undo.
+
+The adapted model file records its provenance in ``meta["adapted"]``: base model (path and SHA-256), the lab data's
+fingerprint, cells per class, replay source, and which classes kept the base model's knowledge.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+from tqdm import tqdm
+
+from wbc_trust import config
+from wbc_trust.calibration import Calibration, calibration_error, fit_temperature
+from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage
+from wbc_trust.data import (LoadedImages, Record, cache_dir, file_digest, find_dataset, find_unlabelled,
+                            load_images, model_labels, split_plan)
+from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write
+from wbc_trust.lab import LabShift
+from wbc_trust.modelfile import load_extra, load_model, save_model
+from wbc_trust.models import WbcClassifier, autocast, logits_and_features, prepare_for_cpu
+from wbc_trust.ood import ood_score_class
+
+log = logging.getLogger(__name__)
+
+_CALIBRATION_TENSORS = ("conformal.", "ood.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lab's images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_lab_cells(data: Path, img_size: int) -> LoadedImages:
+    """The lab's labelled cells, decoded at the model's input size; a folder that is not labelled is refused."""
+    try:
+        index = find_dataset(data, require_all_classes=False)
+    except WbcError as exc:
+        raise WbcError(f"--data {data} is not a labelled folder ({exc}). wbc adapt needs the lab's labelled cells "
+                       f"as one sub-folder per class ({', '.join(config.CLASSES)}; any letter case, or the Kaggle "
+                       "layout); for images without labels use --unlabelled DIR") from exc
+    records = [r for rs in index.splits.values() for r in rs]
+    loaded = load_images(records, img_size, desc="decoding the lab's cells")
+    for path, reason in loaded.unreadable:
+        log.warning(f"skipped unreadable file {path}: {reason}")
+    return loaded
+
+
+def lab_fingerprint(loaded: LoadedImages) -> str:
+    """SHA-256 over the sorted (class, file SHA-256) pairs (unlabelled images: class "-"): same images and labels,
+    same fingerprint, whatever their names or folder."""
+    lines = sorted(f"{'-' if r.label is None else config.CLASSES[r.label]}\t{d}\n"
+                   for r, d in zip(loaded.records, loaded.digests))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def replay_features(model: WbcClassifier, base_sha256: str, replay: LoadedImages) -> torch.Tensor:
+    """Pooled features of the replay images through ``model``, cached beside the decoded images (``data.cache_dir``)
+    under the base model's SHA-256 and the replay files' digests: every `wbc adapt` of one base model reads the same
+    replay images, and on 2 cores computing their features is most of a run's time. Not cached after batch-norm
+    re-estimation (the features then depend on the lab)."""
+    key = hashlib.sha256("\n".join([base_sha256, *replay.digests]).encode()).hexdigest()[:24]
+    path = cache_dir() / f"replay-features-{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    features = logits_and_features(model, replay.images, progress=True)[1].float().clone()
+    atomic_write(path, lambda f: torch.save(features, f))
+    return features
+
+
+def replay_cells(meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY_PER_CLASS,
+                 seed: int = config.SEED) -> tuple[LoadedImages | None, str]:
+    """Up to ``per_class`` images per class of the base model's training data (never its held-out test files), else
+    the shipped sample of PBC images, else none; and a sentence saying which."""
+    root = Path(meta.get("data", {}).get("root", ""))
+    records: list[Record] = []
+    source = ""
+    if root.is_dir():
+        try:
+            pool, _, _ = split_plan(find_dataset(root, require_all_classes=False))
+            test = set(meta["data"].get("test_files", []))
+            records = [r for r in pool if str(r.path.relative_to(root)) not in test]
+            source = f"the base model's training data {root}"
+        except WbcError as exc:
+            log.warning(f"the base model's training data {root} cannot be read ({exc})")
+    if not records and config.SAMPLE_DATA_DIR.is_dir():
+        records = find_dataset(config.SAMPLE_DATA_DIR, require_all_classes=False).splits["all"]
+        source = (f"the shipped sample of {len(records)} PBC images (the base model's training data "
+                  f"{root or '(not named)'} is not available here)")
+    if not records:
+        return None, "none: neither the base model's training data nor the shipped sample is available"
+    generator = np.random.default_rng(seed)
+    chosen = []
+    for k in range(len(config.CLASSES)):
+        of_class = [r for r in records if r.label == k]
+        chosen += [of_class[i] for i in sorted(generator.permutation(len(of_class))[:per_class])]
+    return load_images(chosen, img_size, desc="decoding replay images"), source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unlabelled adaptation: batch-norm statistics of the lab
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def reestimate_batchnorm(model: WbcClassifier, images: torch.Tensor,
+                         batch_size: int = config.ADAPT_BN_BATCH) -> None:
+    """AdaBN: replace every batch-norm layer's running mean and variance by the average of their batch values on
+    ``images`` (uint8 N×3×S×S; momentum None = a plain average over the batches), without gradients."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise WbcError(f"{model.arch} has no batch-norm layers: --unlabelled has nothing to re-estimate")
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="re-estimating batch norm", unit="batch",
+                          leave=False):
+            x = images[start : start + batch_size].float().div(255.0).contiguous(memory_format=torch.channels_last)
+            with autocast():
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled adaptation: the head on frozen features
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_head_reads_features(model: WbcClassifier, logits: torch.Tensor, features: torch.Tensor) -> None:
+    """The head re-fit works on the pooled features only where the head reads exactly them (EfficientNet, ResNet,
+    the seed's CNN; not VGG16, whose classifier reads the flattened 7×7 map)."""
+    with torch.no_grad():
+        try:
+            again = model.head()(features[:8].float())
+        except RuntimeError:
+            again = None
+    if again is None or again.shape != logits[:8].shape or not torch.allclose(again, logits[:8].float(), atol=0.15,
+                                                                               rtol=0.05):
+        raise WbcError(f"wbc adapt re-fits the head on pooled features, and {model.arch}'s head does not read them: "
+                       "adapt a model of another architecture (efficientnet_lite0, the default, works)")
+
+
+@dataclass
+class HeadData:
+    """What the head is fitted on: the lab's cells and the replay cells (features and model label indices)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    replay_features: torch.Tensor | None = None
+    replay_labels: torch.Tensor | None = None
+
+
+def fit_head(base_head: nn.Module, data: HeadData, n_classes: int, steps: int = config.ADAPT_HEAD_STEPS,
+             lr: float = config.ADAPT_HEAD_LR, l2: float = config.ADAPT_HEAD_L2,
+             replay_weight: float = config.ADAPT_REPLAY_WEIGHT, seed: int = config.SEED) -> nn.Module:
+    """A copy of ``base_head`` fitted by full-batch Adam on the lab's features (class-balanced cross-entropy: each
+    lab class weighs the same, however many cells it has) plus ``replay_weight`` × the replay cells' (class-balanced
+    too), plus ``l2`` × the squared distance to the base head's weights. Full batch: a few hundred 1,280-number
+    vectors, so each step is a few matrix products."""
+    with _one_thread():
+        return _fit_head(base_head, data, n_classes, steps, lr, l2, replay_weight, seed)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for the head's small matrix products: on a busy 2-core machine, 300 steps took 36 s with
+    two threads (synchronisation) and 0.9 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_head(base_head: nn.Module, data: HeadData, n_classes: int, steps: int, lr: float, l2: float,
+              replay_weight: float, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    # clones: features computed under inference_mode cannot enter autograd
+    data = HeadData(data.features.clone(), data.labels.clone(),
+                    None if data.replay_features is None else data.replay_features.clone(),
+                    None if data.replay_labels is None else data.replay_labels.clone())
+    head = copy.deepcopy(base_head).float().train()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    anchor = [p.detach().clone() for p in head.parameters()]
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+
+    def balanced(labels: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(labels, minlength=n_classes).float()
+        present = (counts > 0).sum()
+        return torch.where(counts > 0, 1.0 / (counts.clamp(min=1) * present), torch.zeros_like(counts))
+
+    lab_w = balanced(data.labels)
+    replay = data.replay_features is not None and replay_weight > 0
+    rep_w = balanced(data.replay_labels) if replay else None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(head(data.features), data.labels, weight=lab_w, reduction="sum")
+        if replay:
+            loss = loss + replay_weight * nn.functional.cross_entropy(
+                head(data.replay_features), data.replay_labels, weight=rep_w, reduction="sum")
+        loss = loss + l2 * sum(((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor))
+        loss.backward()
+        optimizer.step()
+    return head.eval().requires_grad_(False)
+
+
+def fitted_classes(labels: torch.Tensor, n_classes: int, min_cells: int = config.ADAPT_MIN_CELLS) -> list[int]:
+    """Classes with at least ``min_cells`` lab cells: the ones the head is adapted on."""
+    counts = torch.bincount(labels, minlength=n_classes)
+    return [k for k in range(n_classes) if counts[k] >= min_cells]
+
+
+def cross_fitted_logits(base_head: nn.Module, data: HeadData, n_classes: int, folds: int = config.ADAPT_FOLDS,
+                        seed: int = config.SEED) -> torch.Tensor:
+    """Each lab cell's logits from a head fitted without it (stratified folds; as many as the rarest class allows,
+    at most ``folds``): what calibration needs, since the final head has seen every cell."""
+    smallest = int(torch.bincount(data.labels)[torch.bincount(data.labels) > 0].min())
+    n_folds = max(2, min(folds, smallest))
+    out = torch.empty(len(data.labels), n_classes)
+    splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed) if smallest >= 2 else None
+    if splitter is None:
+        raise WbcError("cross-fitting needs at least two cells of every adapted class")
+    parts = list(splitter.split(np.zeros(len(data.labels)), data.labels.numpy()))
+    for fit_idx, held_idx in tqdm(parts, desc="cross-fitting the calibration", unit="fold", leave=False):
+        head = fit_head(base_head, HeadData(data.features[fit_idx], data.labels[fit_idx], data.replay_features,
+                                            data.replay_labels), n_classes, seed=seed)
+        with torch.no_grad():
+            out[held_idx] = head(data.features[held_idx])
+    return out
+
+
+def lab_calibration(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                    coverage: float, fitted_on: str) -> tuple[Calibration, dict]:
+    """Temperature, prediction sets and OOD statistics on the lab's cells (``logits`` cross-fitted), the lab
+    statistic on their images; and a summary for the metadata."""
+    temperature = fit_temperature(logits, labels)
+    probs = torch.softmax(logits / temperature, 1)
+    needed = math.ceil(coverage / (1 - coverage))
+    counts = torch.bincount(labels, minlength=logits.shape[1])
+    if bool((counts >= needed).all()):
+        conformal = MondrianConformal.fit(probs, labels, coverage)
+    else:
+        conformal = SplitConformal.fit(probs, labels, coverage)
+        log.info(f"prediction sets: marginal LAC (class-conditional {coverage:.0%} sets need {needed} lab cells of "
+                 f"every class; the fewest here: {int(counts.min())})")
+    ood = ood_score_class(config.OOD_METHOD).fit(logits, features, labels)
+    calibration = Calibration(temperature, conformal, ood, fitted_on, LabShift.fit(images))
+    summary = {"n_images": len(labels), "cross_fitted": True,
+               "ece_before": calibration_error(torch.softmax(logits, 1), labels),
+               "ece_after": calibration_error(probs, labels)}
+    return calibration, summary
+
+
+@dataclass
+class Adapted:
+    """A head fitted on a lab, its calibration on that lab, and what the metadata records about the fit."""
+
+    head: nn.Module
+    calibration: Calibration
+    summary: dict
+    adapted_classes: list[int]
+    cross_fitted_accuracy: float
+
+
+def fit_on_features(base_head: nn.Module, data: HeadData, images: torch.Tensor, n_classes: int,
+                    coverage: float = config.ADAPT_COVERAGE, fitted_on: str = "",
+                    seed: int = config.SEED) -> Adapted:
+    """The labelled adaptation on cached features (``wbc adapt`` and ``bench/cross_lab.py`` both call this): drop
+    the classes with too few lab cells, cross-fit the calibration, fit the final head on every remaining cell.
+    ``images`` are the lab cells' images (for the lab statistic), aligned with ``data.features``."""
+    keep = fitted_classes(data.labels, n_classes)
+    if len(keep) < 2:
+        raise WbcError(f"wbc adapt needs at least {config.ADAPT_MIN_CELLS} cells of at least two classes")
+    use = torch.isin(data.labels, torch.tensor(keep))
+    lab = HeadData(data.features[use], data.labels[use], data.replay_features, data.replay_labels)
+    out_of_fold = cross_fitted_logits(base_head, lab, n_classes, seed=seed)
+    head = fit_head(base_head, lab, n_classes, seed=seed)
+    calibration, summary = lab_calibration(out_of_fold, lab.features, lab.labels, images[use], coverage, fitted_on)
+    return Adapted(head, calibration, summary, keep, float((out_of_fold.argmax(1) == lab.labels).float().mean()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def adapt(out: Path, data: Path | None = None, model_path: Path | None = None, unlabelled: Path | None = None,
+          coverage: float = config.ADAPT_COVERAGE, seed: int = config.SEED) -> dict:
+    """``wbc adapt``: write ``out/model.safetensors``, the base model adapted to a lab; returns ``meta["adapted"]``."""
+    started = time.perf_counter()
+    check_coverage(coverage)
+    if data is None and unlabelled is None:
+        raise WbcError("wbc adapt needs the lab's labelled cells (--data DIR, one folder per class) or its unlabelled "
+                       "images (--unlabelled DIR), or both")
+    base_path = Path(model_path) if model_path is not None else config.DEFAULT_MODEL_PATH
+    model, meta = load_model(base_path)
+    model = prepare_for_cpu(model)
+    size, classes = meta["img_size"], meta["classes"]
+    cells = read_lab_cells(Path(data), size) if data is not None else None
+    provenance: dict = {"base_model": str(base_path), "base_model_sha256": file_digest(base_path),
+                        "base_data_fingerprint": meta.get("data", {}).get("fingerprint"), "seed": seed}
+
+    if unlabelled is not None:
+        files = find_unlabelled([unlabelled])
+        pool = load_images([Record(p, None) for p in files], size, desc="decoding the lab's unlabelled images")
+        if cells is not None:
+            pool = LoadedImages(pool.records + cells.records, torch.cat([pool.images, cells.images]),
+                                pool.digests + cells.digests, [])
+        if len(pool.records) < config.ADAPT_MIN_UNLABELLED:
+            raise WbcError(f"--unlabelled {unlabelled}: {len(pool.records)} readable images; batch-norm statistics "
+                           f"need at least {config.ADAPT_MIN_UNLABELLED} of the lab's images")
+        reestimate_batchnorm(model, pool.images)
+        provenance["unlabelled"] = {"root": str(Path(unlabelled).resolve()), "n_images": len(pool.records),
+                                    "fingerprint": lab_fingerprint(pool), "method": "AdaBN (batch-norm statistics)"}
+        log.info(f"batch-norm statistics re-estimated on {len(pool.records)} of the lab's images")
+
+    if cells is None:  # unlabelled only: the base head and calibration, with the lab's statistics
+        calibration = Calibration.from_model(meta, load_extra(base_path))
+        stored = dict(meta.get("calibration", {}))
+        if calibration is not None:
+            stored["lab"] = LabShift.fit(pool.images).metadata()
+            stored["fitted_on"] = (f"{stored.get('fitted_on', '')}; lab statistic on the unlabelled images of "
+                                   f"{Path(unlabelled).resolve()}")
+        log.warning("no labelled cells: the temperature, prediction sets and OOD statistics are the base model's "
+                    "(fitted on its own lab); label a few cells and pass --data to recalibrate them on this lab")
+        provenance["seconds"] = time.perf_counter() - started
+        extra = load_extra(base_path)
+        _write(out, model, {**meta, "calibration": stored, "adapted": provenance}, extra)
+        return provenance
+
+    labels = torch.from_numpy(model_labels(cells.records, classes))
+    counts = torch.bincount(labels, minlength=len(classes))
+    keep = fitted_classes(labels, len(classes))
+    kept_from_base = [classes[k] for k in range(len(classes)) if k not in keep]
+    if len(keep) < 2:
+        raise WbcError(f"--data {data}: {', '.join(f'{c} {int(n)}' for c, n in zip(classes, counts))} cells; "
+                       f"wbc adapt needs at least {config.ADAPT_MIN_CELLS} cells of at least two classes")
+    if kept_from_base:
+        few = ", ".join(f"{classes[k]} ({int(counts[k])} cell{'' if counts[k] == 1 else 's'})"
+                        for k in range(len(classes)) if k not in keep)
+        log.warning(f"{few}: fewer than {config.ADAPT_MIN_CELLS} lab cells, so not adapted on; the model keeps the "
+                    f"base model's knowledge of {'this class' if len(kept_from_base) == 1 else 'these classes'} (its "
+                    "replay images) and the trust columns are fitted without it: label more and run wbc adapt again")
+    log.info(f"features of {len(cells.records)} lab cells")
+    logits, features = logits_and_features(model, cells.images, progress=True)
+    check_head_reads_features(model, logits, features)
+    replay, replay_source = replay_cells(meta, size, seed=seed)
+    head_data = HeadData(features.float(), labels)
+    if replay is not None:
+        log.info(f"replay: {len(replay.records)} images of {replay_source}")
+        head_data.replay_features = (logits_and_features(model, replay.images, progress=True)[1].float()
+                                     if unlabelled is not None else
+                                     replay_features(model, provenance["base_model_sha256"], replay))
+        head_data.replay_labels = torch.from_numpy(model_labels(replay.records, classes))
+    else:
+        log.warning(f"adapting without replay ({replay_source}): classes without lab cells may be forgotten")
+    fitted = fit_on_features(model.head(), head_data, cells.images, len(classes), coverage,
+                             f"cross-fitted on the lab cells of {Path(data).resolve()}", seed)
+    model.head().load_state_dict(fitted.head.state_dict())
+    stored, tensors = fitted.calibration.metadata()
+    stored.update(fitted.summary)
+    provenance.update({
+        "lab_data": str(Path(data).resolve()), "lab_data_fingerprint": lab_fingerprint(cells),
+        "cells_per_class": {c: int(n) for c, n in zip(classes, counts)},
+        "adapted_classes": [classes[k] for k in fitted.adapted_classes], "classes_kept_from_base": kept_from_base,
+        "method": "head re-fitted on frozen features (L2 towards the base head) with replay; calibration "
+                  f"cross-fitted ({config.ADAPT_FOLDS} folds at most)",
+        "replay": {"source": replay_source, "n_images": 0 if replay is None else len(replay.records)},
+        "cross_fitted_accuracy": fitted.cross_fitted_accuracy,
+    })
+    provenance["seconds"] = time.perf_counter() - started
+    kept = {k: v for k, v in load_extra(base_path).items() if not k.startswith(_CALIBRATION_TENSORS)}
+    _write(out, model, {**meta, "calibration": stored, "adapted": provenance}, {**kept, **tensors})
+    return provenance
+
+
+def _write(out: Path, model: WbcClassifier, meta: dict, extra: dict[str, torch.Tensor]) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model.safetensors", model, meta, extra)

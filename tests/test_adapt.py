@@ -1,0 +1,127 @@
+"""`wbc adapt` and the two warnings, on real images: BCCD's white cells (another lab: other microscope, stain and
+camera) and PBC's own platelets (the model's lab, not white cells)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wbc_trust import config
+from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC
+from wbc_trust.cli import app
+from wbc_trust.data import list_files
+from wbc_trust.errors import WbcError
+from wbc_trust.modelfile import load_model, read_metadata
+from wbc_trust.predict import Predictor
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+BCCD = SHARED / "bccd-wbc"
+PLATELETS = SHARED / "pbc-non-wbc" / "platelet"
+#: labelled cells per class given to `wbc adapt` (BCCD has 3 basophils: one of them is the one-cell case)
+FEW = {"Basophil": 1, "Eosinophil": 5, "Lymphocyte": 5, "Monocyte": 5, "Neutrophil": 5}
+TEST_PER_CLASS = 8
+
+pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="needs ../shared/datasets/bccd-wbc")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A lab folder with FEW cells per class, and other BCCD cells of the same classes to test on."""
+    root = tmp_path_factory.mktemp("lab") / "cells"
+    test: list[Path] = []
+    for name, n in FEW.items():
+        files = list_files(BCCD / name)
+        (root / name).mkdir(parents=True)
+        for f in files[:n]:
+            shutil.copy(f, root / name / f.name)
+        test += files[n : n + TEST_PER_CLASS]
+    return root, test
+
+
+def _accuracy(model: Path | None, files: list[Path]) -> float:
+    predictions = Predictor(model).predict_files(files, progress=False)
+    return sum(p.prediction == f.parent.name.lower() for p, f in zip(predictions, files)) / len(files)
+
+
+def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(lab: tuple[Path, list[Path]], tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cells, test = lab
+    with caplog.at_level(logging.INFO, logger="wbc_trust"):
+        result = CliRunner().invoke(app, ["adapt", "--data", str(cells), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "basophil (1 cell)" in warnings[0], warnings  # the one-cell class: not an error
+    adapted = tmp_path / "run" / "model.safetensors"
+    meta = read_metadata(adapted)
+    provenance = meta["adapted"]
+    assert provenance["cells_per_class"] == {c.lower(): n for c, n in FEW.items()}
+    assert provenance["classes_kept_from_base"] == ["basophil"]
+    assert len(provenance["lab_data_fingerprint"]) == 64 and provenance["base_model_sha256"]
+    assert provenance["replay"]["n_images"] > 0  # the base model's training data or the shipped sample
+    assert meta["calibration"]["cross_fitted"] and "lab" in meta["calibration"]
+    base_accuracy, adapted_accuracy = _accuracy(None, test), _accuracy(adapted, test)
+    assert adapted_accuracy >= base_accuracy + 0.25, (base_accuracy, adapted_accuracy)
+    # recalibrated on the lab: its own cells are no longer "from an unfamiliar lab"
+    flags = [p.flag for p in Predictor(adapted).predict_files(test, progress=False)]
+    assert flags.count(FLAG_NEW_LAB) <= len(test) // 4, flags
+
+
+def test_unlabelled_adaptation_re_estimates_batch_norm(tmp_path: Path) -> None:
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for f in list_files(BCCD / "Neutrophil")[:12] + list_files(BCCD / "Eosinophil")[:4]:
+        shutil.copy(f, images / f.name)
+    result = CliRunner().invoke(app, ["adapt", "--unlabelled", str(images), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    base, _ = load_model()
+    adapted, meta = load_model(tmp_path / "run" / "model.safetensors")
+    assert meta["adapted"]["unlabelled"]["n_images"] == 16
+    name = "net.bn1.running_mean"
+    assert not torch.allclose(dict(base.named_buffers())[name], dict(adapted.named_buffers())[name])
+    assert torch.equal(base.head().weight, adapted.head().weight)  # no labels: the head is the base model's
+
+
+def test_a_folder_that_is_not_labelled_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    for name in FEW:
+        shutil.copy(list_files(BCCD / name)[0], folder)
+    result = subprocess.run([sys.executable, "-m", "wbc_trust.cli", "adapt", "--data", str(folder), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error:") and "is not a labelled folder" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_one_cell_per_class_is_too_few_to_adapt_on(tmp_path: Path) -> None:
+    folder = tmp_path / "lab"
+    for name in FEW:
+        (folder / name).mkdir(parents=True)
+        shutil.copy(list_files(BCCD / name)[0], folder / name)
+    result = CliRunner().invoke(app, ["adapt", "--data", str(folder), "--out", str(tmp_path / "run")])
+    assert isinstance(result.exception, WbcError), result.output
+    assert "at least 2 cells of at least two classes" in str(result.exception)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_two_warnings_and_one_notice_for_a_folder_from_another_lab(tmp_path: Path) -> None:
+    if Predictor().calibration.lab is None:
+        pytest.fail("the shipped default model has no lab statistic: python bench/cross_lab.py --install-lab-statistic")
+    other_lab = [f for name in FEW for f in list_files(BCCD / name)[:3]]
+    platelets = list_files(PLATELETS)[:10]
+    predictor = Predictor()
+    lab_flags = [p.flag for p in predictor.predict_files(other_lab, progress=False)]
+    platelet_flags = [p.flag for p in predictor.predict_files(platelets, progress=False)]
+    assert lab_flags.count(FLAG_NEW_LAB) >= len(other_lab) - 1, lab_flags
+    assert platelet_flags.count(FLAG_NOT_WBC) >= 7 and platelet_flags.count(FLAG_NEW_LAB) <= 1, platelet_flags
+    result = CliRunner().invoke(app, ["predict", *map(str, other_lab)])
+    assert result.exit_code == 0, result.output
+    assert " ".join(result.output.split()).count("wbc adapt --data") == 1  # one message up front, not one per row
+    assert predictor.batch_notice(predictor.predict_files(platelets, progress=False)) is None
