@@ -168,6 +168,9 @@ def predict(
         results = predictor.predict_files(find_unlabelled(paths))
     if csv:
         predictor.write_csv(results, csv)
+    notice = predictor.batch_notice(results)  # one message for a folder from another lab, not a flag per row
+    if notice:
+        Console(stderr=True).print(f"[bold yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -199,6 +202,26 @@ def calibrate(
                   f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.1%} class-conditional "
                   f"{stored['conformal']['score'].upper()} sets, OOD threshold {stored['ood']['threshold']:.1f}; "
                   f"fitted on the {stored['fitted_on']} ({stored['n_images']} images) → {model}")
+
+
+@app.command()
+def adapt(
+    out: Annotated[Path, typer.Option(help="run folder for the adapted model.safetensors")],
+    data: Annotated[Optional[Path], typer.Option(help="the lab's labelled cells: class folders (any layout `wbc "
+                                                      "train` reads); 5-20 cells per class are enough")] = None,
+    model: ModelOption = None,
+    unlabelled: Annotated[Optional[Path], typer.Option(help="the lab's unlabelled images: batch-norm statistics are "
+                                                            "re-estimated on them (with or without --data)")] = None,
+    coverage: Annotated[float, typer.Option(help="coverage of the lab's prediction sets")] = config.ADAPT_COVERAGE,
+) -> None:
+    """Adapt a model to another lab's images from a few of its labelled cells, and recalibrate it on that lab."""
+    from wbc_trust.adapt import adapt as run_adapt
+
+    _log_to_stdout()
+    done = run_adapt(out, data=data, model_path=model, unlabelled=unlabelled, coverage=coverage)
+    cells = ", ".join(f"{c} {n}" for c, n in done.get("cells_per_class", {}).items())
+    console.print(f"[bold green]done[/] in {done['seconds']:.0f} s" + (f" ({cells} cells)" if cells else "")
+                  + f": {Path(out) / 'model.safetensors'}; predict with --model {Path(out) / 'model.safetensors'}")
 
 
 @app.command()

@@ -229,3 +229,27 @@ COUNT_ANNOTATED_PX: int = 1024
 COUNT_THUMB_PX: int = 96
 COUNT_REPORT_IMAGES: int = 40
 COUNT_REPORT_GALLERY: int = 60
+
+# --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
+
+#: The lab statistic (lab.py): share of the calibration images its cross-fitted threshold accepts, and when a batch
+#: gets one message up front instead of a flag per image (at least LAB_BATCH_MIN images, LAB_BATCH_SHARE of them
+#: flagged as another lab's).
+LAB_ACCEPT: float = 0.99
+LAB_BATCH_MIN: int = 10
+LAB_BATCH_SHARE: float = 0.5
+#: `wbc adapt` (adapt.py): coverage of the lab's prediction sets (0.95, not CONFORMAL_COVERAGE's 0.99: a lab labels
+#: tens of cells, and 0.99 needs 99 per class); fewest lab cells of a class to adapt on it (below: the base model's
+#: knowledge of it is kept); fewest images for batch-norm statistics; replay images per class of the base model's
+#: training data; the head fit (full-batch Adam steps, learning rate, L2 pull towards the base head, weight of the
+#: replay loss against the lab's); folds of the cross-fitted calibration; images per batch-norm batch.
+ADAPT_COVERAGE: float = 0.95
+ADAPT_MIN_CELLS: int = 2
+ADAPT_MIN_UNLABELLED: int = 8
+ADAPT_REPLAY_PER_CLASS: int = 40
+ADAPT_HEAD_STEPS: int = 300
+ADAPT_HEAD_LR: float = 1e-2
+ADAPT_HEAD_L2: float = 1e-2
+ADAPT_REPLAY_WEIGHT: float = 0.5
+ADAPT_FOLDS: int = 5
+ADAPT_BN_BATCH: int = 32
