@@ -15,7 +15,8 @@ unlabelled images, and recalibrate its trust columns on that lab.
   marginal LAC otherwise (a class-conditional quantile from 5 cells would put the class in every set).
 - **Without labels** (``--unlabelled DIR``, also together with ``--data``): batch-norm statistics re-estimated on the
   lab's images (AdaBN, Li et al. 2016): every batch-norm layer averages the lab's batch statistics (momentum None), no
-  gradient; other labs' stain and camera shift activations that these statistics then undo.
+  gradient; other labs' stain and camera shift activations that these statistics then undo. Without labels nothing
+  can recalibrate the trust columns on the lab, so they stay the base model's (and keep flagging the lab as new).
 
 The adapted model file records its provenance in ``meta["adapted"]``: base model (path and SHA-256), the lab data's
 fingerprint, cells per class, replay source, and which classes kept the base model's knowledge.
@@ -356,18 +357,12 @@ def adapt(out: Path, data: Path | None = None, model_path: Path | None = None, u
                                     "fingerprint": lab_fingerprint(pool), "method": "AdaBN (batch-norm statistics)"}
         log.info(f"batch-norm statistics re-estimated on {len(pool.records)} of the lab's images")
 
-    if cells is None:  # unlabelled only: the base head and calibration, with the lab's statistics
-        calibration = Calibration.from_model(meta, load_extra(base_path))
-        stored = dict(meta.get("calibration", {}))
-        if calibration is not None:
-            stored["lab"] = LabShift.fit(pool.images).metadata()
-            stored["fitted_on"] = (f"{stored.get('fitted_on', '')}; lab statistic on the unlabelled images of "
-                                   f"{Path(unlabelled).resolve()}")
-        log.warning("no labelled cells: the temperature, prediction sets and OOD statistics are the base model's "
-                    "(fitted on its own lab); label a few cells and pass --data to recalibrate them on this lab")
+    if cells is None:  # unlabelled only: the base head, and the base calibration as it is (nothing to refit it on)
+        log.warning("no labelled cells: the temperature, prediction sets, OOD and lab statistics stay the base "
+                    "model's (fitted on its own lab), so this lab's cells stay flagged as from an unfamiliar lab; "
+                    "label a few cells and pass --data to recalibrate on this lab")
         provenance["seconds"] = time.perf_counter() - started
-        extra = load_extra(base_path)
-        _write(out, model, {**meta, "calibration": stored, "adapted": provenance}, extra)
+        _write(out, model, {**meta, "adapted": provenance}, load_extra(base_path))
         return provenance
 
     labels = torch.from_numpy(model_labels(cells.records, classes))
