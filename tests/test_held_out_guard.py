@@ -69,6 +69,8 @@ def test_a_tiny_runs_training_data_elsewhere_is_guarded(view: str, views: dict, 
 
     index = find_dataset(data, require_all_classes=False)  # influence: the held-out test images are not training ones
     assert not set(relative_paths(training_records(index, meta), index.root)) & set(split["test"])
+    # and neither are the validation and calibration images: influence explains only what moved the weights
+    assert sorted(relative_paths(training_records(index, meta), index.root)) == sorted(split["train"])
 
 
 def test_a_changed_copy_or_another_folder_is_not_taken_for_the_training_data(tiny_run: Path, small_tree: Path,

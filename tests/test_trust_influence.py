@@ -132,3 +132,30 @@ def test_wbc_trust_influence_writes_its_files(small_tree: Path, tmp_path: Path) 
     for name in ("influence_curve.png", "influence_harmful.png"):
         assert (out / name).stat().st_size > 10_000
     assert set(InfluenceIndex.load(out / "influence_index.safetensors").paths) == {r["path"] for r in rows}
+
+
+def test_a_trained_model_file_carries_its_real_checkpoints_and_influence_uses_them(tiny_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    """TracInCP explains the model's own training: `wbc train` keeps the last layer of every epoch up to the saved
+    one in the model file, and the influence index sums over those, not over a replay; its training images are the
+    training split only (no validation, calibration or test image)."""
+    from wbc_trust.modelfile import head_checkpoints, load_model
+
+    model_path = tiny_run / "model.safetensors"
+    heads = head_checkpoints(model_path)
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert len(heads) == len(history) >= 1
+    model, _ = load_model(model_path)
+    final = model.last_linear().state_dict()
+    assert all(torch.equal(heads[-1][k], final[k].float()) for k in ("weight", "bias"))  # the saved epoch's layer
+
+    split = json.loads((tiny_run / "split.json").read_text())
+    data_root = Path(split["data_root"])
+    out = tmp_path / "influence"
+    done = CliRunner().invoke(app, ["trust", "influence", "--model", str(model_path), "--train-data", str(data_root),
+                                    "--data", str(data_root), "--out", str(out), "--max-test", "4"])
+    assert done.exit_code == 0, done.output
+    index = InfluenceIndex.load(out / "influence_index.safetensors")
+    assert len(index.checkpoints) == len(heads)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(index.checkpoints, heads) for k in ("weight", "bias"))
+    assert sorted(str(Path(p).relative_to(data_root)) for p in index.paths) == sorted(split["train"])

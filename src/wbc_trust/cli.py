@@ -284,7 +284,6 @@ def export_onnx(
     console.print(f"wrote {out}: {meta['arch']}, {meta['img_size']} px, classes {', '.join(meta['classes'])}")
 
 
-
 @app.command()
 def count(
     paths: Annotated[list[Path], typer.Argument(help="smear images (fields or crops) and/or folders (recursive)")],

@@ -524,9 +524,27 @@ def match_training_data(index: DatasetIndex, meta: dict) -> TrainingDataMatch:
     return TrainingDataMatch(False, False, "its images are not this model's training data")
 
 
+def model_split(index: DatasetIndex, meta: dict, purpose: str) -> tuple[LoadedImages, dict[str, list[Record]]]:
+    """Recompute the split a model was trained with from a folder that holds its training data (same images and
+    seed → ``split_records`` gives the same split): the decoded pool and its parts (train, val, calib, test).
+
+    ``purpose`` ends the error sentence when the folder changed since training and the split cannot be recomputed.
+    """
+    trained = meta.get("data", {})
+    pool, fractions, _ = split_plan(index)
+    loaded = load_images(pool, meta["img_size"], desc="reading images")
+    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED),
+                          calib_fraction=trained.get("calib_fraction", 0.0))
+    if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
+            trained["test_files"]):
+        raise WbcError(f"the images in {index.root} changed since the model was trained, so its split cannot be "
+                       f"recomputed: {purpose}")
+    return loaded, parts
+
+
 def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
-    """The images to calibrate on: the model's own validation split when ``data`` holds its training data (by
-    content, ``match_training_data``; same images and seed → ``split_records`` gives the same split), otherwise every
+    """The images to calibrate on: the model's own calibration split (its validation split for models from before
+    that split existed) when ``data`` holds its training data (by content, ``match_training_data``), otherwise every
     labelled image in ``data``.
 
     A model trained with ``--max-images`` used part of that split; the whole split is still unseen in training.
@@ -534,21 +552,14 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
     index = find_dataset(data, require_all_classes=False)
     trained = meta.get("data", {})
     match = match_training_data(index, meta)
+    separate = "calibrate on a separate folder of held-out labelled images (--data)"
     if match.changed:
         raise WbcError(f"the images in {index.root} changed since the model was trained ({match.reason}), so its "
-                       "validation split cannot be recomputed: calibrate on a separate folder of held-out labelled "
-                       "images (--data)")
+                       f"validation split cannot be recomputed: {separate}")
     if not match.same:
         records = [r for rs in index.splits.values() for r in rs]
         return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
-    pool, fractions, _ = split_plan(index)
-    loaded = load_images(pool, meta["img_size"], desc="reading images")
-    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED),
-                          calib_fraction=trained.get("calib_fraction", 0.0))
-    if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
-            trained["test_files"]):
-        raise WbcError(f"the images in {index.root} changed since the model was trained, so its validation split "
-                       "cannot be recomputed: calibrate on a separate folder of held-out labelled images (--data)")
+    loaded, parts = model_split(index, meta, separate)
     name = "calib" if "calib" in parts else "val"  # models from before the calibration split: their validation split
     return loaded.select(parts[name]), (f"{'calibration' if name == 'calib' else 'validation'} split of {index.root} "
                                         f"(seed {trained.get('seed', config.SEED)})")

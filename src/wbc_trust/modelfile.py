@@ -111,6 +111,21 @@ def load_extra(path: Path | None = None) -> dict[str, torch.Tensor]:
         return {k[len(_EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(_EXTRA_PREFIX)}
 
 
+#: Extra tensors ``influence.checkpoint<i>.weight|bias``: the last layer after each training epoch up to the saved one.
+HEAD_CHECKPOINT_PREFIX = "influence.checkpoint"
+
+
+def head_checkpoints(path: Path | None = None) -> list[dict[str, torch.Tensor]]:
+    """The per-epoch last-layer checkpoints ``wbc train`` stores in a model file, oldest first (empty for files
+    without them, e.g. the shipped default model, trained before they were kept)."""
+    extra = load_extra(path)
+    heads: list[dict[str, torch.Tensor]] = []
+    while f"{HEAD_CHECKPOINT_PREFIX}{len(heads)}.weight" in extra:
+        i = len(heads)
+        heads.append({k: extra[f"{HEAD_CHECKPOINT_PREFIX}{i}.{k}"] for k in ("weight", "bias")})
+    return heads
+
+
 def run_manifest() -> dict:
     """Package versions, git commit and platform: stored in every model so a result can be reproduced."""
     versions = {}

@@ -185,6 +185,14 @@ class WbcClassifier(nn.Module):
         """The final classification layer (what ``--freeze-backbone`` leaves trainable)."""
         return self.spec.head(self.net)
 
+    def last_linear(self) -> nn.Linear:
+        """The head's final ``nn.Linear``: the layer whose gradients influence uses, and whose per-epoch weights
+        training keeps as influence checkpoints."""
+        linears = [m for m in self.head().modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise WbcError(f"{self.arch} has no linear classifier layer: influence needs one")
+        return linears[-1]
+
     def stages(self) -> list[nn.Module]:
         """The backbone's stages from the input side (stem first): what ``frozen_stages`` keeps fixed."""
         return self.spec.stages(self.net)

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from wbc_trust.data import (
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.io import atomic_write, write_json
-from wbc_trust.modelfile import load_model, run_manifest, save_model
+from wbc_trust.modelfile import HEAD_CHECKPOINT_PREFIX, load_model, run_manifest, save_model
 from wbc_trust.models import VIEWS, autocast_dtype, build_model, default_img_size, get_arch, predict_probs, prepare_for_cpu
 from wbc_trust.recipe import TrainConfig, plain, save_recipe
 
@@ -314,6 +314,14 @@ class Progress:
     best: dict | None = None
     stale: int = 0
     epoch: int = 0  # the last finished epoch
+    #: the weight average's last layer after each epoch: the real checkpoints TracInCP replays (trust/influence.py)
+    heads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def head_checkpoint_tensors(heads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The last-layer checkpoints of epochs 1..best as model-file tensors (``influence.checkpoint<i>.weight|bias``):
+    a few KB each, so influence explains the model's real training, not a replay (``trust/influence.py``)."""
+    return {f"{HEAD_CHECKPOINT_PREFIX}{i}.{k}": v for i, head in enumerate(heads) for k, v in head.items()}
 
 
 def checkpoint_state(trainer: Trainer, loader: DataLoader, progress: Progress, fingerprint: str,
@@ -324,7 +332,8 @@ def checkpoint_state(trainer: Trainer, loader: DataLoader, progress: Progress, f
         "model": trainer.model.net.state_dict(), "ema": trainer.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state(), "history": progress.history,
-        "best": progress.best, "stale": progress.stale, "epoch": progress.epoch, "data_fingerprint": fingerprint,
+        "best": progress.best, "stale": progress.stale, "epoch": progress.epoch, "heads": progress.heads,
+        "data_fingerprint": fingerprint,
         "world_size": ctx.world_size,
     }
     if not ctx.distributed:
@@ -365,7 +374,7 @@ def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loa
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"], torch.cuda.current_device())
         log.info(f"resuming after epoch {state['epoch']}")
-        return Progress(state["history"], state["best"], state["stale"], state["epoch"])
+        return Progress(state["history"], state["best"], state["stale"], state["epoch"], state.get("heads", []))
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise WbcError(f"--resume: {checkpoint} does not fit this run ({exc.__class__.__name__}): resume with the "
                        "same --arch, --img-size and --batch-size, or start without --resume") from exc
@@ -483,11 +492,13 @@ def _finish_epoch(cfg: TrainConfig, trainer: Trainer, loader: DataLoader, progre
     progress.history.append(row)
     progress.best, progress.stale, improved = update_best(progress.best, progress.stale, row, cfg.epochs)
     progress.epoch = row["epoch"]
+    progress.heads.append({k: v.detach().float().cpu().clone() for k, v in trainer.ema.module.last_linear().state_dict().items()})
     log.info(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
              f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
              + ("  (best so far, saved)" if improved else ""))
     if improved:
-        save_model(cfg.out / "model.safetensors", trainer.ema.module, _metadata(cfg, data_summary, splits, row, trainer, ctx))
+        save_model(cfg.out / "model.safetensors", trainer.ema.module, _metadata(cfg, data_summary, splits, row, trainer, ctx),
+                   extra=head_checkpoint_tensors(progress.heads))
     state = checkpoint_state(trainer, loader, progress, splits.split_file["data_fingerprint"], ctx)
     atomic_write(cfg.out / "checkpoint.pt", lambda f: torch.save(state, f))
     write_json(cfg.out / "history.json", progress.history)

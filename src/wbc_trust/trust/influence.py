@@ -14,9 +14,11 @@ queries use the same closed form with the training side cached in the index (``I
 (b) TracInCP (Pruthi et al. 2020, captum ``TracInCPFast``): the same dot product summed over checkpoints along the
     training trajectory, Σ_t η_t g_train(t)·g_test(t). A mislabelled image keeps a large gradient through most of
     training, while a hard but correct one is learnt early, so summing over the trajectory separates them better than
-    any single model state. A model file holds only the end point, so the index *replays* the trajectory of the last
-    layer: it retrains a fresh copy of the head on the model's own (fixed) features for a few seconds and keeps every
-    epoch as a checkpoint.
+    any single model state. ``wbc train`` stores the last layer after every epoch in the model file
+    (``modelfile.head_checkpoints``), and TracInCP then sums over those real checkpoints (with the final features: the
+    usual last-layer approximation). Files without them (the shipped default model predates them) fall back on a
+    *replay*: a fresh copy of the head retrained on the model's own fixed features for a few seconds, every epoch kept
+    as a checkpoint; the summary says which (``checkpoints``).
 
 Why TracInCP over a replay, and not kronfluence's EK-FAC (the other library method measured): on 900 PBC training
 images with 10 % of the labels flipped (``bench/influence_flip.py --with-ekfac``: EfficientNet-Lite0, ImageNet
@@ -50,11 +52,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, match_training_data, model_labels, to_unit
+from wbc_trust.data import (
+    DatasetIndex,
+    Record,
+    find_dataset,
+    load_images,
+    match_training_data,
+    model_labels,
+    model_split,
+    to_unit,
+)
 from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
-from wbc_trust.modelfile import load_model
+from wbc_trust.modelfile import head_checkpoints, load_model
 from wbc_trust.models import WbcClassifier, autocast, prepare_for_cpu
 
 #: ``tracin``: TracInCP over the checkpoints; ``grad_dot``: −g_train·g_test at the final model (see above).
@@ -64,10 +75,7 @@ INDEX_FILE = "influence_index.safetensors"
 
 def last_linear(model: WbcClassifier) -> nn.Linear:
     """The model's final ``nn.Linear`` (the classifier layer whose gradients both methods use)."""
-    linears = [m for m in model.head().modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise WbcError(f"{type(model).__name__} has no linear classifier layer: influence needs one")
-    return linears[-1]
+    return model.last_linear()
 
 
 @torch.no_grad()  # not inference_mode: captum differentiates through these features later
@@ -234,14 +242,19 @@ class InfluenceIndex:
 
 
 def build_index(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, paths: Sequence[str],
-                classes: Sequence[str], img_size: int) -> InfluenceIndex:
-    """One forward pass over the training images (no backward, no augmentation) plus a few seconds of last-layer
-    replay: cheaper than one training epoch."""
+                classes: Sequence[str], img_size: int,
+                checkpoints: list[dict[str, torch.Tensor]] | None = None) -> InfluenceIndex:
+    """One forward pass over the training images (no backward, no augmentation), then TracIn's checkpoints: the
+    model's own last layer after each training epoch when ``wbc train`` stored them in the model file
+    (``modelfile.head_checkpoints``: influence then explains the model's real training), else a few seconds of
+    last-layer replay (model files without them, e.g. the shipped default). Cheaper than one training epoch."""
     features = extract_features(model, images, desc="training-image features")
     final = {k: v.detach().float().clone() for k, v in last_linear(model).state_dict().items()}
+    if not checkpoints:
+        checkpoints = replay_head(features, labels.long(), len(classes))
     return InfluenceIndex(paths=list(paths), labels=labels.long(), features=features, final_head=final,
-                          checkpoints=replay_head(features, labels.long(), len(classes)), classes=list(classes),
-                          img_size=img_size)
+                          checkpoints=[{k: v.float() for k, v in c.items()} for c in checkpoints],
+                          classes=list(classes), img_size=img_size)
 
 
 def influential_training_images(model: nn.Module, image: torch.Tensor, index: InfluenceIndex,
@@ -270,14 +283,21 @@ def _described(index: InfluenceIndex, idx: torch.Tensor, scores: torch.Tensor) -
 
 
 def training_records(index: DatasetIndex, meta: dict) -> list[Record]:
-    """The images a model trained on in a folder: the Kaggle train split, or all images less the model's held-out
-    test files when the folder holds its own training data, recognised by content wherever it lies
-    (``data.match_training_data``; validation images, if any, stay in)."""
-    pool = index.splits.get("train", index.splits.get("all", []))
-    trained = meta.get("data", {})
+    """The images a model trained on in a folder: the Kaggle train split, or, when the folder holds the model's own
+    training data (recognised by content wherever it lies, ``data.match_training_data``), exactly its training split:
+    its held-out test images and its validation and calibration images (which chose and calibrated the model, but
+    never moved its weights) are left out. Any other folder: all of its images."""
+    if "train" in index.splits:
+        return index.splits["train"]
+    pool = index.splits.get("all", [])
     match = match_training_data(index, meta)
-    held_out = set(trained.get("test_files", [])) if match.same or match.changed else set()
-    return [r for r in pool if str(r.path.relative_to(index.root)) not in held_out]
+    if match.same:
+        _, parts = model_split(index, meta, "pass the folder the model was trained on as it was (--train-data)")
+        return parts["train"]
+    if match.changed:  # its split cannot be recomputed: at least its held-out test files stay out
+        held_out = set(meta.get("data", {}).get("test_files", []))
+        return [r for r in pool if str(r.path.relative_to(index.root)) not in held_out]
+    return pool
 
 
 def _subsample(records: list[Record], limit: int | None) -> list[Record]:
@@ -319,7 +339,8 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
     train_paths = [str(r.path) for r in train.records]
 
     started = time.perf_counter()
-    index = build_index(model, train.images, train_labels, train_paths, classes, size)
+    trained_heads = head_checkpoints(model_path)
+    index = build_index(model, train.images, train_labels, train_paths, classes, size, checkpoints=trained_heads)
     build_seconds = time.perf_counter() - started
     index.save(out / INDEX_FILE)
 
@@ -358,6 +379,8 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
         "n_train": len(train.records),
         "n_test": len(test.records),
         "n_checkpoints": len(index.checkpoints),
+        "checkpoints": ("the model's last layer after each training epoch" if trained_heads
+                        else "replayed: the model file stores no training checkpoints"),
         "index_build_seconds": round(build_seconds, 2),
         "seconds_per_query": round(query_seconds, 4),
         "n_disagreeing_train": int(flagged.sum()),
