@@ -68,20 +68,26 @@ def main() -> int:
     images = [per_class[i % len(per_class)][i // len(per_class)] for i in range(args.sessions)]  # all different
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as folder, serving(streamlit_command(port, "127.0.0.1"), url,
-                                                          Path(folder) / "server.log", cwd=Path(folder)):
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        serving(streamlit_command(port, "127.0.0.1"), url, Path(folder) / "server.log", cwd=Path(folder)),
+    ):
         start = time.perf_counter()
         results = asyncio.run(run(url, images, args.timeout))
         wall = time.perf_counter() - start
     latencies = np.array([latency for latency, error in results if not error])
     errors = [error for _, error in results if error]
-    print(f"\n{args.sessions} concurrent browser sessions, one different PBC image (360×363 JPEG) each, one server on "
-          f"localhost; wall time {wall:.1f} s")
+    print(
+        f"\n{args.sessions} concurrent browser sessions, one different PBC image (360×363 JPEG) each, one server on "
+        f"localhost; wall time {wall:.1f} s"
+    )
     for error in errors:
         print(f"  error: {error}")
     if len(latencies):
-        print(f"upload → answer on screen: p50 {np.percentile(latencies, 50):.1f} s, "
-              f"p95 {np.percentile(latencies, 95):.1f} s, max {latencies.max():.1f} s")
+        print(
+            f"upload → answer on screen: p50 {np.percentile(latencies, 50):.1f} s, "
+            f"p95 {np.percentile(latencies, 95):.1f} s, max {latencies.max():.1f} s"
+        )
     print(f"errors: {len(errors)} of {args.sessions}")
     print(f"command: python {shlex.join(sys.argv)}")
     return 1 if errors else 0

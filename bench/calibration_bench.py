@@ -32,8 +32,8 @@ from wbc_trust import config
 from wbc_trust.calibration import fit_temperature
 from wbc_trust.conformal import SCORES, MondrianConformal, SplitConformal
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels, validation_split
-from wbc_trust.io import write_json
 from wbc_trust.evaluate import choose_records
+from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import logits_and_features
 from wbc_trust.ood import OOD_SCORES
@@ -56,8 +56,15 @@ def logit_score_aurocs(model_path: Path | None, pbc: Path, non_wbc: Path) -> dic
 COVERAGES: tuple[float, ...] = (0.99, 0.995)
 
 
-def cross_fitted_sets(logits: torch.Tensor, labels: torch.Tensor, method: str, coverage: float, folds: int,
-                      seed: int, floor: float = config.CONFORMAL_FLOOR) -> torch.Tensor:
+def cross_fitted_sets(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    method: str,
+    coverage: float,
+    folds: int,
+    seed: int,
+    floor: float = config.CONFORMAL_FLOOR,
+) -> torch.Tensor:
     """Sets of every image from a calibration (temperature and conformal scores) fitted on the other folds; folds
     are stratified by class so that each holds the same share of every class. ``method``: "marginal" or a score."""
     generator = torch.Generator().manual_seed(seed)
@@ -69,14 +76,18 @@ def cross_fitted_sets(logits: torch.Tensor, labels: torch.Tensor, method: str, c
     for f in range(folds):
         fit, held = fold != f, fold == f
         probs = torch.softmax(logits / fit_temperature(logits[fit], labels[fit]), 1)
-        conformal = (SplitConformal.fit(probs[fit], labels[fit], coverage) if method == "marginal" else
-                     MondrianConformal.fit(probs[fit], labels[fit], coverage, method, floor))
+        conformal = (
+            SplitConformal.fit(probs[fit], labels[fit], coverage)
+            if method == "marginal"
+            else MondrianConformal.fit(probs[fit], labels[fit], coverage, method, floor)
+        )
         sets[held] = conformal.sets(probs[held])
     return sets
 
 
-def compare_scores(model_path: Path | None, pbc: Path, coverages: tuple[float, ...], folds: int = 5,
-                   repeats: int = 10) -> list[dict]:
+def compare_scores(
+    model_path: Path | None, pbc: Path, coverages: tuple[float, ...], folds: int = 5, repeats: int = 10
+) -> list[dict]:
     """Per method and coverage, averaged over ``repeats`` fold draws: per-class coverage, mean set size, share of
     empty and of multi-class sets, on the model's validation split."""
     model, meta = load_model(model_path)
@@ -87,21 +98,30 @@ def compare_scores(model_path: Path | None, pbc: Path, coverages: tuple[float, .
     # a class with too few images for a coverage joins every set (and the table shows it); one warning per fit is noise
     logging.getLogger("wbc_trust.conformal").setLevel(logging.ERROR)
     print(f"{fitted_on}: {len(labels)} images, per class {torch.bincount(labels).tolist()}, {int(wrong.sum())} wrong")
-    methods = [("marginal LAC (sets before)", "marginal", math.inf),
-               (f"class-conditional LAC, no {config.CONFORMAL_FLOOR:.0%} floor", "lac", math.inf),
-               *((f"class-conditional {score.upper()}", score, config.CONFORMAL_FLOOR) for score in SCORES)]
+    methods = [
+        ("marginal LAC (sets before)", "marginal", math.inf),
+        (f"class-conditional LAC, no {config.CONFORMAL_FLOOR:.0%} floor", "lac", math.inf),
+        *((f"class-conditional {score.upper()}", score, config.CONFORMAL_FLOOR) for score in SCORES),
+    ]
     rows = []
     for coverage in coverages:
         for name, method, floor in methods:
             draws = [cross_fitted_sets(logits, labels, method, coverage, folds, seed, floor) for seed in range(repeats)]
-            per_class = np.mean([[float(s[labels == k, k].float().mean()) for k in range(len(meta["classes"]))]
-                                 for s in draws], 0)
-            rows.append({"coverage": coverage, "method": name, "per_class": dict(zip(meta["classes"], per_class)),
-                         "min_class_coverage": float(per_class.min()),
-                         "mean_set_size": float(np.mean([s.sum(1).float().mean() for s in draws])),
-                         "empty": float(np.mean([(s.sum(1) == 0).float().mean() for s in draws])),
-                         "multi": float(np.mean([(s.sum(1) >= 2).float().mean() for s in draws])),
-                         "wrong_in_multi": float(np.mean([(s[wrong].sum(1) >= 2).float().mean() for s in draws]))})
+            per_class = np.mean(
+                [[float(s[labels == k, k].float().mean()) for k in range(len(meta["classes"]))] for s in draws], 0
+            )
+            rows.append(
+                {
+                    "coverage": coverage,
+                    "method": name,
+                    "per_class": dict(zip(meta["classes"], per_class)),
+                    "min_class_coverage": float(per_class.min()),
+                    "mean_set_size": float(np.mean([s.sum(1).float().mean() for s in draws])),
+                    "empty": float(np.mean([(s.sum(1) == 0).float().mean() for s in draws])),
+                    "multi": float(np.mean([(s.sum(1) >= 2).float().mean() for s in draws])),
+                    "wrong_in_multi": float(np.mean([(s[wrong].sum(1) >= 2).float().mean() for s in draws])),
+                }
+            )
     return rows
 
 
@@ -114,23 +134,31 @@ def set_rows(summary: dict) -> list[tuple[str, float | None, bool | None]]:
     return [
         (f"{label}: empty sets (target 0)", summary["empty"], summary["empty"] == 0),
         (f"{label}: coverage", summary["coverage"], None),
-        (f"{label}: worst class, {worst[0]} (target ±2 points)", worst[1]["coverage"],
-         abs(worst[1]["coverage"] - target) <= 0.02),
+        (
+            f"{label}: worst class, {worst[0]} (target ±2 points)",
+            worst[1]["coverage"],
+            abs(worst[1]["coverage"] - target) <= 0.02,
+        ),
         (f"{label}: mean set size", summary["mean_set_size"], None),
         (f"{label}: sets of ≥ 2 classes", 1 - summary["set_size_share"]["1"] - summary["empty"], None),
-        (f"{label}: wrong top-1 in sets of ≥ 2 ({summary['wrong_top1']} wrong)",
-         summary["wrong_in_multi_class_sets"], None),
+        (
+            f"{label}: wrong top-1 in sets of ≥ 2 ({summary['wrong_top1']} wrong)",
+            summary["wrong_in_multi_class_sets"],
+            None,
+        ),
     ]
 
 
 def print_comparison(rows: list[dict], classes: list[str]) -> None:
     """The comparison as a Markdown table (the README's)."""
-    print("| coverage | sets | " + " | ".join(classes) + " | mean size | ≥ 2 classes | empty "
-          "| wrong top-1 in ≥ 2 |")
+    print("| coverage | sets | " + " | ".join(classes) + " | mean size | ≥ 2 classes | empty | wrong top-1 in ≥ 2 |")
     print("|---" * (len(classes) + 6) + "|")
     for r in rows:
-        print(f"| {r['coverage']:.1%} | {r['method']} | " + " | ".join(f"{r['per_class'][c]:.2%}" for c in classes)
-              + f" | {r['mean_set_size']:.3f} | {r['multi']:.2%} | {r['empty']:.2%} | {r['wrong_in_multi']:.0%} |")
+        print(
+            f"| {r['coverage']:.1%} | {r['method']} | "
+            + " | ".join(f"{r['per_class'][c]:.2%}" for c in classes)
+            + f" | {r['mean_set_size']:.3f} | {r['multi']:.2%} | {r['empty']:.2%} | {r['wrong_in_multi']:.0%} |"
+        )
 
 
 def main() -> None:
@@ -146,12 +174,15 @@ def main() -> None:
         compared = compare_scores(args.model, pbc, (0.95, *COVERAGES))
         print_comparison(compared, list(config.CLASSES))
         write_json(args.out / "compare.json", {"rows": compared})
-        print(f"JSON: {args.out}/compare.json\ncommand: python bench/calibration_bench.py --compare"
-              f"{' --model ' + str(args.model) if args.model else ''}")
+        print(
+            f"JSON: {args.out}/compare.json\ncommand: python bench/calibration_bench.py --compare"
+            f"{' --model ' + str(args.model) if args.model else ''}"
+        )
         return
     model_coverage = load_model(args.model)[1]["calibration"]["conformal"]["coverage"]
-    unseen = run_calibration(args.model, pbc, args.out / "pbc", ood_data=non_wbc,
-                             coverages=[c for c in COVERAGES if c != model_coverage])
+    unseen = run_calibration(
+        args.model, pbc, args.out / "pbc", ood_data=non_wbc, coverages=[c for c in COVERAGES if c != model_coverage]
+    )
     if "temperature" not in unseen:
         raise SystemExit(unseen["note"])
     cross = run_calibration(args.model, bccd, args.out / "bccd")
@@ -170,22 +201,33 @@ def main() -> None:
         ("BCCD: flagged out-of-distribution", cross["flags"]["out_of_distribution"], None),
         ("BCCD: flagged uncertain", cross["flags"]["uncertain"], None),
         ("BCCD: unflagged (target ≥ 25 %)", cross["flags"]["unflagged"], cross["flags"]["unflagged"] >= 0.25),
-        ("BCCD: accuracy of unflagged (target ≥ 90 %)", cross["flags"]["accuracy_unflagged"],
-         (cross["flags"]["accuracy_unflagged"] or 0) >= 0.90),
+        (
+            "BCCD: accuracy of unflagged (target ≥ 90 %)",
+            cross["flags"]["accuracy_unflagged"],
+            (cross["flags"]["accuracy_unflagged"] or 0) >= 0.90,
+        ),
     ]
-    print(f"\nmodel: {args.model or 'shipped default'}, temperature {unseen['temperature']:.3f}; "
-          f"{unseen['evaluated']}; BCCD: {cross['n_images']} images")
+    print(
+        f"\nmodel: {args.model or 'shipped default'}, temperature {unseen['temperature']:.3f}; "
+        f"{unseen['evaluated']}; BCCD: {cross['n_images']} images"
+    )
     for name, value, passed in rows:
         shown = "—" if value is None else f"{value:.4f}" if "AUROC" in name or "size" in name else f"{value:.2%}"
         print(f"  {name:55s} {shown:>9s}  {'' if passed is None else 'PASS' if passed else 'FAIL'}")
     for sets in (unseen["conformal"], *unseen["conformal_at"].values()):
-        print(f"  per-class coverage of the {sets['method']} sets at {sets['coverage_target']:.1%}: " + ", ".join(
-            f"{name} {c['coverage']:.2%} ({c['n']}, size {c['mean_set_size']:.3f})"
-            for name, c in sets["per_class"].items()))
+        print(
+            f"  per-class coverage of the {sets['method']} sets at {sets['coverage_target']:.1%}: "
+            + ", ".join(
+                f"{name} {c['coverage']:.2%} ({c['n']}, size {c['mean_set_size']:.3f})"
+                for name, c in sets["per_class"].items()
+            )
+        )
     summary = {"pbc_unseen": unseen, "bccd": cross, "logit_score_auroc": baselines}
     write_json(args.out / "bench.json", summary)
-    print(f"figures and JSON: {args.out}/pbc, {args.out}/bccd, {args.out}/bench.json\n"
-          f"command: python bench/calibration_bench.py{' --model ' + str(args.model) if args.model else ''}")
+    print(
+        f"figures and JSON: {args.out}/pbc, {args.out}/bccd, {args.out}/bench.json\n"
+        f"command: python bench/calibration_bench.py{' --model ' + str(args.model) if args.model else ''}"
+    )
 
 
 if __name__ == "__main__":

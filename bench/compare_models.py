@@ -40,8 +40,16 @@ def main() -> None:
         train(make_config(recipe, data=args.data, out=args.out / name))
         minutes = (time.perf_counter() - started) / 60
         metrics = json.loads((args.out / name / "test" / "metrics.json").read_text())
-        rows.append((name, metrics["accuracy"], metrics["macro_f1"], metrics["per_class"]["basophil"]["recall"],
-                     minutes, f"wbc train --config {recipe} --data {args.data} --out {args.out / name}"))
+        rows.append(
+            (
+                name,
+                metrics["accuracy"],
+                metrics["macro_f1"],
+                metrics["per_class"]["basophil"]["recall"],
+                minutes,
+                f"wbc train --config {recipe} --data {args.data} --out {args.out / name}",
+            )
+        )
     print("\n| model | held-out accuracy | macro-F1 | basophil recall | training time | command |")
     print("|---|---|---|---|---|---|")
     for name, acc, f1, baso, minutes, command in rows:

@@ -54,8 +54,11 @@ def field_accuracy(finder: CellFinder, predictor: Predictor, shares: list[float]
             continue
         for share in shares:
             right[share] += classify(predictor, crop_cell(image, cells[0].box, share, predictor.img_size)) == truth
-    return {"fields": len(labelled), "no_cell_found": no_cell,
-            "accuracy_by_share": {str(s): right[s] / len(labelled) for s in shares}}
+    return {
+        "fields": len(labelled),
+        "no_cell_found": no_cell,
+        "accuracy_by_share": {str(s): right[s] / len(labelled) for s in shares},
+    }
 
 
 def crop_accuracy(finder: CellFinder, predictor: Predictor, share: float) -> dict:
@@ -73,8 +76,13 @@ def crop_accuracy(finder: CellFinder, predictor: Predictor, share: float) -> dic
         else:
             not_found += 1
         after += classify(predictor, image) == truth
-    return {"crops": len(records), "accuracy_before": before / len(records), "accuracy_after": after / len(records),
-            "no_cell_found": not_found, "share": share}
+    return {
+        "crops": len(records),
+        "accuracy_before": before / len(records),
+        "accuracy_after": after / len(records),
+        "no_cell_found": not_found,
+        "share": share,
+    }
 
 
 def throughput(n_fields: int) -> dict:
@@ -82,8 +90,13 @@ def throughput(n_fields: int) -> dict:
     start = time.perf_counter()
     summary = run_count(fields, OUT / "run", progress=False)
     seconds = time.perf_counter() - start
-    return {"fields": len(fields), "seconds": seconds, "fields_per_s": len(fields) / seconds,
-            "cells": summary.n_cells, "flagged": summary.n_flagged}
+    return {
+        "fields": len(fields),
+        "seconds": seconds,
+        "fields_per_s": len(fields) / seconds,
+        "cells": summary.n_cells,
+        "flagged": summary.n_flagged,
+    }
 
 
 def main() -> None:

@@ -46,22 +46,32 @@ CELLS = (1, 5, 10, 20)
 SEEDS = (0, 1, 2)
 
 
-def trust_metrics(calibration: Calibration, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                  images: torch.Tensor, classes: list[str]) -> dict:
+def trust_metrics(
+    calibration: Calibration,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    images: torch.Tensor,
+    classes: list[str],
+) -> dict:
     """Everything the table reports for one model on one set of labelled cells."""
     trusted = calibration.apply(logits, features, None, images)
     pred = trusted.probs.argmax(1)
     metrics = compute_metrics(labels.numpy(), pred.numpy(), classes)
     unflagged = torch.tensor([f == "" for f in trusted.flags])
     right = pred == labels
-    return {"n": len(labels), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "confusion_matrix": metrics["confusion_matrix"],
-            "ece": calibration_error(trusted.probs, labels),
-            "coverage": float(trusted.sets[torch.arange(len(labels)), labels].float().mean()),
-            "mean_set_size": float(trusted.sets.sum(1).float().mean()),
-            "unflagged_share": float(unflagged.float().mean()),
-            "unflagged_accuracy": float(right[unflagged].float().mean()) if unflagged.any() else None,
-            "flags": {f or "(none)": trusted.flags.count(f) for f in sorted(set(trusted.flags))}}
+    return {
+        "n": len(labels),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "ece": calibration_error(trusted.probs, labels),
+        "coverage": float(trusted.sets[torch.arange(len(labels)), labels].float().mean()),
+        "mean_set_size": float(trusted.sets.sum(1).float().mean()),
+        "unflagged_share": float(unflagged.float().mean()),
+        "unflagged_accuracy": float(right[unflagged].float().mean()) if unflagged.any() else None,
+        "flags": {f or "(none)": trusted.flags.count(f) for f in sorted(set(trusted.flags))},
+    }
 
 
 def few_cells(labels: torch.Tensor, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +93,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=config.DEFAULT_MODEL_PATH)
     parser.add_argument("--out", type=Path, default=Path("bench_out/cross_lab"))
     parser.add_argument("--install-lab-statistic", action="store_true")
-    parser.add_argument("--features", type=Path, default=None,
-                        help="keep the computed features in this file and reuse them when it exists (re-runs)")
+    parser.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="keep the computed features in this file and reuse them when it exists (re-runs)",
+    )
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images per set (dry runs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +117,10 @@ def main() -> None:
     pbc = load_images([r for r in index.splits["all"] if str(r.path.relative_to(index.root)) in test_files], size)
     non_wbc = load_images([Record(p, None) for p in list_files(args.non_wbc)], size)
     if args.max_images:
-        bccd, pbc, non_wbc = (li.subset(range(0, len(li.records), max(1, len(li.records) // args.max_images)))
-                              for li in (bccd, pbc, non_wbc))
+        bccd, pbc, non_wbc = (
+            li.subset(range(0, len(li.records), max(1, len(li.records) // args.max_images)))
+            for li in (bccd, pbc, non_wbc)
+        )
     y_bccd = torch.from_numpy(model_labels(bccd.records, classes))
     y_pbc = torch.from_numpy(model_labels(pbc.records, classes))
     print(f"BCCD {len(bccd.records)}, PBC held-out {len(pbc.records)}, PBC non-white {len(non_wbc.records)} images")
@@ -117,19 +133,30 @@ def main() -> None:
     if args.features is not None and args.features.exists():
         feats, replay_feats = torch.load(args.features, weights_only=True)
     else:
-        feats = {"bccd": logits_and_features(model, bccd.images, progress=True),
-                 "pbc": logits_and_features(model, pbc.images, progress=True),
-                 "non_wbc": logits_and_features(model, non_wbc.images, progress=True),
-                 "bccd_adabn": logits_and_features(ada, bccd.images, progress=True)}
-        replay_feats = {"base": logits_and_features(model, replay.images)[1].float(),
-                        "adabn": logits_and_features(ada, replay.images)[1].float()}
+        feats = {
+            "bccd": logits_and_features(model, bccd.images, progress=True),
+            "pbc": logits_and_features(model, pbc.images, progress=True),
+            "non_wbc": logits_and_features(model, non_wbc.images, progress=True),
+            "bccd_adabn": logits_and_features(ada, bccd.images, progress=True),
+        }
+        replay_feats = {
+            "base": logits_and_features(model, replay.images)[1].float(),
+            "adabn": logits_and_features(ada, replay.images)[1].float(),
+        }
         if args.features is not None:
             torch.save((feats, replay_feats), args.features)
-    print(f"features: {time.perf_counter() - t:.0f} s; replay: {len(replay.records)} images of {replay_source}",
-          flush=True)
+    print(
+        f"features: {time.perf_counter() - t:.0f} s; replay: {len(replay.records)} images of {replay_source}",
+        flush=True,
+    )
 
-    results: dict = {"command": f"python {shlex.join(sys.argv)}", "model": str(args.model), "replay": replay_source,
-                     "zero_labels": {}, "adapt": {}}
+    results: dict = {
+        "command": f"python {shlex.join(sys.argv)}",
+        "model": str(args.model),
+        "replay": replay_source,
+        "zero_labels": {},
+        "adapt": {},
+    }
     # --- zero labels: the shipped default, and batch-norm statistics of the lab ----------------------------------
     zero = results["zero_labels"]
     zero["default · PBC held-out"] = trust_metrics(base, *feats["pbc"], y_pbc, pbc.images, classes)
@@ -141,23 +168,33 @@ def main() -> None:
     ood_non = base.ood.score(*feats["non_wbc"]).numpy()
     non_flags = base.apply(*feats["non_wbc"], None, non_wbc.images).flags
     results["warnings"] = {
-        "ood_auroc_pbc_white_vs_non_white": float(roc_auc_score(np.r_[np.zeros(len(ood_white)), np.ones(len(ood_non))],
-                                                                np.r_[ood_white, ood_non])),
+        "ood_auroc_pbc_white_vs_non_white": float(
+            roc_auc_score(np.r_[np.zeros(len(ood_white)), np.ones(len(ood_non))], np.r_[ood_white, ood_non])
+        ),
         "pbc_non_white_flags": {f or "(none)": non_flags.count(f) for f in sorted(set(non_flags))},
         "pbc_non_white_n": len(non_flags),
     }
     if base.lab is not None:
-        lab_scores = {k: base.lab.score(v.images).numpy() for k, v in (("pbc", pbc), ("non_wbc", non_wbc),
-                                                                        ("bccd", bccd))}
-        results["warnings"]["lab_auroc_bccd_vs_pbc_white"] = float(roc_auc_score(
-            np.r_[np.zeros(len(lab_scores["pbc"])), np.ones(len(lab_scores["bccd"]))],
-            np.r_[lab_scores["pbc"], lab_scores["bccd"]]))
-        results["warnings"]["lab_auroc_bccd_vs_pbc_non_white"] = float(roc_auc_score(
-            np.r_[np.zeros(len(lab_scores["non_wbc"])), np.ones(len(lab_scores["bccd"]))],
-            np.r_[lab_scores["non_wbc"], lab_scores["bccd"]]))
+        lab_scores = {
+            k: base.lab.score(v.images).numpy() for k, v in (("pbc", pbc), ("non_wbc", non_wbc), ("bccd", bccd))
+        }
+        results["warnings"]["lab_auroc_bccd_vs_pbc_white"] = float(
+            roc_auc_score(
+                np.r_[np.zeros(len(lab_scores["pbc"])), np.ones(len(lab_scores["bccd"]))],
+                np.r_[lab_scores["pbc"], lab_scores["bccd"]],
+            )
+        )
+        results["warnings"]["lab_auroc_bccd_vs_pbc_non_white"] = float(
+            roc_auc_score(
+                np.r_[np.zeros(len(lab_scores["non_wbc"])), np.ones(len(lab_scores["bccd"]))],
+                np.r_[lab_scores["non_wbc"], lab_scores["bccd"]],
+            )
+        )
     # --- a few labelled cells --------------------------------------------------------------------------------------
-    for variant, key, replay_key in (("wbc adapt --data FEW", "bccd", "base"),
-                                     ("wbc adapt --data FEW --unlabelled BCCD", "bccd_adabn", "adabn")):
+    for variant, key, replay_key in (
+        ("wbc adapt --data FEW", "bccd", "base"),
+        ("wbc adapt --data FEW --unlabelled BCCD", "bccd_adabn", "adabn"),
+    ):
         results["adapt"][variant] = {}
         logits, features = feats[key]
         for n in CELLS:
@@ -172,19 +209,23 @@ def main() -> None:
                     continue
                 with torch.no_grad():
                     test_logits = fitted.head(features[test].float())
-                row = trust_metrics(fitted.calibration, test_logits, features[test], y_bccd[test],
-                                    bccd.images[test], classes)
+                row = trust_metrics(
+                    fitted.calibration, test_logits, features[test], y_bccd[test], bccd.images[test], classes
+                )
                 if key == "bccd":  # the same backbone reads PBC: does the adapted head still?
                     with torch.no_grad():
-                        row["pbc_accuracy"] = float((fitted.head(feats["pbc"][1].float()).argmax(1) == y_pbc)
-                                                    .float().mean())
+                        row["pbc_accuracy"] = float(
+                            (fitted.head(feats["pbc"][1].float()).argmax(1) == y_pbc).float().mean()
+                        )
                 runs.append({"seed": seed, "cells": int(len(train)), **row})
             results["adapt"][variant][n] = runs
             ok = [r for r in runs if "accuracy" in r]
             if ok:
-                print(f"{variant}, {n}/class: accuracy {np.mean([r['accuracy'] for r in ok]):.1%}, coverage "
-                      f"{np.mean([r['coverage'] for r in ok]):.1%}, unflagged {np.mean([r['unflagged_share'] for r in ok]):.1%}",
-                      flush=True)
+                print(
+                    f"{variant}, {n}/class: accuracy {np.mean([r['accuracy'] for r in ok]):.1%}, coverage "
+                    f"{np.mean([r['coverage'] for r in ok]):.1%}, unflagged {np.mean([r['unflagged_share'] for r in ok]):.1%}",
+                    flush=True,
+                )
             else:
                 print(f"{variant}, {n}/class: refused ({runs[0]['refused']})")
     # --- one end-to-end `wbc adapt` on 10 cells per class, timed ---------------------------------------------------
@@ -196,8 +237,11 @@ def main() -> None:
             (Path(tmp) / "cells" / path.parent.name / path.name).symlink_to(path.resolve())
         started = time.perf_counter()
         done = adapt(Path(tmp) / "run", data=Path(tmp) / "cells", model_path=args.model)
-        results["end_to_end"] = {"cells": done["cells_per_class"], "seconds": time.perf_counter() - started,
-                                 "cross_fitted_accuracy": done["cross_fitted_accuracy"]}
+        results["end_to_end"] = {
+            "cells": done["cells_per_class"],
+            "seconds": time.perf_counter() - started,
+            "cross_fitted_accuracy": done["cross_fitted_accuracy"],
+        }
     print(f"end to end: {results['end_to_end']}")
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, args.out / "cross_lab.png")
@@ -211,19 +255,38 @@ def plot(results: dict, path: Path) -> None:
     for variant, per_n in results["adapt"].items():
         per_n = {int(n): runs for n, runs in per_n.items()}  # JSON keys are strings
         ns = [n for n in CELLS if any("accuracy" in r for r in per_n[n])]
-        for ax, key, style in ((axes[0], "accuracy", "-o"), (axes[1], "coverage", ":^"),
-                               (axes[1], "unflagged_accuracy", "-o"), (axes[1], "unflagged_share", "--s")):
+        for ax, key, style in (
+            (axes[0], "accuracy", "-o"),
+            (axes[1], "coverage", ":^"),
+            (axes[1], "unflagged_accuracy", "-o"),
+            (axes[1], "unflagged_share", "--s"),
+        ):
             values = [[r[key] for r in per_n[n] if r.get(key) is not None] for n in ns]
-            ax.errorbar(ns, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], fmt=style,
-                        color=colours[variant], capsize=3,
-                        label=f"{variant}" if ax is axes[0] else f"{key.replace('_', ' ')}, {variant}")
+            ax.errorbar(
+                ns,
+                [np.mean(v) for v in values],
+                yerr=[np.std(v) for v in values],
+                fmt=style,
+                color=colours[variant],
+                capsize=3,
+                label=f"{variant}" if ax is axes[0] else f"{key.replace('_', ' ')}, {variant}",
+            )
     for name, colour in (("default · BCCD", "tab:red"), ("--unlabelled · BCCD", "tab:purple")):
         axes[0].axhline(results["zero_labels"][name]["accuracy"], color=colour, ls=":", label=f"{name} (no labels)")
     axes[0].axhline(0.93, color="grey", ls="-.", lw=1, label="target at 10 cells/class: 93 %")
-    axes[0].set(title="BCCD accuracy on the cells not labelled (mean ± sd, 3 seeds)",
-                xlabel="labelled BCCD cells per class", ylabel="accuracy", ylim=(0, 1), xticks=CELLS)
-    axes[1].set(title="BCCD trust: 95 % set coverage, unflagged answers", xlabel="labelled BCCD cells per class", ylim=(0, 1),
-                xticks=CELLS)
+    axes[0].set(
+        title="BCCD accuracy on the cells not labelled (mean ± sd, 3 seeds)",
+        xlabel="labelled BCCD cells per class",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        xticks=CELLS,
+    )
+    axes[1].set(
+        title="BCCD trust: 95 % set coverage, unflagged answers",
+        xlabel="labelled BCCD cells per class",
+        ylim=(0, 1),
+        xticks=CELLS,
+    )
     for ax, where in zip(axes, ("lower right", "center right")):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc=where)

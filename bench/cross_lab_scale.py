@@ -48,8 +48,9 @@ def main() -> None:
     size = (meta["img_size"], meta["img_size"])
     print(f"{len(records)} images of {args.data}; rows of each confusion matrix = truth in the order {meta['classes']}")
     for factor in FACTORS:
-        images = torch.stack([image_to_tensor(padded(im, factor).resize(size, Image.Resampling.BILINEAR))
-                              for im in originals])
+        images = torch.stack(
+            [image_to_tensor(padded(im, factor).resize(size, Image.Resampling.BILINEAR)) for im in originals]
+        )
         logits, _ = logits_and_features(model, images)
         metrics = compute_metrics(labels, logits.argmax(1).numpy(), meta["classes"])
         print(f"padding ×{factor:g}: accuracy {metrics['accuracy']:.1%}  confusion {metrics['confusion_matrix']}")

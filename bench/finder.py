@@ -80,7 +80,10 @@ def edge_crop(array: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) ->
     if right - left < w // 3 or bottom - top < h // 3:
         return array, boxes
     clipped = np.clip(boxes - [left, top, left, top], 0, [right - left, bottom - top] * 2)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+    def area(b: np.ndarray) -> np.ndarray:
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
     keep = area(clipped) >= 0.25 * area(boxes)
     return array[top:bottom, left:right], clipped[keep]
 
@@ -98,8 +101,12 @@ def fit_finder(seed: int = 0) -> dict:
             rows.append(proposal_table(*edge_crop(array, boxes, rng)))
     features, positive, offsets = (np.concatenate(parts) for parts in zip(*rows))
     fit(features, positive, offsets, config.FINDER_MODEL_PATH, seed)
-    return {"proposals": len(features), "positive": int(positive.sum()), "fit_seconds": time.perf_counter() - start,
-            "weights_bytes": config.FINDER_MODEL_PATH.stat().st_size}
+    return {
+        "proposals": len(features),
+        "positive": int(positive.sum()),
+        "fit_seconds": time.perf_counter() - start,
+        "weights_bytes": config.FINDER_MODEL_PATH.stat().st_size,
+    }
 
 
 def score(finder: CellFinder, items, desc: str) -> dict[str, dict]:
@@ -119,11 +126,20 @@ def score(finder: CellFinder, items, desc: str) -> dict[str, dict]:
         t[3].append(ms)
         t[4] += 1
         t[5].append(cpu_ms)
-    return {g: {"images": t[4], "true_cells": t[2], "found": t[1], "matched": t[0],
-                "recall": t[0] / max(t[2], 1), "precision": t[0] / max(t[1], 1),
-                "ms_median": float(np.median(t[3])), "ms_p95": float(np.percentile(t[3], 95)),
-                "cpu_ms_median": float(np.median(t[5]))}
-            for g, t in sorted(totals.items())}
+    return {
+        g: {
+            "images": t[4],
+            "true_cells": t[2],
+            "found": t[1],
+            "matched": t[0],
+            "recall": t[0] / max(t[2], 1),
+            "precision": t[0] / max(t[1], 1),
+            "ms_median": float(np.median(t[3])),
+            "ms_p95": float(np.percentile(t[3], 95)),
+            "cpu_ms_median": float(np.median(t[5])),
+        }
+        for g, t in sorted(totals.items())
+    }
 
 
 def main() -> None:
@@ -146,25 +162,54 @@ def main() -> None:
         fields.append((path, "in txl-fields train" if seen else "not in txl-fields train", truth))
     per_part = score(finder, fields, "bccd-fields")
     whole = {k: sum(p[k] for p in per_part.values()) for k in ("images", "true_cells", "found", "matched")}
-    whole.update(recall=whole["matched"] / max(whole["true_cells"], 1), precision=whole["matched"] / max(whole["found"], 1))
+    whole.update(
+        recall=whole["matched"] / max(whole["true_cells"], 1), precision=whole["matched"] / max(whole["found"], 1)
+    )
     report["bccd-fields"] = {"all": whole, **per_part}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "finder.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(OUT / "finder.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["set", "group", "images", "true_cells", "found", "matched", "recall", "precision", "ms_median",
-                         "cpu_ms_median"])
+        writer.writerow(
+            [
+                "set",
+                "group",
+                "images",
+                "true_cells",
+                "found",
+                "matched",
+                "recall",
+                "precision",
+                "ms_median",
+                "cpu_ms_median",
+            ]
+        )
         for name in ("txl-fields val", "bccd-fields"):
             for group, r in report[name].items():
-                writer.writerow([name, group, r["images"], r["true_cells"], r["found"], r["matched"],
-                                 f"{r['recall']:.4f}", f"{r['precision']:.4f}", f"{r.get('ms_median', float('nan')):.1f}",
-                                 f"{r.get('cpu_ms_median', float('nan')):.1f}"])
-    print(f"{'set':16} {'group':26} {'images':>6} {'cells':>6} {'recall':>7} {'precision':>9} {'ms/field':>8} "
-          f"{'cpu ms':>7}")
+                writer.writerow(
+                    [
+                        name,
+                        group,
+                        r["images"],
+                        r["true_cells"],
+                        r["found"],
+                        r["matched"],
+                        f"{r['recall']:.4f}",
+                        f"{r['precision']:.4f}",
+                        f"{r.get('ms_median', float('nan')):.1f}",
+                        f"{r.get('cpu_ms_median', float('nan')):.1f}",
+                    ]
+                )
+    print(
+        f"{'set':16} {'group':26} {'images':>6} {'cells':>6} {'recall':>7} {'precision':>9} {'ms/field':>8} "
+        f"{'cpu ms':>7}"
+    )
     for name in ("txl-fields val", "bccd-fields"):
         for group, r in report[name].items():
-            print(f"{name:16} {group:26} {r['images']:6d} {r['true_cells']:6d} {r['recall']:7.3f} {r['precision']:9.3f} "
-                  f"{r.get('ms_median', float('nan')):8.1f} {r.get('cpu_ms_median', float('nan')):7.1f}")
+            print(
+                f"{name:16} {group:26} {r['images']:6d} {r['true_cells']:6d} {r['recall']:7.3f} {r['precision']:9.3f} "
+                f"{r.get('ms_median', float('nan')):8.1f} {r.get('cpu_ms_median', float('nan')):7.1f}"
+            )
     print(f"written: {OUT / 'finder.json'}, {OUT / 'finder.csv'}")
 
 

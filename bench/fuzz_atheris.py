@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 with atheris.instrument_imports(include=["PIL", "wbc_trust"]):  # torch & co. stay uninstrumented (fast)
     from PIL import Image  # noqa: F401  (instrumented for coverage)
+
     from wbc_trust.data import UnreadableImage, read_image
 
 from test_fuzz import SEEDS, SIZE  # noqa: E402  (the test's seeds: one definition)

@@ -59,13 +59,15 @@ def _state(layer: nn.Linear) -> Checkpoint:
     return {k: v.detach().float().clone() for k, v in layer.state_dict().items()}
 
 
-def head_recipe(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
-                seed: int) -> tuple[list[Checkpoint], list[float]]:
+def head_recipe(
+    features: torch.Tensor, labels: torch.Tensor, head: nn.Linear, seed: int
+) -> tuple[list[Checkpoint], list[float]]:
     """Train ``head`` on fixed features: SGD, Nesterov momentum, learning rate annealed by a cosine per step. Returns
     the weights after every epoch and the mean learning rate of that epoch (TracIn's η_t)."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(head.parameters(), lr=HEAD_LR, momentum=HEAD_MOMENTUM, nesterov=True,
-                                weight_decay=config.WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=HEAD_LR, momentum=HEAD_MOMENTUM, nesterov=True, weight_decay=config.WEIGHT_DECAY
+    )
     steps = HEAD_EPOCHS * math.ceil(len(features) / HEAD_BATCH)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     checkpoints, rates = [], []
@@ -83,15 +85,20 @@ def head_recipe(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
     return checkpoints, rates
 
 
-def fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
-              seed: int) -> tuple[list[Checkpoint], list[float]]:
+def fine_tune(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
+) -> tuple[list[Checkpoint], list[float]]:
     """The whole network on the noisy labels, with the seed's augmentation (AdamW, bf16 autocast where native).
     Returns the last layer's weights after every epoch and the learning rate (constant)."""
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
-    loader = DataLoader(ImageTensorDataset(images, labels, train_transform()), batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        ImageTensorDataset(images, labels, train_transform()),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     checkpoints = []
     for epoch in range(epochs):
         model.train()
@@ -107,8 +114,9 @@ def fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoc
     return checkpoints, [config.LEARNING_RATE] * epochs
 
 
-def tracin_self_influence(features: torch.Tensor, labels: torch.Tensor, checkpoints: list[Checkpoint],
-                          rates: list[float]) -> np.ndarray:
+def tracin_self_influence(
+    features: torch.Tensor, labels: torch.Tensor, checkpoints: list[Checkpoint], rates: list[float]
+) -> np.ndarray:
     """captum TracInCPFast self-influence Σ_t η_t ‖g(t)‖² over the given last-layer checkpoints, each with its own
     learning rate (the index in the product keeps one rate for all)."""
     out_features, in_features = checkpoints[0]["weight"].shape
@@ -118,9 +126,15 @@ def tracin_self_influence(features: torch.Tensor, labels: torch.Tensor, checkpoi
         net[0].load_state_dict(checkpoints[t])
         return rates[t]
 
-    tracer = TracInCPFast(model, model[0], TensorDataset(features, labels), list(range(len(checkpoints))),
-                          checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                          batch_size=config.INFLUENCE_TRAIN_CHUNK)
+    tracer = TracInCPFast(
+        model,
+        model[0],
+        TensorDataset(features, labels),
+        list(range(len(checkpoints))),
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=config.INFLUENCE_TRAIN_CHUNK,
+    )
     return tracer.self_influence(DataLoader(TensorDataset(features, labels), batch_size=4096)).detach().numpy()
 
 
@@ -158,8 +172,9 @@ def ekfac_self_influence(features: torch.Tensor, labels: torch.Tensor, head: nn.
         analyzer = Analyzer("flip", model, HeadTask(), cpu=True, output_dir=folder, disable_tqdm=True)
         dataset = TensorDataset(features, labels)
         analyzer.fit_all_factors("ekfac", dataset, per_device_batch_size=256, factor_args=FactorArguments("ekfac"))
-        analyzer.compute_self_scores("self", "ekfac", dataset, per_device_train_batch_size=256,
-                                     score_args=ScoreArguments(damping_factor=None))
+        analyzer.compute_self_scores(
+            "self", "ekfac", dataset, per_device_train_batch_size=256, score_args=ScoreArguments(damping_factor=None)
+        )
         return analyzer.load_self_scores("self")["all_modules"].numpy()
 
 
@@ -189,8 +204,10 @@ def main() -> None:
         noisy[i] = int(rng.choice([c for c in range(len(config.CLASSES)) if c != int(true[i])]))
     is_flipped = np.zeros(n_train, dtype=bool)
     is_flipped[flipped] = True
-    print(f"{len(loaded.records)} images read ({len(loaded.unreadable)} unreadable), {n_train} for training, "
-          f"{len(test)} test images, {is_flipped.sum()} training labels flipped (seed {args.seed})")
+    print(
+        f"{len(loaded.records)} images read ({len(loaded.unreadable)} unreadable), {n_train} for training, "
+        f"{len(test)} test images, {is_flipped.sum()} training labels flipped (seed {args.seed})"
+    )
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -201,8 +218,10 @@ def main() -> None:
     else:
         features = extract_features(model, images, desc="ImageNet features")
         checkpoints, rates = head_recipe(features, noisy, last_linear(model), args.seed)
-        recipe = (f"last layer trained {HEAD_EPOCHS} epochs on frozen ImageNet features (SGD, Nesterov momentum, "
-                  f"cosine from {HEAD_LR:g}, batch {HEAD_BATCH})")
+        recipe = (
+            f"last layer trained {HEAD_EPOCHS} epochs on frozen ImageNet features (SGD, Nesterov momentum, "
+            f"cosine from {HEAD_LR:g}, batch {HEAD_BATCH})"
+        )
     print(f"trained ({recipe}) in {time.perf_counter() - started:.1f} s")
 
     started = time.perf_counter()
@@ -210,14 +229,22 @@ def main() -> None:
         features = extract_features(model, images, desc="final features")
     head = last_linear(model).float()
     # what build_index does (features + replay), reusing the features instead of a second forward pass
-    index = InfluenceIndex(paths=[str(loaded.records[i].path) for i in train], labels=noisy, features=features,
-                           final_head=_state(head), checkpoints=replay_head(features, noisy, len(config.CLASSES)),
-                           classes=list(config.CLASSES), img_size=IMG_SIZE)
+    index = InfluenceIndex(
+        paths=[str(loaded.records[i].path) for i in train],
+        labels=noisy,
+        features=features,
+        final_head=_state(head),
+        checkpoints=replay_head(features, noisy, len(config.CLASSES)),
+        classes=list(config.CLASSES),
+        img_size=IMG_SIZE,
+    )
     build_seconds = time.perf_counter() - started
     with torch.no_grad():
         logits = head(index.features)
-    print(f"training accuracy against the noisy labels {(logits.argmax(1) == noisy).float().mean():.3f}, "
-          f"against the true labels {(logits.argmax(1) == true).float().mean():.3f}")
+    print(
+        f"training accuracy against the noisy labels {(logits.argmax(1) == noisy).float().mean():.3f}, "
+        f"against the true labels {(logits.argmax(1) == true).float().mean():.3f}"
+    )
     test_features = extract_features(model, loaded.images[test], desc="test features")
     test_labels = loaded.labels[test]
     with torch.no_grad():
@@ -229,23 +256,31 @@ def main() -> None:
         begun = time.perf_counter()
         rankings[name] = (np.asarray(score()), time.perf_counter() - begun)
 
-    timed(f"TracInCP, the {len(checkpoints)} real checkpoints",
-          lambda: tracin_self_influence(index.features, noisy, checkpoints, rates))
+    timed(
+        f"TracInCP, the {len(checkpoints)} real checkpoints",
+        lambda: tracin_self_influence(index.features, noisy, checkpoints, rates),
+    )
     timed(f"TracInCP, {len(index.checkpoints)}-epoch replay (product)", lambda: index.self_influence("tracin").numpy())
     timed("grad_dot self-influence ‖g‖²", lambda: index.self_influence("grad_dot").numpy())
     # harm to the test set: Σ_test −g_train·g_test (index.scores gives +g_train·g_test)
-    timed(f"grad_dot Σ over {len(test)} test images",
-          lambda: -index.scores(test_features, test_labels, "grad_dot").sum(0).numpy())
+    timed(
+        f"grad_dot Σ over {len(test)} test images",
+        lambda: -index.scores(test_features, test_labels, "grad_dot").sum(0).numpy(),
+    )
     rankings["plain loss"] = (F.cross_entropy(logits, noisy, reduction="none").numpy(), 0.0)
     if args.with_ekfac:
         timed("kronfluence EK-FAC self-influence", lambda: ekfac_self_influence(index.features, noisy, head))
 
-    print(f"\nindex build ({'final features + ' if args.fine_tune_epochs else ''}{len(index.checkpoints)}-epoch "
-          f"last-layer replay): {build_seconds:.1f} s")
+    print(
+        f"\nindex build ({'final features + ' if args.fine_tune_epochs else ''}{len(index.checkpoints)}-epoch "
+        f"last-layer replay): {build_seconds:.1f} s"
+    )
     norm2 = rankings["grad_dot self-influence ‖g‖²"][0]
     top_norm2 = set(np.argsort(-norm2, kind="stable")[: round(0.1 * n_train)])
-    print(f"{'ranking':42s} {'flipped in top 10%':>18s} {'Spearman vs ‖g‖²':>17s} {'top 10% shared with ‖g‖²':>25s} "
-          f"{'seconds':>8s}")
+    print(
+        f"{'ranking':42s} {'flipped in top 10%':>18s} {'Spearman vs ‖g‖²':>17s} {'top 10% shared with ‖g‖²':>25s} "
+        f"{'seconds':>8s}"
+    )
     for name, (scores, seconds) in rankings.items():
         rho = spearmanr(scores, norm2).statistic
         shared = len(top_norm2 & set(np.argsort(-scores, kind="stable")[: len(top_norm2)])) / len(top_norm2)

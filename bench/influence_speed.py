@@ -53,8 +53,18 @@ def main() -> None:
         size = config.DEFAULT_IMG_SIZE["efficientnet_lite0"]
         load_images(find_dataset(folder).splits["all"], size, desc="warming the decode cache")  # same for both sides
 
-        result = train(TrainConfig(data=folder, out=run, arch="efficientnet_lite0", pretrained="imagenet", img_size=size,
-                                   frozen_stages=4, epochs=1, seed=args.seed))
+        result = train(
+            TrainConfig(
+                data=folder,
+                out=run,
+                arch="efficientnet_lite0",
+                pretrained="imagenet",
+                img_size=size,
+                frozen_stages=4,
+                epochs=1,
+                seed=args.seed,
+            )
+        )
         model_path = run / "model.safetensors"
         meta = load_model(model_path)[1]
         epoch_seconds, n_epoch = result["train_seconds"], meta["data"]["n_train"]
@@ -63,8 +73,12 @@ def main() -> None:
         index = InfluenceIndex.load(out / INDEX_FILE)
         model = load_model(model_path)[0]
         held_out = set(meta["data"]["test_files"])
-        test = load_images([r for r in find_dataset(folder).splits["all"]
-                            if str(r.path.relative_to(folder.resolve())) in held_out][: args.queries], meta["img_size"])
+        test = load_images(
+            [r for r in find_dataset(folder).splits["all"] if str(r.path.relative_to(folder.resolve())) in held_out][
+                : args.queries
+            ],
+            meta["img_size"],
+        )
         influential_training_images(model, test.images[0], index)  # first call: one-off set-up
         times = []
         for image in test.images:
@@ -73,19 +87,31 @@ def main() -> None:
             times.append(time.perf_counter() - started)
 
     build = summary["index_build_seconds"]
-    print(f"\n{len(records)} images; the model trained on {n_epoch} (+ validation), the index holds "
-          f"{summary['n_train']} training images ({summary['n_checkpoints']} replayed checkpoints)")
-    print(f"one training epoch (wbc train, incl. validation pass): {epoch_seconds:8.1f} s "
-          f"({epoch_seconds / n_epoch * 1000:.1f} ms per training image)")
-    print(f"influence index build:                                {build:8.1f} s "
-          f"({build / summary['n_train'] * 1000:.1f} ms per indexed image)")
-    print(f"build / epoch: {build / epoch_seconds:.2f}x   (per image: "
-          f"{(build / summary['n_train']) / (epoch_seconds / n_epoch):.2f}x; target ≤ 1)")
-    print(f"one query, top-{config.INFLUENCE_TOP_K} helpful + harmful over {len(index.paths)} training images: "
-          f"p50 {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)} queries "
-          "(target ≤ 1000 ms)")
-    print(f"batched queries inside `wbc trust influence` (both methods): {summary['seconds_per_query'] * 1000:.0f} ms "
-          "per test image")
+    print(
+        f"\n{len(records)} images; the model trained on {n_epoch} (+ validation), the index holds "
+        f"{summary['n_train']} training images ({summary['n_checkpoints']} replayed checkpoints)"
+    )
+    print(
+        f"one training epoch (wbc train, incl. validation pass): {epoch_seconds:8.1f} s "
+        f"({epoch_seconds / n_epoch * 1000:.1f} ms per training image)"
+    )
+    print(
+        f"influence index build:                                {build:8.1f} s "
+        f"({build / summary['n_train'] * 1000:.1f} ms per indexed image)"
+    )
+    print(
+        f"build / epoch: {build / epoch_seconds:.2f}x   (per image: "
+        f"{(build / summary['n_train']) / (epoch_seconds / n_epoch):.2f}x; target ≤ 1)"
+    )
+    print(
+        f"one query, top-{config.INFLUENCE_TOP_K} helpful + harmful over {len(index.paths)} training images: "
+        f"p50 {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)} queries "
+        "(target ≤ 1000 ms)"
+    )
+    print(
+        f"batched queries inside `wbc trust influence` (both methods): {summary['seconds_per_query'] * 1000:.0f} ms "
+        "per test image"
+    )
 
 
 if __name__ == "__main__":

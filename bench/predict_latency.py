@@ -69,8 +69,10 @@ def main() -> None:
     predictor = loaded.predictor
     rows = [
         ("predict, one image", *percentiles(lambda: predictor.predict_bytes(data), args.repeats, "predict")),
-        ("predict + Grad-CAM, one image", *percentiles(lambda: analyse(loaded, image.name, data), args.repeats,
-                                                          "predict + Grad-CAM")),
+        (
+            "predict + Grad-CAM, one image",
+            *percentiles(lambda: analyse(loaded, image.name, data), args.repeats, "predict + Grad-CAM"),
+        ),
     ]
 
     paths = find_unlabelled([args.folder])
@@ -83,9 +85,11 @@ def main() -> None:
     naive_rate = len(paths) / (time.perf_counter() - start)
     agree = np.mean([predictor.classes[n] == b.prediction for n, b in zip(naive, batched)])
 
-    print(f"\ndefault model ({predictor.meta['arch']}, {predictor.img_size} px, test views "
-          f"{'+'.join(naive_model.views)}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; one image = {image.name} ({width}×{height}), {args.repeats} runs")
+    print(
+        f"\ndefault model ({predictor.meta['arch']}, {predictor.img_size} px, test views "
+        f"{'+'.join(naive_model.views)}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; one image = {image.name} ({width}×{height}), {args.repeats} runs"
+    )
     print(f"{'latency':<34}{'p50 ms':>10}{'p95 ms':>10}")
     for name, p50, p95 in rows:
         print(f"{name:<34}{p50:>10.1f}{p95:>10.1f}")

@@ -78,8 +78,21 @@ def per_image_costs(files: list[Path]) -> dict[str, float]:
 def train_rate(tree: Path, out: Path, processes: int) -> dict[str, float]:
     """One 2-epoch ``wbc train`` under torchrun: the world size it records, wall seconds, second-epoch images/s.
     Each process gets an equal share of the cores as its torch threads (OMP_NUM_THREADS), as Ray gives its actors."""
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(processes),
-               "-m", "wbc_trust.cli", "train", "--data", str(tree), "--out", str(out), "--epochs", "2"]
+    command = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        "-m",
+        "wbc_trust.cli",
+        "train",
+        "--data",
+        str(tree),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+    ]
     threads = str(max(1, (os.cpu_count() or 1) // processes))
     start = time.perf_counter()
     # own decode cache per run: both runs decode the images (wall time), neither reads the other's cache
@@ -92,8 +105,13 @@ def train_rate(tree: Path, out: Path, processes: int) -> dict[str, float]:
     history = json.loads((out / "history.json").read_text())
     n_train = len(json.loads((out / "split.json").read_text())["train"])
     epoch_seconds = history[1]["seconds"] - history[0]["seconds"]
-    return {"world_size": world_size, "wall_seconds": wall, "train_images": n_train,
-            "epoch2_seconds": epoch_seconds, "images_per_s": n_train / epoch_seconds}
+    return {
+        "world_size": world_size,
+        "wall_seconds": wall,
+        "train_images": n_train,
+        "epoch2_seconds": epoch_seconds,
+        "images_per_s": n_train / epoch_seconds,
+    }
 
 
 def copy_tree(root: Path, per_class: int) -> Path:
@@ -118,8 +136,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="images of the large run (0: skip prediction)")
     parser.add_argument("--small", type=int, default=10, help="images of the small run (fixed costs)")
     parser.add_argument("--actors", type=int, default=config.RAY_ACTORS, help="Ray actors")
-    parser.add_argument("--train-per-class", type=int, default=60, help="images per class of the training tree "
-                        "(0: skip training)")
+    parser.add_argument(
+        "--train-per-class", type=int, default=60, help="images per class of the training tree (0: skip training)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out/scale_out"), help="folder for results.json")
     args = parser.parse_args()
     command = f"python {shlex.join(sys.argv)}"
@@ -145,24 +164,44 @@ def predict_part(args: argparse.Namespace, report: dict) -> None:
         for name, actors in (("1 process", None), (f"Ray, {args.actors} actors", args.actors)):
             t_small = run_predict(small, Path(tmp) / "small.csv", actors)
             t_large = run_predict(large, Path(tmp) / f"{bool(actors)}.csv", actors)
-            results[name] = {"seconds_small": t_small, "seconds_large": t_large,
-                             "images_per_s": len(large) / t_large,
-                             "marginal_images_per_s": (len(large) - len(small)) / (t_large - t_small)}
+            results[name] = {
+                "seconds_small": t_small,
+                "seconds_large": t_large,
+                "images_per_s": len(large) / t_large,
+                "marginal_images_per_s": (len(large) - len(small)) / (t_large - t_small),
+            }
         same_csv = (Path(tmp) / "False.csv").read_text() == (Path(tmp) / "True.csv").read_text()
     costs = per_image_costs(large[:64])
-    report.update({"images": len(large), "small": len(small), "predict": results, "same_csv": same_csv,
-                   "per_image_one_thread": costs, "predict_command": report["command"]})
+    report.update(
+        {
+            "images": len(large),
+            "small": len(small),
+            "predict": results,
+            "same_csv": same_csv,
+            "per_image_one_thread": costs,
+            "predict_command": report["command"],
+        }
+    )
     save(report, args.out)
-    print(f"wbc predict on {len(large)} (and {len(small)}) real PBC images, {os.cpu_count()} CPUs, "
-          f"default model; each run a fresh subprocess")
-    print(f"{'':<18}{'s (' + str(len(small)) + ')':>10}{'s (' + str(len(large)) + ')':>10}{'images/s':>10}"
-          f"{'marginal':>10}")
+    print(
+        f"wbc predict on {len(large)} (and {len(small)}) real PBC images, {os.cpu_count()} CPUs, "
+        f"default model; each run a fresh subprocess"
+    )
+    print(
+        f"{'':<18}{'s (' + str(len(small)) + ')':>10}{'s (' + str(len(large)) + ')':>10}{'images/s':>10}"
+        f"{'marginal':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:<18}{r['seconds_small']:>10.1f}{r['seconds_large']:>10.1f}{r['images_per_s']:>10.1f}"
-              f"{r['marginal_images_per_s']:>10.1f}")
+        print(
+            f"{name:<18}{r['seconds_small']:>10.1f}{r['seconds_large']:>10.1f}{r['images_per_s']:>10.1f}"
+            f"{r['marginal_images_per_s']:>10.1f}"
+        )
     print(f"CSV of --ray identical to the local one: {same_csv}")
-    print(f"per image on one thread: decode + resize {costs['decode_ms']:.1f} ms, forward (with test-time flips) "
-          f"{costs['forward_ms']:.1f} ms", flush=True)
+    print(
+        f"per image on one thread: decode + resize {costs['decode_ms']:.1f} ms, forward (with test-time flips) "
+        f"{costs['forward_ms']:.1f} ms",
+        flush=True,
+    )
 
 
 def train_part(args: argparse.Namespace, report: dict) -> None:
@@ -177,8 +216,10 @@ def train_part(args: argparse.Namespace, report: dict) -> None:
     print(f"torchrun wbc train, default recipe, 2 epochs, {args.train_per_class} images per class")
     print(f"{'':<18}{'world':>6}{'wall s':>9}{'epoch 2 s':>11}{'images/s':>10}")
     for name, r in training.items():
-        print(f"{name:<18}{r['world_size']:>6}{r['wall_seconds']:>9.1f}{r['epoch2_seconds']:>11.1f}"
-              f"{r['images_per_s']:>10.1f}")
+        print(
+            f"{name:<18}{r['world_size']:>6}{r['wall_seconds']:>9.1f}{r['epoch2_seconds']:>11.1f}"
+            f"{r['images_per_s']:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

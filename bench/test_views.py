@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from wbc_trust.data import validation_split
 from wbc_trust.evaluate import load_test_images, model_labels
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import VIEWS, WbcClassifier, logits_and_features, prepare_for_cpu
-from wbc_trust.data import validation_split
 
 
 def view_logits(model: WbcClassifier, images: torch.Tensor) -> dict[str, torch.Tensor]:

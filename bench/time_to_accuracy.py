@@ -23,11 +23,14 @@ from wbc_trust import config
 from wbc_trust.recipe import make_config
 from wbc_trust.train import train
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
-    parser.add_argument("--config", default="default", help="recipe (default: the shipped model's, wbc train's defaults)")
+    parser.add_argument(
+        "--config", default="default", help="recipe (default: the shipped model's, wbc train's defaults)"
+    )
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--install", action="store_true", help="copy the model to the shipped default")
     args = parser.parse_args()
@@ -40,12 +43,18 @@ def main() -> None:
     shutil.rmtree(os.environ["WBC_CACHE_DIR"], ignore_errors=True)
 
     test = result["test"]
-    print(f"\nmachine: {os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    print(
+        f"\nmachine: {os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    )
     to_model = result["seconds_to_model"]
-    print(f"wall time, raw folder → trained and calibrated model: {to_model / 60:.1f} min ({to_model:.0f} s); "
-          f"then held-out evaluation {wall - to_model:.0f} s")
-    print(f"held-out test split ({test['n_images']} images never trained on): "
-          f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
+    print(
+        f"wall time, raw folder → trained and calibrated model: {to_model / 60:.1f} min ({to_model:.0f} s); "
+        f"then held-out evaluation {wall - to_model:.0f} s"
+    )
+    print(
+        f"held-out test split ({test['n_images']} images never trained on): "
+        f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
+    )
     print(f"best validation epoch {result['best_epoch']}: accuracy {result['val_accuracy']:.4f}")
     if args.install:
         shutil.copy(args.out / "model.safetensors", config.DEFAULT_MODEL_PATH)

@@ -60,10 +60,12 @@ class BoundedLoader:
 
 def reported(function, phase: str):
     """``function``, printing the peak memory after each call."""
+
     def wrapper(*args, **kwargs):
         result = function(*args, **kwargs)
         report(phase)
         return result
+
     return wrapper
 
 
@@ -96,11 +98,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wbc-mem-") as tmp:
         env = {**os.environ, "WBC_CACHE_DIR": str(Path(tmp) / "cache")}  # starts empty: the first run decodes
         for run in ("empty decode cache", "warm decode cache"):
-            print(f"\n=== {run}: wbc train --arch {args.arch} --img-size {args.img_size} --epochs 1, "
-                  f"{args.batches} batches, all images ===", flush=True)
-            command = [sys.executable, __file__, "--child", "--data", str(args.data), "--arch", args.arch,
-                       "--img-size", str(args.img_size), "--batches", str(args.batches),
-                       "--out", str(Path(tmp) / "run")]
+            print(
+                f"\n=== {run}: wbc train --arch {args.arch} --img-size {args.img_size} --epochs 1, "
+                f"{args.batches} batches, all images ===",
+                flush=True,
+            )
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--data",
+                str(args.data),
+                "--arch",
+                args.arch,
+                "--img-size",
+                str(args.img_size),
+                "--batches",
+                str(args.batches),
+                "--out",
+                str(Path(tmp) / "run"),
+            ]
             _, status, usage = os.wait4(subprocess.Popen(command, env=env).pid, 0)  # this child's own rusage
             if os.waitstatus_to_exitcode(status) != 0:
                 sys.exit(f"the training run failed ({run})")
@@ -108,8 +125,10 @@ def main() -> None:
     print()
     for run, peak in peaks.items():
         print(f"peak RSS, {run}: {peak / GIB:.2f} GiB")
-    print(f"peak RSS training {args.arch} at {args.img_size} px on all images: {max(peaks.values()) / GIB:.2f} GiB "
-          "(target ≤ 4 GiB)")
+    print(
+        f"peak RSS training {args.arch} at {args.img_size} px on all images: {max(peaks.values()) / GIB:.2f} GiB "
+        "(target ≤ 4 GiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -59,22 +59,29 @@ def naive_loader(records: list[Record], size: int, batch_size: int, seed: int, f
         link = folder / config.CLASSES[r.label] / r.path.name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(r.path)
-    augment = transforms.Compose([
-        transforms.Resize((size, size)),
-        transforms.RandomAffine(config.AUG_ROTATION_DEG, translate=(config.AUG_SHIFT, config.AUG_SHIFT),
-                                scale=(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.ColorJitter(brightness=config.AUG_BRIGHTNESS),
-        transforms.ToTensor(),
-    ])
+    augment = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.RandomAffine(
+                config.AUG_ROTATION_DEG,
+                translate=(config.AUG_SHIFT, config.AUG_SHIFT),
+                scale=(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM),
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ColorJitter(brightness=config.AUG_BRIGHTNESS),
+            transforms.ToTensor(),
+        ]
+    )
     dataset = datasets.ImageFolder(str(folder), transform=augment)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
 
 
-def naive_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer) -> None:
+def naive_step(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     """The textbook fp32 eager step (the baseline; wbc's own step is ``train.train_step``)."""
     loss = criterion(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -117,15 +124,17 @@ class Side:
         return f"{1000 * self.data_s / n:>8.0f} {1000 * self.step_s / n:>7.0f} {self.images_per_s:>6.1f}"
 
 
-def bench_arch(arch: str, records: list[Record], loaded: LoadedImages, size: int, args: argparse.Namespace,
-               folder: Path) -> tuple[Side, Side]:
+def bench_arch(
+    arch: str, records: list[Record], loaded: LoadedImages, size: int, args: argparse.Namespace, folder: Path
+) -> tuple[Side, Side]:
     """Time interleaved batches of the naive loop and wbc's loop for one architecture."""
     use_bf16 = bf16_supported()
     torch.manual_seed(config.SEED)
     naive_model = build_model(arch)  # random init: weights do not change the speed
     wbc_model = prepare_for_cpu(copy.deepcopy(naive_model))
-    criterion = nn.CrossEntropyLoss(weight=class_weights(loaded.labels, len(config.CLASSES)),
-                                    label_smoothing=config.LABEL_SMOOTHING)
+    criterion = nn.CrossEntropyLoss(
+        weight=class_weights(loaded.labels, len(config.CLASSES)), label_smoothing=config.LABEL_SMOOTHING
+    )
 
     def optimiser(model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
@@ -133,10 +142,14 @@ def bench_arch(arch: str, records: list[Record], loaded: LoadedImages, size: int
     naive_opt, wbc_opt = optimiser(naive_model), optimiser(wbc_model)
     naive_model.train()
     wbc_model.train()
-    naive = Side(endless(naive_loader(records, size, config.BATCH_SIZE, config.SEED, folder)),
-                 lambda x, y: naive_step(naive_model, x, y, criterion, naive_opt))
-    wbc = Side(endless(train_loader(loaded, config.BATCH_SIZE, config.SEED)),
-               lambda x, y: train_step(wbc_model, x, y, criterion, wbc_opt, use_bf16))
+    naive = Side(
+        endless(naive_loader(records, size, config.BATCH_SIZE, config.SEED, folder)),
+        lambda x, y: naive_step(naive_model, x, y, criterion, naive_opt),
+    )
+    wbc = Side(
+        endless(train_loader(loaded, config.BATCH_SIZE, config.SEED)),
+        lambda x, y: train_step(wbc_model, x, y, criterion, wbc_opt, use_bf16),
+    )
     for i in range(args.warmup + args.batches):  # the first batch builds oneDNN's kernels: not timed
         naive.run_batch(timed=i >= args.warmup)
         wbc.run_batch(timed=i >= args.warmup)
@@ -153,10 +166,18 @@ def machine() -> str:
     model = platform.processor() or "?"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return (f"{model}, {os.cpu_count()} CPU threads, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"native bf16: {bf16_supported()}")
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            model,
+        )
+    return (
+        f"{model}, {os.cpu_count()} CPU threads, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"native bf16: {bf16_supported()}"
+    )
 
 
 def main() -> None:
@@ -183,18 +204,24 @@ def main() -> None:
         rows.append((arch, size, naive, wbc, decode_s / len(loaded.records)))
         print(f"{arch}: naive {naive.images_per_s:.1f} images/s, wbc {wbc.images_per_s:.1f} images/s", flush=True)
 
-    print(f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.batches} timed batches per loop "
-          "(interleaved); ms per batch split into data (fetch + augment) and step (forward + backward + AdamW)")
-    header = (f"{'arch':<19}{'px':>4}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
-              f"{'img/s':>6}  {'speed-up':>8}  {'step x':>6}  {'decode once':>14}")
+    print(
+        f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.batches} timed batches per loop "
+        "(interleaved); ms per batch split into data (fetch + augment) and step (forward + backward + AdamW)"
+    )
+    header = (
+        f"{'arch':<19}{'px':>4}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
+        f"{'img/s':>6}  {'speed-up':>8}  {'step x':>6}  {'decode once':>14}"
+    )
     print(header)
     print("-" * len(header))
     ratios = []
     for arch, size, naive, wbc, decode_per_image in rows:
         ratio = wbc.images_per_s / naive.images_per_s
         ratios.append(ratio)
-        print(f"{arch:<19}{size:>4}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
-              f"{naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img")
+        print(
+            f"{arch:<19}{size:>4}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
+            f"{naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img"
+        )
     print("(step x: forward+backward speed-up alone; decode once: wbc's one-time decode per image, cached on disk)")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     print(f"train speed-up vs naive: {min(ratios):.2f}x")

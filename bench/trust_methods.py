@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from wbc_trust import config
+from wbc_trust.evaluate import load_test_images
 from wbc_trust.modelfile import load_model
 from wbc_trust.trust.fisher import run_fisher
 from wbc_trust.trust.gradcam import gradcam_overlay, run_gradcam
 from wbc_trust.trust.robustness import run_robustness
-from wbc_trust.evaluate import load_test_images
 
 PBC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "pbc-wbc"
 
@@ -62,24 +62,33 @@ def main() -> None:
 
     row = robustness["comparison"][0]
     print(f"\nimages: {row['n_images']} ({robustness['models'][0]['data']})")
-    print(f"robustness ({t_rob:.0f} s): clean {row['clean']:.1%}, mean over corruptions×severities "
-          f"{row['mean_corruption']:.1%}, worst {row['worst_corruption']}")
+    print(
+        f"robustness ({t_rob:.0f} s): clean {row['clean']:.1%}, mean over corruptions×severities "
+        f"{row['mean_corruption']:.1%}, worst {row['worst_corruption']}"
+    )
     for name, curve in robustness["models"][0]["corruptions"].items():
         print(f"  {name:16s} severity 0-5: " + " ".join(f"{a:.1%}" for a in curve["accuracy"]))
     for name, curve in robustness["models"][0]["attacks"].items():
-        print(f"  {name:16s} eps {', '.join(f'{e * 255:g}' for e in curve['epsilon'])}/255: "
-              + " ".join(f"{a:.1%}" for a in curve["accuracy"]))
+        print(
+            f"  {name:16s} eps {', '.join(f'{e * 255:g}' for e in curve['epsilon'])}/255: "
+            + " ".join(f"{a:.1%}" for a in curve["accuracy"])
+        )
     faith = gradcam["faithfulness"]["scores"]
-    print(f"Grad-CAM ({t_cam:.0f} s, {gradcam['n_check_images']} check images): ROAD "
-          + ", ".join(f"{m} {s['mean']:.3f}" for m, s in faith.items()))
+    print(
+        f"Grad-CAM ({t_cam:.0f} s, {gradcam['n_check_images']} check images): ROAD "
+        + ", ".join(f"{m} {s['mean']:.3f}" for m, s in faith.items())
+    )
     for method, check in gradcam["model_randomisation"]["methods"].items():
-        print(f"  randomisation check {method}: mean Spearman {check['spearman_mean']:.3f} "
-              f"({'passes' if check['passes'] else 'FAILS'}: maps must differ, threshold "
-              f"{gradcam['model_randomisation']['pass_if_mean_below']})")
-    print(f"Fisher ({t_fis:.0f} s, {fisher['n_wrong']} wrong of {fisher['n_images']}): empirical Fisher trace "
-          f"{fisher['empirical_fisher_trace']:.4g}; AUROC wrong vs right "
-          + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
-                      for k, v in fisher["auroc_wrong_vs_right"].items()))
+        print(
+            f"  randomisation check {method}: mean Spearman {check['spearman_mean']:.3f} "
+            f"({'passes' if check['passes'] else 'FAILS'}: maps must differ, threshold "
+            f"{gradcam['model_randomisation']['pass_if_mean_below']})"
+        )
+    print(
+        f"Fisher ({t_fis:.0f} s, {fisher['n_wrong']} wrong of {fisher['n_images']}): empirical Fisher trace "
+        f"{fisher['empirical_fisher_trace']:.4g}; AUROC wrong vs right "
+        + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in fisher["auroc_wrong_vs_right"].items())
+    )
     print(f"gradcam_overlay, one image, p50 of 20: {latency:.0f} ms")
     print(f"files: {args.out}/")
 

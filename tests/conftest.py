@@ -23,11 +23,14 @@ BCCD = SHARED / "bccd-wbc"
 CORRUPT_FILE = PBC / "neutrophil" / ".DS_169665.jpg"
 #: A real byte-identical pair in PBC filed under two labels.
 CONFLICTING_PAIR = (PBC / "neutrophil" / "BNE_191112.jpg", PBC / "eosinophil" / "EO_225902.jpg")
-SHARED_MISSING = (f"needs the shared datasets, not found at {PBC}: put them in ../shared beside the repository, or "
-                  "point WBC_SHARED at the folder that holds datasets/")
+SHARED_MISSING = (
+    f"needs the shared datasets, not found at {PBC}: put them in ../shared beside the repository, or "
+    "point WBC_SHARED at the folder that holds datasets/"
+)
 #: Names that mark a test (or one of its fixtures) as reading ../shared.
-_SHARED_NAMES = frozenset({"SHARED", "PBC", "PBC_NON_WBC", "BCCD", "CORRUPT_FILE", "CONFLICTING_PAIR", "pbc_files",
-                           "make_tree"})
+_SHARED_NAMES = frozenset(
+    {"SHARED", "PBC", "PBC_NON_WBC", "BCCD", "CORRUPT_FILE", "CONFLICTING_PAIR", "pbc_files", "make_tree"}
+)
 
 
 def require_shared() -> None:

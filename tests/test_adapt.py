@@ -13,7 +13,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wbc_trust import config
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC
 from wbc_trust.cli import app
 from wbc_trust.data import list_files
@@ -50,8 +49,9 @@ def _accuracy(model: Path | None, files: list[Path]) -> float:
     return sum(p.prediction == f.parent.name.lower() for p, f in zip(predictions, files)) / len(files)
 
 
-def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(lab: tuple[Path, list[Path]], tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
+    lab: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cells, test = lab
     with caplog.at_level(logging.INFO, logger="wbc_trust"):
         result = CliRunner().invoke(app, ["adapt", "--data", str(cells), "--out", str(tmp_path / "run")])
@@ -93,8 +93,12 @@ def test_a_folder_that_is_not_labelled_is_refused(tmp_path: Path) -> None:
     folder.mkdir()
     for name in FEW:
         shutil.copy(list_files(BCCD / name)[0], folder)
-    result = subprocess.run([sys.executable, "-m", "wbc_trust.cli", "adapt", "--data", str(folder), "--out",
-                             str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "wbc_trust.cli", "adapt", "--data", str(folder), "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error:") and "is not a labelled folder" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "model.safetensors").exists()

@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import pbc_files
 
 from wbc_trust import config
 from wbc_trust.app import display_name
 from wbc_trust.serve import CHROMIUM, CHROMIUM_ARGS, free_port, serving, streamlit_command
-
-from conftest import pbc_files
 
 #: Seconds to wait for the server and for each result (the first one includes loading the model).
 TIMEOUT_S = 90

@@ -39,8 +39,9 @@ def test_sidebar_shows_the_stored_validation_accuracy(monkeypatch: pytest.Monkey
     assert f"validation accuracy: **{accuracy:.2%}**" in sidebar_text(run_app(monkeypatch))
 
 
-def test_server_folders_only_with_allow_server_paths(monkeypatch: pytest.MonkeyPatch, default_model: Path,
-                                                      tmp_path: Path) -> None:
+def test_server_folders_only_with_allow_server_paths(
+    monkeypatch: pytest.MonkeyPatch, default_model: Path, tmp_path: Path
+) -> None:
     closed = run_app(monkeypatch)
     assert closed.sidebar.radio[0].options == [DEFAULT_CHOICE, UPLOAD_CHOICE]
     assert not closed.sidebar.text_input, "a visitor can type a server path"

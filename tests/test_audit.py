@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree
 from typer.testing import CliRunner
 
-from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree
 from wbc_trust.cli import app
 from wbc_trust.trust.audit import run_audit
 
@@ -64,8 +64,13 @@ def test_audit_finds_the_near_duplicate_and_no_chance_matches(audited: tuple[dic
 
 def test_audit_counts_classes_and_writes_its_files(audited: tuple[dict, Path]) -> None:
     result, out = audited
-    assert result["class_counts"] == {"basophil": 14, "eosinophil": 15, "lymphocyte": 12, "monocyte": 12,
-                                      "neutrophil": 13}
+    assert result["class_counts"] == {
+        "basophil": 14,
+        "eosinophil": 15,
+        "lymphocyte": 12,
+        "monocyte": 12,
+        "neutrophil": 13,
+    }
     assert json.loads((out / "audit.json").read_text())["class_counts"] == result["class_counts"]
     assert (out / "class_balance.png").stat().st_size > 5_000
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PBC
+
 from wbc_trust import config
 from wbc_trust.calibration import FLAG_UNCERTAIN, Calibration, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, aps_scores, conformal_from_metadata, raps_scores
@@ -32,8 +32,11 @@ def validation(default_model: Path) -> dict[str, torch.Tensor]:
     assert fitted_on.startswith("validation split") and len(val.records) == meta["data"]["n_val"]
     loaded = val.subset(range(0, len(val.records), STEP))
     logits, features = logits_and_features(model, loaded.images)
-    return {"logits": logits, "features": features,
-            "labels": torch.from_numpy(model_labels(loaded.records, meta["classes"]))}
+    return {
+        "logits": logits,
+        "features": features,
+        "labels": torch.from_numpy(model_labels(loaded.records, meta["classes"])),
+    }
 
 
 def _halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +58,11 @@ def test_calibrated_sets_are_never_empty_on_held_out_images(validation: dict) ->
         sizes = trusted.sets.sum(1)
         assert int(sizes.min()) >= 1, f"{int((sizes == 0).sum())} empty sets at {coverage}"
         assert bool(trusted.sets[torch.arange(len(sizes)), trusted.probs.argmax(1)].all()), "top class not in its set"
-        assert all((flag == FLAG_UNCERTAIN) == (int(n) >= 2) for flag, n in zip(trusted.flags, sizes)
-                   if flag != "out-of-distribution")
+        assert all(
+            (flag == FLAG_UNCERTAIN) == (int(n) >= 2)
+            for flag, n in zip(trusted.flags, sizes)
+            if flag != "out-of-distribution"
+        )
 
 
 def test_every_class_gets_the_coverage_on_held_out_halves(validation: dict) -> None:
@@ -98,8 +104,9 @@ def test_aps_and_raps_scores_follow_their_definitions() -> None:
     assert torch.allclose(raps_scores(probs, lam=0.1, k_reg=1), torch.tensor([[0.6, 1.0, 1.2], [0.9, 1.2, 0.6]]))
 
 
-def test_model_file_calibrated_with_marginal_lac_still_predicts_as_before(default_model: Path, validation: dict,
-                                                                         tmp_path: Path) -> None:
+def test_model_file_calibrated_with_marginal_lac_still_predicts_as_before(
+    default_model: Path, validation: dict, tmp_path: Path
+) -> None:
     """A file written before the class-conditional sets (``"method": "LAC"``) loads as marginal LAC and predicts the
     same sets as then (empty ones included); a file calibrated now loads as class-conditional."""
     model, meta = load_model(default_model)
@@ -111,15 +118,18 @@ def test_model_file_calibrated_with_marginal_lac_still_predicts_as_before(defaul
     old_meta, old_tensors = old_sets.metadata()
     assert old_meta["method"] == "LAC"
     old = tmp_path / "old.safetensors"
-    save_model(old, model, {**meta, "calibration": {**meta["calibration"], "conformal": old_meta}},
-               {**tensors, **old_tensors})
+    save_model(
+        old, model, {**meta, "calibration": {**meta["calibration"], "conformal": old_meta}}, {**tensors, **old_tensors}
+    )
     predictor = Predictor(old)
     assert isinstance(predictor.calibration.conformal, SplitConformal)
     sets = predictor.calibration.apply(validation["logits"], validation["features"]).sets
     assert torch.equal(sets, (1.0 - probs) <= old_meta["qhat"])  # the rule of the files written then
     files = [f for cls in meta["classes"] for f in list_files(config.SAMPLE_DATA_DIR / cls)[:2]]
-    for answer, p in zip(predictor.predict_files(files, progress=False),
-                         predictor.probabilities(torch.stack([predictor.to_tensor(f) for f in files]))):
+    for answer, p in zip(
+        predictor.predict_files(files, progress=False),
+        predictor.probabilities(torch.stack([predictor.to_tensor(f) for f in files])),
+    ):
         assert answer.prediction_set == [c for c, q in zip(meta["classes"], p) if 1 - q <= old_meta["qhat"]]
     restored = conformal_from_metadata(json.loads(json.dumps(new.conformal.metadata()[0])), tensors)
     assert torch.equal(restored.sets(probs), new.conformal.sets(probs))

@@ -21,8 +21,9 @@ def test_piped_prediction_keeps_the_class_name_whole() -> None:
     """The seed's command on a real PBC lymphocyte (from the shipped sample the model never trained on), its output
     read through a pipe as `| grep lymphocyte` would."""
     image = sorted((config.SAMPLE_DATA_DIR / "lymphocyte").iterdir())[0]
-    result = subprocess.run([sys.executable, "test_model.py", "--image", str(image)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "test_model.py", "--image", str(image)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     rows = [line.split("\t") for line in result.stdout.splitlines()]
     header = next(row for row in rows if row[:2] == ["file", "class"])

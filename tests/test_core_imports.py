@@ -38,7 +38,14 @@ def test_no_core_module_imports_the_trust_package() -> None:
     offenders = []
     for path in sorted(p for p in CORE.glob("*.py") if p.name not in FRONT_ENDS):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.name}: {n}" for n in names if n == "wbc_trust.trust" or n.startswith("wbc_trust.trust.")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}" for n in names if n == "wbc_trust.trust" or n.startswith("wbc_trust.trust.")
+            ]
     assert offenders == [], offenders

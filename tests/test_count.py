@@ -20,8 +20,10 @@ from wbc_trust.count import crop_cell
 
 require_shared()  # real fields and crops from ../shared/datasets
 FIELDS = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:3]
-SAMPLE = sorted((config.SAMPLE_DATA_DIR / "lymphocyte").glob("*.jpg"))[:2] + \
-    sorted((config.SAMPLE_DATA_DIR / "neutrophil").glob("*.jpg"))[:2]
+SAMPLE = (
+    sorted((config.SAMPLE_DATA_DIR / "lymphocyte").glob("*.jpg"))[:2]
+    + sorted((config.SAMPLE_DATA_DIR / "neutrophil").glob("*.jpg"))[:2]
+)
 
 
 def rows(path: Path) -> list[dict]:
@@ -41,8 +43,15 @@ def counted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.new("RGB", (640, 480), (236, 226, 232)).save(src / "blank.png")
     Image.new("L", (10_000, 10_000), 230).save(src / "scan.png")  # 100 megapixels: over the pixel limit
     crops = [Image.open(p).convert("RGB").resize((240, 240)) for p in SAMPLE]  # a 2×2 mosaic of white cells only
-    Image.fromarray(np.concatenate([np.concatenate([np.asarray(c) for c in crops[:2]], 1),
-                                    np.concatenate([np.asarray(c) for c in crops[2:]], 1)], 0)).save(src / "all_wbc.png")
+    Image.fromarray(
+        np.concatenate(
+            [
+                np.concatenate([np.asarray(c) for c in crops[:2]], 1),
+                np.concatenate([np.asarray(c) for c in crops[2:]], 1),
+            ],
+            0,
+        )
+    ).save(src / "all_wbc.png")
     out = tmp_path_factory.mktemp("count_out")
     result = CliRunner().invoke(app, ["count", str(src), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -55,8 +64,20 @@ def test_files_and_columns(counted: Path) -> None:
         assert (counted / name).stat().st_size > 0
     with open(counted / "cells.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["image", "cell", "x0", "y0", "x1", "y1", "prediction", "confidence",
-                      *[f"p_{c}" for c in config.CLASSES], "flag", "prediction_set", "ood_score"]
+    assert header == [
+        "image",
+        "cell",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "prediction",
+        "confidence",
+        *[f"p_{c}" for c in config.CLASSES],
+        "flag",
+        "prediction_set",
+        "ood_score",
+    ]
     assert rows(counted / "images.csv")[0].keys() == {"image", "n_cells", "flag"}
     assert list(rows(counted / "differential.csv")[0]) == ["class", "count", "percent", "ci_low", "ci_high"]
     report = (counted / "report.html").read_text()

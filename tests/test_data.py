@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
+
 from wbc_trust import config
 from wbc_trust.data import (
     Record,
     UnreadableImage,
     file_digest,
-    image_to_tensor,
     find_dataset,
+    image_to_tensor,
     load_images,
     read_image,
     split_records,
@@ -25,8 +25,13 @@ from wbc_trust.errors import WbcError
 
 
 def test_class_folders_in_any_letter_case(tmp_path: Path) -> None:
-    names = {"basophil": "Basophil", "eosinophil": "EOSINOPHIL", "lymphocyte": "lymphocyte",
-             "monocyte": "MoNoCyTe", "neutrophil": "Neutrophil"}
+    names = {
+        "basophil": "Basophil",
+        "eosinophil": "EOSINOPHIL",
+        "lymphocyte": "lymphocyte",
+        "monocyte": "MoNoCyTe",
+        "neutrophil": "Neutrophil",
+    }
     index = find_dataset(make_tree(tmp_path, 3, names))
     assert index.layout == "class-folders"
     counts = index.summary()["splits"]["all"]
@@ -78,7 +83,9 @@ def test_duplicates_stay_on_one_side_of_the_split() -> None:
     records = [Record(p, config.CLASSES.index(p.parent.name)) for p in CONFLICTING_PAIR]
     for cls in ("basophil", "eosinophil"):
         records += [Record(p, config.CLASSES.index(cls)) for p in pbc_files(cls, 150)]
-    records += [Record(p, config.CLASSES.index(c)) for c in ("lymphocyte", "monocyte", "neutrophil") for p in pbc_files(c, 60)]
+    records += [
+        Record(p, config.CLASSES.index(c)) for c in ("lymphocyte", "monocyte", "neutrophil") for p in pbc_files(c, 60)
+    ]
     digests = [file_digest(r.path) for r in records]
     assert len(set(digests)) < len(digests), "the sample must contain real duplicates"
     for seed in range(5):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tree
+
 from wbc_trust import config
 from wbc_trust.evaluate import evaluate
 from wbc_trust.modelfile import read_metadata
@@ -41,8 +41,9 @@ def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of their own, so killing
     the launcher's process group would leave them running."""
     try:
-        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                    for c in (task / "children").read_text().split()]
+        children = [
+            int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()
+        ]
     except FileNotFoundError:
         return []
     return children + [d for c in children for d in _descendants(c)]
@@ -50,8 +51,9 @@ def _descendants(pid: int) -> list[int]:
 
 def kill_after_first_checkpoint(command: list[str], checkpoint: Path, timeout: float = 240) -> None:
     """Start torchrun and SIGKILL it and both workers as soon as rank 0 has written an epoch's checkpoint."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
@@ -73,8 +75,14 @@ def test_torchrun_two_processes_kill_resume_and_match_one_process(tree: Path, tm
     assert killed_at["world_size"] == 2 and killed_at["epoch"] < SETTINGS["epochs"]
     assert not (run / "args.yaml").exists()  # written only when a run finishes
 
-    resumed = subprocess.run(torchrun_train(tree, run, "--resume"), capture_output=True, text=True, cwd=ROOT,
-                             timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        torchrun_train(tree, run, "--resume"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after epoch {killed_at['epoch']}" in resumed.stdout
     assert resumed.stdout.count("resuming after") == 1 and resumed.stdout.count("done") == 1  # rank 0 alone speaks
@@ -93,6 +101,8 @@ def test_torchrun_two_processes_kill_resume_and_match_one_process(tree: Path, tm
         assert abs(ddp_row["train_loss"] - one_row["train_loss"]) < 0.12 * one_row["train_loss"], (ddp_row, one_row)
     assert abs(history[-1]["val_loss"] - reference[-1]["val_loss"]) < 0.1 * reference[-1]["val_loss"]
     # so does accuracy on the 200 shipped sample images (4 epochs from scratch on 34 images: near chance for both)
-    accuracy = {name: evaluate(folder / "model.safetensors", config.SAMPLE_DATA_DIR,
-                               tmp_path / f"eval_{name}")["accuracy"] for name, folder in (("ddp", run), ("one", single))}
+    accuracy = {
+        name: evaluate(folder / "model.safetensors", config.SAMPLE_DATA_DIR, tmp_path / f"eval_{name}")["accuracy"]
+        for name, folder in (("ddp", run), ("one", single))
+    }
     assert abs(accuracy["ddp"] - accuracy["one"]) <= 0.15, accuracy

@@ -61,6 +61,8 @@ def test_cmd_serves_the_app_and_healthcheck_tells(tmp_path: Path) -> None:
     found = instructions()
     port = free_port()
     healthcheck = as_run_here(found["HEALTHCHECK"][0].partition("CMD ")[2], port)
-    with serving(as_run_here(found["CMD"][-1], port), f"http://127.0.0.1:{port}", tmp_path / "server.log", cwd=tmp_path):
+    with serving(
+        as_run_here(found["CMD"][-1], port), f"http://127.0.0.1:{port}", tmp_path / "server.log", cwd=tmp_path
+    ):
         assert subprocess.run(healthcheck, capture_output=True).returncode == 0
     assert subprocess.run(healthcheck, capture_output=True).returncode != 0, "healthy without a server"

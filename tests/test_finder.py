@@ -43,14 +43,18 @@ def boxes_of(result) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_boxes_match_annotations_on_four_labs_and_bccd(finder: CellFinder) -> None:
-    items = txl_val(per_lab=4) + [(p, read_voc(FIELDS / "Annotations" / f"{p.stem}.xml"))
-                                  for p in sorted((FIELDS / "JPEGImages").glob("*.jpg"))[:6]]
+    items = txl_val(per_lab=4) + [
+        (p, read_voc(FIELDS / "Annotations" / f"{p.stem}.xml"))
+        for p in sorted((FIELDS / "JPEGImages").glob("*.jpg"))[:6]
+    ]
     hits = found = true = 0
     for path, truth in items:
         result = finder.find(Image.open(path))
         boxes, scores = boxes_of(result)
         assert all(0 <= s <= 1 for s in scores)
-        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= result.width).all() and (boxes[:, 3] <= result.height).all()
+        assert (
+            (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= result.width).all() and (boxes[:, 3] <= result.height).all()
+        )
         hits += match(boxes, scores, truth)
         found += len(boxes)
         true += len(truth)
@@ -73,8 +77,12 @@ def test_a_big_field_is_tiled_and_every_part_is_searched(finder: CellFinder) -> 
     paths = sorted((FIELDS / "JPEGImages").glob("*.jpg"))[:9]
     fields = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     mosaic = np.concatenate([np.concatenate(fields[i : i + 3], 1) for i in (0, 3, 6)], 0)  # 1920×1440: 20 tiles
-    truth = np.concatenate([read_voc(FIELDS / "Annotations" / f"{p.stem}.xml") + [640 * (k % 3), 480 * (k // 3)] * 2
-                            for k, p in enumerate(paths)])
+    truth = np.concatenate(
+        [
+            read_voc(FIELDS / "Annotations" / f"{p.stem}.xml") + [640 * (k % 3), 480 * (k // 3)] * 2
+            for k, p in enumerate(paths)
+        ]
+    )
     boxes, scores = boxes_of(finder.find(mosaic))
     assert match(boxes, scores, truth) >= len(truth) - 2
     assert len(boxes) <= len(truth) + 2  # a cell seen by several tiles is one cell
@@ -112,7 +120,7 @@ def test_shipped_trees_walk_like_scikit_learn() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 5))
     x[rng.random(x.shape) < 0.05] = np.nan  # missing values take the learned side
-    y = (x[:, 0] + np.nan_to_num(x[:, 1]) ** 2 > 0.5)
+    y = x[:, 0] + np.nan_to_num(x[:, 1]) ** 2 > 0.5
     model = HistGradientBoostingClassifier(max_iter=20, max_leaf_nodes=7, random_state=0).fit(x, y)
     trees = TreeEnsemble.from_sklearn(model)
     np.testing.assert_allclose(1 / (1 + np.exp(-trees.raw(x))), model.predict_proba(x)[:, 1], atol=1e-9)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import pbc_files
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.data import Record, UnreadableImage, load_images, read_image
 from wbc_trust.modelfile import read_metadata
@@ -36,10 +36,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # decode target for read_image cases: small, so each case is cheap
 
 #: Magic numbers of the formats Pillow knows, put in front of random bytes so the fuzzer reaches each parser.
-MAGIC = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF\x00\x00\x00\x00WEBP",
-         b"P5\n", b"P6\n", b"\x00\x00\x01\x00", b"8BPS", b"\x59\xa6\x6a\x95"]
-TEXTS = [b"", b"hello", b"<!DOCTYPE html><html><body><img src=x></body></html>", b"\xef\xbb\xbfcell,label\n1,2\n",
-         b"%PDF-1.4\n", b"{\"not\": \"an image\"}"]
+MAGIC = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"GIF89a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBP",
+    b"P5\n",
+    b"P6\n",
+    b"\x00\x00\x01\x00",
+    b"8BPS",
+    b"\x59\xa6\x6a\x95",
+]
+TEXTS = [
+    b"",
+    b"hello",
+    b"<!DOCTYPE html><html><body><img src=x></body></html>",
+    b"\xef\xbb\xbfcell,label\n1,2\n",
+    b"%PDF-1.4\n",
+    b'{"not": "an image"}',
+]
 
 
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -103,9 +121,13 @@ def _mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
 #: Hypothesis favours small numbers; an odd multiplier spreads them over the whole file, past the first header bytes.
 _POSITION = st.integers(0, 65535).map(lambda x: x * 40503 % 65536)
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["truncate", "flip", "insert", "delete", "number"]), _POSITION,
-              st.binary(min_size=1, max_size=16)),
-    min_size=1, max_size=6,
+    st.tuples(
+        st.sampled_from(["truncate", "flip", "insert", "delete", "number"]),
+        _POSITION,
+        st.binary(min_size=1, max_size=16),
+    ),
+    min_size=1,
+    max_size=6,
 )
 #: One malformed file: a mutated real image, format magic + random bytes, or text/HTML.
 MALFORMED = st.one_of(
@@ -129,15 +151,18 @@ def _check_read(data: bytes) -> str | None:
 
 #: Inputs bench/fuzz_atheris.py found, kept as regression examples: a 179-byte TIFF declaring 1×33,594,392 pixels
 #: (13 s and 2.4 GB to "read" a black strip) and a TIFF whose float strip offset made Pillow's load() raise TypeError.
-ATHERIS_FINDINGS = [base64.b64decode(text) for text in (
-    "SUkqAAgAAAAJAAABBAABAP//GAAAAAEBBAABAAAAGJwAAgIBAwABAAAAEAAAAAMBAwABAAAAAQAAAQABAwABAAAAAQAAABEBBAABAAAAegAAABYB"
-    "BAABAAAAAQAAAAAAAL6+vroAAQAAAIAEAAAcAQMAAQAAAAEAAAAA/////////////////////////6qqp6eioqOj2dmwsK+vAQCnvb3o6OPjx8e1"
-    "tbOz0dHo6OTks7M=",
-    "SUkqAAgAAAAJAAABBAABAAAAGAAAAAEBBAABAAAAGAAAAGIAZAAAAAAAEAAAAAMBAwABAAAAAQAAAAYBAwABAAAAAQAAABEBDAABAAAAegAAABYB"
-    "BAABAAAAGAAAABcBBABEAAAAgAQAABwBAwABAAAAAQAAAAAAAADSd3l5enpzc5SUxcXR0cjIwcG/v9LS6BjR0bCwt7fe3unp6enr6+vr6enq6unp"
-    "6Ojc3LOztbXExLe3qanKyujo5+fr6+rq6enk5NPT3d3l5cPDt7fT0+fn5ubb29vCoKCenqen4eHGxqWlqana2uXlwMC0tMLCubmxsdvb5eWwsOvr"
-    "6uro6MTEpaWsrKqqp6eioqOj2dmwsK+vp6e9vejo5+PHx7W1s7HR0ejo5OSzsw==",
-)]
+ATHERIS_FINDINGS = [
+    base64.b64decode(text)
+    for text in (
+        "SUkqAAgAAAAJAAABBAABAP//GAAAAAEBBAABAAAAGJwAAgIBAwABAAAAEAAAAAMBAwABAAAAAQAAAQABAwABAAAAAQAAABEBBAABAAAAegAAABYB"
+        "BAABAAAAAQAAAAAAAL6+vroAAQAAAIAEAAAcAQMAAQAAAAEAAAAA/////////////////////////6qqp6eioqOj2dmwsK+vAQCnvb3o6OPjx8e1"
+        "tbOz0dHo6OTks7M=",
+        "SUkqAAgAAAAJAAABBAABAAAAGAAAAAEBBAABAAAAGAAAAGIAZAAAAAAAEAAAAAMBAwABAAAAAQAAAAYBAwABAAAAAQAAABEBDAABAAAAegAAABYB"
+        "BAABAAAAGAAAABcBBABEAAAAgAQAABwBAwABAAAAAQAAAAAAAADSd3l5enpzc5SUxcXR0cjIwcG/v9LS6BjR0bCwt7fe3unp6enr6+vr6enq6unp"
+        "6Ojc3LOztbXExLe3qanKyujo5+fr6+rq6enk5NPT3d3l5cPDt7fT0+fn5ubb29vCoKCenqen4eHGxqWlqana2uXlwMC0tMLCubmxsdvb5eWwsOvr"
+        "6uro6MTEpaWsrKqqp6eioqOj2dmwsK+vp6e9vejo5+PHx7W1s7HR0ejo5OSzsw==",
+    )
+]
 
 
 @settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -163,10 +188,16 @@ def _write_files(folder: Path, blobs: list[bytes], extensions: list[str]) -> lis
     return paths
 
 
-@settings(max_examples=130, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=130,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(st.tuples(MALFORMED, st.sampled_from(EXTENSIONS)), min_size=8, max_size=8))
-def test_predict_and_load_images_report_every_malformed_file(predictor: Predictor, files: list[tuple[bytes, str]]) -> None:
+def test_predict_and_load_images_report_every_malformed_file(
+    predictor: Predictor, files: list[tuple[bytes, str]]
+) -> None:
     """≥1,040 malformed files on disk: a row (or a reason) for every one, in order, and the batch goes on."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_files(Path(tmp), [b for b, _ in files], [e for _, e in files])
@@ -197,15 +228,35 @@ def test_wbc_predict_command_on_a_folder_of_malformed_files(tmp_path: Path, tiny
     rng = random.Random(0)
     blobs = []
     for _ in range(60):
-        ops = [(rng.choice(["truncate", "flip", "insert", "delete", "number"]), rng.randrange(65536),
-                rng.randbytes(rng.randint(1, 16))) for _ in range(rng.randint(1, 4))]
+        ops = [
+            (
+                rng.choice(["truncate", "flip", "insert", "delete", "number"]),
+                rng.randrange(65536),
+                rng.randbytes(rng.randint(1, 16)),
+            )
+            for _ in range(rng.randint(1, 4))
+        ]
         blobs.append(_mutate(rng.choice(SEEDS), ops))
     blobs += TEXTS + [pbc_files("basophil", 1)[0].read_bytes()]
     paths = _write_files(tmp_path, blobs, [rng.choice(EXTENSIONS) for _ in blobs])
     model = tiny_run / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "wbc_trust.cli", "predict", str(tmp_path), "--model", str(model),
-                             "--csv", str(tmp_path / "out.csv")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wbc_trust.cli",
+            "predict",
+            str(tmp_path),
+            "--model",
+            str(model),
+            "--csv",
+            str(tmp_path / "out.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))

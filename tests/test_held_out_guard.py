@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import PBC, make_tree
+
 from wbc_trust import config
 from wbc_trust.data import find_dataset, match_training_data, relative_paths, validation_split
 from wbc_trust.errors import WbcError
@@ -30,7 +30,8 @@ def _linked(source: Path, target: Path) -> Path:
 
 
 def test_the_shipped_models_training_folder_through_symlinks_evaluates_only_its_held_out_split(
-        default_model: Path, tmp_path: Path) -> None:
+    default_model: Path, tmp_path: Path
+) -> None:
     meta = read_metadata(default_model)
     index = find_dataset(_linked(PBC, tmp_path / "pbc"), require_all_classes=False)
     target = choose_records(index, meta)
@@ -73,8 +74,9 @@ def test_a_tiny_runs_training_data_elsewhere_is_guarded(view: str, views: dict, 
     assert sorted(relative_paths(training_records(index, meta), index.root)) == sorted(split["train"])
 
 
-def test_a_changed_copy_or_another_folder_is_not_taken_for_the_training_data(tiny_run: Path, small_tree: Path,
-                                                                             tmp_path: Path) -> None:
+def test_a_changed_copy_or_another_folder_is_not_taken_for_the_training_data(
+    tiny_run: Path, small_tree: Path, tmp_path: Path
+) -> None:
     meta = read_metadata(tiny_run / "model.safetensors")
     split = json.loads((tiny_run / "split.json").read_text())
     relabelled = tmp_path / "relabelled"  # one training image moved to another class: not the same data any more

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tree, pbc_files
 from PIL import Image
 
-from conftest import make_tree, pbc_files
 from wbc_trust import config
 from wbc_trust.data import Record, UnreadableImage, load_images, read_image
 from wbc_trust.evaluate import evaluate
@@ -60,11 +60,16 @@ def _sof_size(jpeg: bytes, height: int, width: int) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR claiming ``width×height``, followed by a tiny IDAT: a bomb in 60 bytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _tiff_taller_than_its_data(cell: Image.Image) -> bytes:
@@ -90,10 +95,14 @@ BAD_FILES: dict[str, tuple[Callable[[Image.Image], bytes], str]] = {
     "bomb-jpeg-4-gigapixels": (lambda c: _sof_size(CELL_FILE.read_bytes(), 65535, 65535), "decompression bomb"),
     "bomb-jpeg-81-megapixels": (lambda c: _sof_size(CELL_FILE.read_bytes(), 9000, 9000), "decompression bomb"),
     "bomb-png-10-gigapixels": (lambda c: _png_header_only(100_000, 100_000), "decompression bomb"),
-    "32-bit-integer-tiff": (lambda c: encode(Image.fromarray(np.asarray(c.convert("L"), dtype=np.int32)), "TIFF"),
-                            "brightness range"),
-    "float-tiff": (lambda c: encode(Image.fromarray(np.asarray(c.convert("L"), dtype=np.float32) / 255), "TIFF"),
-                   "brightness range"),
+    "32-bit-integer-tiff": (
+        lambda c: encode(Image.fromarray(np.asarray(c.convert("L"), dtype=np.int32)), "TIFF"),
+        "brightness range",
+    ),
+    "float-tiff": (
+        lambda c: encode(Image.fromarray(np.asarray(c.convert("L"), dtype=np.float32) / 255), "TIFF"),
+        "brightness range",
+    ),
     "tiff-with-missing-strips": (_tiff_taller_than_its_data, "damaged TIFF: its data covers 130,680 of its 261,360"),
     "21-to-1-strip": (lambda c: encode(c.resize((2100, 100)), "PNG"), "not a cell image"),
 }
@@ -211,8 +220,10 @@ def test_multi_frame_file_gives_its_first_frame(cell: Image.Image, fmt: str) -> 
     assert mean_abs_diff(pixels(data), pixels(cell)) < 3
 
 
-@pytest.mark.parametrize("orientation, transpose", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270),
-                                                   (8, Image.Transpose.ROTATE_90)])
+@pytest.mark.parametrize(
+    "orientation, transpose",
+    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
+)
 def test_exif_rotated_photo_comes_out_upright(cell: Image.Image, orientation: int, transpose: Image.Transpose) -> None:
     """A non-square crop saved with an EXIF orientation tag, as phones do: the rotated size and the rotated pixels."""
     crop = cell.crop((0, 0, 360, 200))
@@ -247,8 +258,9 @@ def mixed_tree(cell: Image.Image, tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_bad_files_are_reported_in_every_entry_point(mixed_tree: tuple[Path, dict[Path, str]], tiny_run: Path,
-                                                     tmp_path: Path) -> None:
+def test_bad_files_are_reported_in_every_entry_point(
+    mixed_tree: tuple[Path, dict[Path, str]], tiny_run: Path, tmp_path: Path
+) -> None:
     root, bad = mixed_tree
     files = sorted(p for p in root.rglob("*") if p.is_file())
     good = [p for p in files if p not in bad]

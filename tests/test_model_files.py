@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pbc_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.errors import WbcError
@@ -47,8 +47,9 @@ def evil(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     return marker, blobs
 
 
-def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(evil: tuple[Path, dict[str, bytes]],
-                                                                   tmp_path: Path) -> None:
+def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(
+    evil: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
     """Positive control: without the protections the payload executes, so the tests below can fail."""
     marker, blobs = evil
     pickle.loads(blobs["raw-pickle"])
@@ -60,15 +61,21 @@ def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(evil: tuple[Pa
 
 
 @pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
-@pytest.mark.parametrize("name", ["evil.pt", "evil.pth", "evil.PKL", "evil.ckpt", "evil.bin", "evil.safetensors",
-                                  "evil"])
-def test_malicious_pickle_as_model_does_not_run(evil: tuple[Path, dict[str, bytes]], tmp_path: Path, kind: str,
-                                                name: str, small_tree: Path) -> None:
+@pytest.mark.parametrize(
+    "name", ["evil.pt", "evil.pth", "evil.PKL", "evil.ckpt", "evil.bin", "evil.safetensors", "evil"]
+)
+def test_malicious_pickle_as_model_does_not_run(
+    evil: tuple[Path, dict[str, bytes]], tmp_path: Path, kind: str, name: str, small_tree: Path
+) -> None:
     """--model for predict / evaluate / the app: refused by name, or not a safetensors file; never unpickled."""
     marker, blobs = evil
     path = tmp_path / name
     path.write_bytes(blobs[kind])
-    for entry in (lambda: load_model(path), lambda: Predictor(path), lambda: evaluate(path, small_tree, tmp_path / "o")):
+    for entry in (
+        lambda: load_model(path),
+        lambda: Predictor(path),
+        lambda: evaluate(path, small_tree, tmp_path / "o"),
+    ):
         with pytest.raises(WbcError, match="pickle-based|not a safetensors model file"):
             entry()
     assert not marker.exists()
@@ -80,8 +87,9 @@ def _invoke(*args: str) -> BaseException | None:
 
 
 @pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
-def test_malicious_pickle_through_the_commands_does_not_run(evil: tuple[Path, dict[str, bytes]], tmp_path: Path,
-                                                            small_tree: Path, kind: str) -> None:
+def test_malicious_pickle_through_the_commands_does_not_run(
+    evil: tuple[Path, dict[str, bytes]], tmp_path: Path, small_tree: Path, kind: str
+) -> None:
     marker, blobs = evil
     weights = tmp_path / "weights.pth"
     weights.write_bytes(blobs[kind])
@@ -106,8 +114,9 @@ def test_malicious_pickle_through_the_commands_does_not_run(evil: tuple[Path, di
 # --- metadata validation -------------------------------------------------------------------------------------------
 
 
-def _rewrite(source: Path, target: Path, change: Callable[[dict], None],
-             tensors: Callable[[dict], dict] = lambda t: t) -> Path:
+def _rewrite(
+    source: Path, target: Path, change: Callable[[dict], None], tensors: Callable[[dict], dict] = lambda t: t
+) -> Path:
     """Copy a real model file with edited metadata (and optionally edited tensors)."""
     with safe_open(str(source), "pt") as f:
         meta = json.loads(f.metadata()["wbc_trust"])
@@ -124,7 +133,10 @@ BAD_METADATA = {
     "unknown-arch": (_set("arch", "transformer9000"), "unknown architecture 'transformer9000'"),
     "no-classes": (lambda m: m.pop("classes"), "class list is missing"),
     "one-class": (_set("classes", ["neutrophil"]), "class list"),
-    "duplicate-classes": (_set("classes", ["basophil", "basophil", "lymphocyte", "monocyte", "neutrophil"]), "distinct"),
+    "duplicate-classes": (
+        _set("classes", ["basophil", "basophil", "lymphocyte", "monocyte", "neutrophil"]),
+        "distinct",
+    ),
     "non-string-classes": (_set("classes", [1, 2, 3, 4, 5]), "class list"),
     "size-zero": (_set("img_size", 0), "input size 0"),
     "size-string": (_set("img_size", "64"), "input size '64'"),
@@ -134,8 +146,10 @@ BAD_METADATA = {
     "other-tool": (_set("format", "something-else"), "no wbc-trust metadata"),
     "unknown-test-view": (_set("test_views", ["identity", "rotate45"]), "test views"),
     "wrong-arch-for-weights": (_set("arch", "efficientnet_lite0"), "do not fit its metadata"),
-    "fewer-classes-than-weights": (_set("classes", ["basophil", "eosinophil", "lymphocyte", "monocyte"]),
-                                   "do not fit its metadata"),
+    "fewer-classes-than-weights": (
+        _set("classes", ["basophil", "eosinophil", "lymphocyte", "monocyte"]),
+        "do not fit its metadata",
+    ),
 }
 
 
@@ -174,12 +188,19 @@ def model_bytes(tiny_run: Path) -> bytes:
     return (tiny_run / "model.safetensors").read_bytes()
 
 
-@settings(max_examples=200, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(0, 8191), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4),
-       st.integers(0, 64))
-def test_damaged_model_file_headers_give_clear_errors(model_bytes: bytes, tmp_path_factory: pytest.TempPathFactory,
-                                                      edits: list[tuple[int, bytes]], cut: int) -> None:
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(st.tuples(st.integers(0, 8191), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4),
+    st.integers(0, 64),
+)
+def test_damaged_model_file_headers_give_clear_errors(
+    model_bytes: bytes, tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[int, bytes]], cut: int
+) -> None:
     """Byte edits in the header and metadata region (and a cut tail): it loads, or a WbcError says why."""
     data = bytearray(model_bytes[: len(model_bytes) - cut * 1024])
     for at, payload in edits:
@@ -192,4 +213,3 @@ def test_damaged_model_file_headers_give_clear_errors(model_bytes: bytes, tmp_pa
         assert str(path) in str(exc)
     else:
         assert meta["arch"] in ("cnn", "vgg16", "resnet50", "efficientnet_lite0") and not model.training
-

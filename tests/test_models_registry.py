@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pbc_files
 from torch import nn
 
-from conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.data import image_to_tensor, read_image
 from wbc_trust.errors import WbcError
@@ -46,8 +46,10 @@ def test_every_registered_arch_builds_and_its_spec_parts_work(arch: str) -> None
     model = build_model(arch).eval()
     images, _ = _images(spec.img_size)
     seen: dict[str, torch.Tensor] = {}
-    hooks = [model.feature_layer().register_forward_hook(lambda _m, _i, out: seen.__setitem__("feature", out)),
-             model.head().register_forward_hook(lambda _m, _i, out: seen.__setitem__("head", out))]
+    hooks = [
+        model.feature_layer().register_forward_hook(lambda _m, _i, out: seen.__setitem__("feature", out)),
+        model.head().register_forward_hook(lambda _m, _i, out: seen.__setitem__("head", out)),
+    ]
     with torch.inference_mode():
         logits = model(images)
         predicted, features = model.predict(images)
@@ -108,16 +110,25 @@ class _Toy(nn.Module):
 
 @pytest.fixture
 def toy() -> Iterator[ArchSpec]:
-    spec = register_arch(ArchSpec(name="toy", build=_Toy, img_size=48, head=lambda n: n.fc,
-                                  stages=lambda n: [n.stem, n.body], feature_layer=lambda n: n.body))
+    spec = register_arch(
+        ArchSpec(
+            name="toy",
+            build=_Toy,
+            img_size=48,
+            head=lambda n: n.fc,
+            stages=lambda n: [n.stem, n.body],
+            feature_layer=lambda n: n.body,
+        )
+    )
     try:
         yield spec
     finally:
         del REGISTRY["toy"]
 
 
-def test_a_registered_arch_is_available_everywhere_without_touching_other_modules(toy: ArchSpec,
-                                                                                   tmp_path: Path) -> None:
+def test_a_registered_arch_is_available_everywhere_without_touching_other_modules(
+    toy: ArchSpec, tmp_path: Path
+) -> None:
     assert "toy" in arch_names() and "toy" in ARCHS and config.DEFAULT_IMG_SIZE["toy"] == 48
     assert "toy (48 px)" in arch_help()
     with pytest.raises(ValueError, match="already registered"):
@@ -142,8 +153,12 @@ def test_a_registered_arch_is_available_everywhere_without_touching_other_module
 
 
 def _bn_stats(modules: list[nn.Module]) -> list[torch.Tensor]:
-    return [t.clone() for m in modules if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)
-            for t in (m.running_mean, m.running_var)]
+    return [
+        t.clone()
+        for m in modules
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)
+        for t in (m.running_mean, m.running_var)
+    ]
 
 
 def _one_training_step(model: nn.Module, size: int) -> None:

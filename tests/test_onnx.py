@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import pbc_files
 from typer.testing import CliRunner
 
 from wbc_trust import config
@@ -20,8 +21,6 @@ from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model
 from wbc_trust.onnx_export import META_KEY, OnnxModel
 from wbc_trust.predict import Predictor
-
-from conftest import pbc_files
 
 IMAGES = [path for cls in config.CLASSES for path in pbc_files(cls, 2, offset=100)]
 
@@ -97,8 +96,11 @@ def test_predict_with_an_exported_onnx_file(exported_default: Path, tmp_path: Pa
     assert json.loads(stored[META_KEY]) == load_model(None)[1]  # the model file's metadata, calibration included
     images = IMAGES + [config.SAMPLE_DATA_DIR.parent / "default_model.safetensors"]  # + one file that is no image
     rows = {}
-    for name, options in {"torch": [], "onnx": ["--backend", "onnx"],
-                          "onnx file": ["--backend", "onnx", "--model", str(exported_default)]}.items():
+    for name, options in {
+        "torch": [],
+        "onnx": ["--backend", "onnx"],
+        "onnx file": ["--backend", "onnx", "--model", str(exported_default)],
+    }.items():
         out = tmp_path / f"{name}.csv"
         result = CliRunner().invoke(app, ["predict", *map(str, images), *options, "--csv", str(out)])
         assert result.exit_code == 0, result.output

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CORRUPT_FILE, pbc_files
 from test_cli import wbc
 
@@ -19,8 +18,10 @@ from wbc_trust.errors import WbcError
 from wbc_trust.predict import Predictor
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                    reason="ray is not installed (pip install 'wbc-trust[ray]', also part of the dev extra)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="ray is not installed (pip install 'wbc-trust[ray]', also part of the dev extra)",
+)
 def test_ray_local_gives_the_local_csv_row_for_row(tmp_path: Path) -> None:
     # Classes interleaved and the broken file in the middle: sorting by path or by class would change the order,
     # and 9 files over 2 actors are two batches, so the rows come back from two processes.

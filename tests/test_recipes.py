@@ -29,8 +29,19 @@ def test_no_options_reproduce_the_shipped_model_and_default_yaml(default_model: 
     assert resolve(make_config("default", data="d", out="o")) == defaults
     shipped = read_metadata(default_model)
     recorded = {**shipped["training"], "img_size": shipped["img_size"]}  # it was trained with the default size (null)
-    for key in ("arch", "epochs", "batch_size", "lr", "img_size", "seed", "pretrained", "freeze_backbone",
-                "frozen_stages", "patience", "label_smoothing"):
+    for key in (
+        "arch",
+        "epochs",
+        "batch_size",
+        "lr",
+        "img_size",
+        "seed",
+        "pretrained",
+        "freeze_backbone",
+        "frozen_stages",
+        "patience",
+        "label_smoothing",
+    ):
         assert getattr(defaults, key) == recorded[key], key
     assert list(defaults.test_views) == recorded["test_views"] == shipped["test_views"]
     assert defaults.augment == "seed" and defaults.max_images is None
@@ -46,7 +57,8 @@ def test_architecture_defaults_follow_the_architecture() -> None:
     assert scratch.arch == config.DEFAULT_ARCH and scratch.frozen_stages == 0
     assert {"default", "cnn", "resnet50", "cross_lab"} <= set(shipped_recipes())
     assert resolve(make_config("cross_lab", data="d", out="o")) == resolve(
-        TrainConfig(data=Path("d"), out=Path("o"), augment="cross-lab"))
+        TrainConfig(data=Path("d"), out=Path("o"), augment="cross-lab")
+    )
 
 
 def test_bad_recipes_say_what_is_wrong(tmp_path: Path) -> None:
@@ -72,8 +84,9 @@ def test_config_file_explicit_options_and_args_yaml(small_tree: Path, tmp_path: 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("arch: cnn\nimg_size: 64\nbatch_size: 16\nepochs: 5\nlr: 2e-3\nmax_images: 16\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "--data", str(small_tree), "--out", str(out),
-                                      "--epochs", "1"])
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(recipe), "--data", str(small_tree), "--out", str(out), "--epochs", "1"]
+    )
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "args.yaml").read_text())
     assert saved["epochs"] == 1 and saved["arch"] == "cnn" and saved["lr"] == 2e-3 and saved["img_size"] == 64
@@ -81,7 +94,8 @@ def test_config_file_explicit_options_and_args_yaml(small_tree: Path, tmp_path: 
     training = read_metadata(out / "model.safetensors")["training"]
     # the model file records what the settings resolved to on this machine (device auto → cpu, bf16 null → on/off)
     assert {k: training[k] for k in saved if k not in ("device", "bf16")} == {
-        k: v for k, v in saved.items() if k not in ("device", "bf16")}
+        k: v for k, v in saved.items() if k not in ("device", "bf16")
+    }
     assert saved["device"] == "auto" and training["device"] == "cpu" and isinstance(training["bf16"], bool)
     assert training["world_size"] == 1 and training["effective_batch_size"] == 16
     assert make_config(out / "args.yaml") == resolve(make_config(recipe, data=small_tree, out=out, epochs=1))
@@ -121,7 +135,8 @@ def test_calibration_split_is_carved_out_of_validation(small_tree: Path) -> None
 
     digests = list(loaded.digests)
     digests[[r.path for r in loaded.records].index(before["val"][0].path)] = digests[
-        [r.path for r in loaded.records].index(before["val"][1].path)]  # two val images made byte-identical
+        [r.path for r in loaded.records].index(before["val"][1].path)
+    ]  # two val images made byte-identical
     twins = {before["val"][0].path, before["val"][1].path}
     for seed in range(6):  # wherever the pair lands (train, val, calib or test), it lands together
         with_twins = split_records(loaded.records, digests, fractions, seed=seed, calib_fraction=0.5)
@@ -129,8 +144,7 @@ def test_calibration_split_is_carved_out_of_validation(small_tree: Path) -> None
         assert len(sides) == 1 and twins <= {r.path for r in with_twins[sides[0]]}, (seed, sides)
 
 
-def test_training_and_wbc_calibrate_use_the_calibration_split(tiny_run: Path, small_tree: Path,
-                                                               tmp_path: Path) -> None:
+def test_training_and_wbc_calibrate_use_the_calibration_split(tiny_run: Path, small_tree: Path, tmp_path: Path) -> None:
     split = json.loads((tiny_run / "split.json").read_text())
     assert split["calib"] and not set(split["calib"]) & set(split["val"])
     meta = read_metadata(tiny_run / "model.safetensors")

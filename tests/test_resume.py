@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tree
 from safetensors.torch import load_file
 
-from conftest import make_tree
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model, read_metadata
 from wbc_trust.train import TrainConfig, train
@@ -62,7 +62,9 @@ def kill_mid_epoch_2(command: list[str], timeout: float = 300) -> str:
     return output
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run_and_refuses_other_data(tree: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run_and_refuses_other_data(
+    tree: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     kill_mid_epoch_2(wbc_train(tree, run))
 
@@ -73,8 +75,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run_and_refuses_
     model, meta = load_model(run / "model.safetensors")
     assert meta["validation"]["epoch"] == 1
     assert [p.name for p in run.glob("*.safetensors")] == ["model.safetensors"]
-    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in run.iterdir()
-               if p.name not in {"model.safetensors", "checkpoint.pt", "history.json", "curves.png", "split.json"})
+    assert all(
+        p.name.startswith(".") and p.name.endswith(".tmp")
+        for p in run.iterdir()
+        if p.name not in {"model.safetensors", "checkpoint.pt", "history.json", "curves.png", "split.json"}
+    )
 
     resumed = subprocess.run(wbc_train(tree, run, "--resume"), capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -87,7 +92,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run_and_refuses_
     without_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert without_time(history) == without_time(expected)
     assert json.loads((run / "test" / "metrics.json").read_text()) == json.loads(
-        (reference / "test" / "metrics.json").read_text())
+        (reference / "test" / "metrics.json").read_text()
+    )
     weights, expected_weights = (load_file(str(d / "model.safetensors")) for d in (run, reference))
     assert weights.keys() == expected_weights.keys()
     assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
@@ -122,8 +128,12 @@ def test_a_kill_during_a_model_write_leaves_the_previous_model_intact(tiny_run: 
     target = tmp_path / "model.safetensors"
     target.write_bytes((tiny_run / "model.safetensors").read_bytes())
     before = read_metadata(target)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), str(tiny_run / "checkpoint.pt")],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target), str(tiny_run / "checkpoint.pt")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout.readline().strip() == "half written"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

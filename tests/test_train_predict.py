@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CORRUPT_FILE, pbc_files
+
 from wbc_trust import config
 from wbc_trust.data import LoadedImages, Record, image_to_tensor, load_images, read_image
 from wbc_trust.errors import WbcError
@@ -43,7 +43,7 @@ def test_saved_model_is_the_weight_average_of_the_run(tiny_run: Path) -> None:
     model, meta = load_model(tiny_run / "model.safetensors")
     checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
     prefix = "module.net."
-    average = {k[len(prefix):]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
+    average = {k[len(prefix) :]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
     assert any(not torch.equal(average[k], v) for k, v in checkpoint["model"].items() if v.is_floating_point())
     reference = build_model("cnn")
     reference.net.load_state_dict(average)
@@ -89,8 +89,17 @@ def test_predict_rows_include_unreadable_files(tiny_run: Path, tmp_path: Path) -
     assert results[0].prediction in config.CLASSES and abs(sum(results[0].probabilities.values()) - 1) < 1e-4
     predictor.write_csv(results, tmp_path / "out.csv")
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
-    assert list(rows[0])[:9] == ["path", "prediction", "confidence", "p_basophil", "p_eosinophil", "p_lymphocyte",
-                                 "p_monocyte", "p_neutrophil", "flag"]
+    assert list(rows[0])[:9] == [
+        "path",
+        "prediction",
+        "confidence",
+        "p_basophil",
+        "p_eosinophil",
+        "p_lymphocyte",
+        "p_monocyte",
+        "p_neutrophil",
+        "flag",
+    ]
     assert rows[1]["prediction"] == "" and rows[1]["flag"].startswith("unreadable")
 
 
@@ -141,8 +150,11 @@ def test_efficientnet_lite0_imagenet_weights_install_offline() -> None:
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(backbone, source.values()))
     torch.manual_seed(config.SEED)
     fresh = build_model("efficientnet_lite0")
-    records = [Record(path, k) for k, name in enumerate(config.CLASSES)
-               for path in sorted((config.SAMPLE_DATA_DIR / name).iterdir())[:10]]  # 10 real cells per class
+    records = [
+        Record(path, k)
+        for k, name in enumerate(config.CLASSES)
+        for path in sorted((config.SAMPLE_DATA_DIR / name).iterdir())[:10]
+    ]  # 10 real cells per class
     cells = load_images(records, config.DEFAULT_IMG_SIZE["efficientnet_lite0"])
     assert _nearest_neighbour_accuracy(model, cells) >= _nearest_neighbour_accuracy(fresh, cells) + 0.1
 

@@ -11,17 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PBC, PBC_NON_WBC
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from conftest import PBC, PBC_NON_WBC
 from wbc_trust import config
-from wbc_trust.cli import app
-from wbc_trust.data import Record, list_files, load_images, validation_split
-from wbc_trust.errors import WbcError
-from wbc_trust.modelfile import load_extra, load_model, read_metadata, save_model
-from wbc_trust.models import logits_and_features
-from wbc_trust.predict import Predictor
 from wbc_trust.calibration import (
     FLAG_OOD,
     FLAG_UNCERTAIN,
@@ -29,8 +23,14 @@ from wbc_trust.calibration import (
     calibration_error,
     fit_temperature,
 )
+from wbc_trust.cli import app
 from wbc_trust.conformal import SplitConformal
+from wbc_trust.data import Record, list_files, load_images, validation_split
+from wbc_trust.errors import WbcError
+from wbc_trust.modelfile import HEAD_CHECKPOINT_PREFIX, load_extra, load_model, read_metadata, save_model
+from wbc_trust.models import logits_and_features
 from wbc_trust.ood import OOD_SCORES, MahalanobisOOD
+from wbc_trust.predict import Predictor
 from wbc_trust.trust.calibration import run_calibration
 
 N_WHITE = 320  # held-out PBC white cells of the shipped model (every k-th of its test split)
@@ -49,8 +49,13 @@ def shipped(default_model: Path) -> dict[str, torch.Tensor]:
     other = load_images([Record(p, None) for p in others], meta["img_size"])
     logits, features = logits_and_features(model, white.images)
     other_logits, other_features = logits_and_features(model, other.images)
-    return {"logits": logits, "features": features, "labels": white.labels, "other_logits": other_logits,
-            "other_features": other_features}
+    return {
+        "logits": logits,
+        "features": features,
+        "labels": white.labels,
+        "other_logits": other_logits,
+        "other_features": other_features,
+    }
 
 
 def _halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +70,7 @@ def test_temperature_scaling_lowers_ece_on_held_out_images(shipped: dict) -> Non
     before = calibration_error(torch.softmax(logits[held], 1), labels[held])
     after = calibration_error(torch.softmax(logits[held] / temperature, 1), labels[held])
     assert after < before, (before, after, temperature)
+
     # T minimises the negative log-likelihood of the images it was fitted on (an optimiser that stops early does not)
     def nll(t: float) -> float:
         return float(torch.nn.functional.cross_entropy(logits[fit] / t, labels[fit]))
@@ -109,11 +115,13 @@ def test_ood_scores_of_non_white_cells_are_higher(shipped: dict) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(OOD_SCORES))
-def test_each_ood_score_fits_saves_and_loads_by_its_stored_name(shipped: dict, method: str, tmp_path: Path,
-                                                                 default_model: Path) -> None:
+def test_each_ood_score_fits_saves_and_loads_by_its_stored_name(
+    shipped: dict, method: str, tmp_path: Path, default_model: Path
+) -> None:
     fit, held = _halves(len(shipped["labels"]), 0)
-    calibration = Calibration.fit(shipped["logits"][fit], shipped["features"][fit], shipped["labels"][fit],
-                                  ood_method=method)
+    calibration = Calibration.fit(
+        shipped["logits"][fit], shipped["features"][fit], shipped["labels"][fit], ood_method=method
+    )
     model, meta = load_model(default_model)
     stored, tensors = calibration.metadata()
     path = tmp_path / f"{method}.safetensors"
@@ -146,11 +154,18 @@ def test_training_stores_a_calibration_that_predict_applies(tiny_run: Path, smal
     model_path = tiny_run / "model.safetensors"
     stored = read_metadata(model_path)["calibration"]
     split = json.loads((tiny_run / "split.json").read_text())
-    assert stored["n_images"] == len(split["val"]) and stored["temperature"] > 0
-    assert set(load_extra(model_path)) == {"conformal.scores", "ood.means", "ood.precision"}
+    # fitted on the calibration split, apart from the "val" images that chose the checkpoint
+    assert stored["n_images"] == len(split["calib"]) and stored["temperature"] > 0
+    extra = set(load_extra(model_path))  # calibration tensors, plus the per-epoch last layers influence uses
+    assert {k for k in extra if not k.startswith(HEAD_CHECKPOINT_PREFIX)} == {
+        "conformal.scores",
+        "ood.means",
+        "ood.precision",
+    }
     files = [small_tree / f for f in split["test"][:6]] + list_files(PBC_NON_WBC / "platelet")[:2]
-    rows = CliRunner().invoke(app, ["predict", *map(str, files), "--model", str(model_path), "--csv",
-                                    str(tmp_path / "p.csv")])
+    rows = CliRunner().invoke(
+        app, ["predict", *map(str, files), "--model", str(model_path), "--csv", str(tmp_path / "p.csv")]
+    )
     assert rows.exit_code == 0, rows.output
     table = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(table) == len(files)
@@ -158,8 +173,11 @@ def test_training_stores_a_calibration_that_predict_applies(tiny_run: Path, smal
     for row in table:
         members = row["prediction_set"].split("|") if row["prediction_set"] else []
         assert set(members) <= set(predictor.classes) and float(row["ood_score"]) >= 0
-        expected = FLAG_OOD if float(row["ood_score"]) > stored["ood"]["threshold"] else (
-            FLAG_UNCERTAIN if len(members) != 1 else "")
+        expected = (
+            FLAG_OOD
+            if float(row["ood_score"]) > stored["ood"]["threshold"]
+            else (FLAG_UNCERTAIN if len(members) != 1 else "")
+        )
         assert row["flag"] == expected
         probs = [float(row[f"p_{c}"]) for c in predictor.classes]
         assert float(row["confidence"]) == pytest.approx(max(probs), abs=1e-4)
@@ -222,8 +240,9 @@ def test_run_calibration_reports_on_the_held_out_split(tiny_run: Path, small_tre
     confidence = np.array([a.confidence for a in answers])
     right = np.array([a.prediction == t for t, a in zip(truth, answers)])
     bins = np.minimum((confidence * config.ECE_BINS).astype(int), config.ECE_BINS - 1)
-    ece = sum(abs(right[bins == k].mean() - confidence[bins == k].mean()) * (bins == k).sum()
-              for k in np.unique(bins)) / len(answers)
+    ece = sum(
+        abs(right[bins == k].mean() - confidence[bins == k].mean()) * (bins == k).sum() for k in np.unique(bins)
+    ) / len(answers)
     assert result["ece_after"] == pytest.approx(ece, abs=2e-3)
     others = predictor.predict_files(list_files(ood), progress=False)
     auroc = roc_auc_score([0] * len(answers) + [1] * len(others), [a.ood_score for a in answers + others])

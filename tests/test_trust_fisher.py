@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.data import image_to_tensor, read_image
+from wbc_trust.evaluate import load_test_images
 from wbc_trust.modelfile import load_model
 from wbc_trust.trust.fisher import el2n_squared, per_sample_grad_norms
-from wbc_trust.evaluate import load_test_images
 
 
 def test_vmap_gradients_equal_one_backward_pass_per_image(tiny_run: Path) -> None:
@@ -49,15 +49,26 @@ def test_cli_files_agree(tiny_run: Path, small_tree: Path, tmp_path: Path) -> No
     """`wbc trust fisher` on the poorly trained tiny model: fisher.csv is sorted, its mean is the Fisher trace in
     fisher.json, and wrong answers score higher than right ones (AUROC above chance)."""
     out = tmp_path / "fisher"
-    result = CliRunner().invoke(app, ["trust", "fisher", "--model", str(tiny_run / "model.safetensors"),
-                                      "--data", str(small_tree), "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "fisher",
+            "--model",
+            str(tiny_run / "model.safetensors"),
+            "--data",
+            str(small_tree),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open(out / "fisher.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "label", "prediction", "el2n_squared", "grad_norm2"]
     grad = np.array([float(r["grad_norm2"]) for r in rows])
-    seed = np.array([float(r["el2n_squared"]) for r in rows])
-    assert (np.diff(grad) <= 0).all() and (grad > 0).all()
+    el2n = np.array([float(r["el2n_squared"]) for r in rows])
+    assert (np.diff(grad) <= 0).all() and (grad > 0).all() and ((el2n >= 0) & (el2n <= 2)).all()
     # each row's prediction and ‖softmax − onehot‖² recomputed from the model on that row's own image file
     model, meta = load_model(tiny_run / "model.safetensors")
     checked = rows[:4] + rows[-4:]  # the highest and lowest gradient norms

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from wbc_trust import config
 from wbc_trust.cli import app
+from wbc_trust.evaluate import load_test_images
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import predict_probs
 from wbc_trust.trust.gradcam import (
@@ -24,7 +25,6 @@ from wbc_trust.trust.gradcam import (
     road_scores,
     target_layer_name,
 )
-from wbc_trust.evaluate import load_test_images
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,7 @@ def test_randomised_model_maps_differ(default_and_cells: tuple) -> None:
     assert rank_correlations(trained, compute_cams(model, images, targets, "gradcam")).min() > 0.999
 
 
-def test_gradcam_is_more_faithful_than_a_random_map(default_and_cells: tuple,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradcam_is_more_faithful_than_a_random_map(default_and_cells: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """ROAD: removing the pixels Grad-CAM calls relevant must hurt the prediction more than random pixels do."""
     monkeypatch.setattr(config, "ROAD_PERCENTILES", (50,))
     model, cells, predictions = default_and_cells
@@ -114,16 +113,30 @@ def test_gradcam_is_more_faithful_than_a_random_map(default_and_cells: tuple,
     assert faithful > road_scores(model, images, random_maps, targets).mean() + 0.05
 
 
-def test_cli_writes_galleries_and_checks(tiny_run: Path, small_tree: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_writes_galleries_and_checks(
+    tiny_run: Path, small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`wbc trust gradcam` on the poorly trained tiny model (it makes mistakes, so both galleries have images)."""
     monkeypatch.setattr(config, "GRADCAM_CHECK_IMAGES", 3)
     monkeypatch.setattr(config, "ROAD_PERCENTILES", (50,))
     monkeypatch.setattr(config, "GRADCAM_GALLERY", 3)
     model_file = tiny_run / "model.safetensors"
     out = tmp_path / "cam"
-    result = CliRunner().invoke(app, ["trust", "gradcam", "--model", str(model_file), "--data", str(small_tree),
-                                      "--out", str(out), "--max-images", "12"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "gradcam",
+            "--model",
+            str(model_file),
+            "--data",
+            str(small_tree),
+            "--out",
+            str(out),
+            "--max-images",
+            "12",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "gradcam.json").read_text())
     assert summary["arch"] == "cnn" and summary["target_layer"] == target_layer_name(load_model(model_file)[0])
@@ -138,9 +151,12 @@ def test_cli_writes_galleries_and_checks(tiny_run: Path, small_tree: Path, tmp_p
     images, targets = test.images[chosen], [int(predictions[i]) for i in chosen]
     random_model = randomised_copy(model, images)
     for method in ("gradcam", "gradcam++"):
-        rhos = rank_correlations(compute_cams(model, images, targets, method),
-                                 compute_cams(random_model, images, targets, method))
-        assert summary["model_randomisation"]["methods"][method]["spearman_mean"] == pytest.approx(rhos.mean(), abs=1e-6)
+        rhos = rank_correlations(
+            compute_cams(model, images, targets, method), compute_cams(random_model, images, targets, method)
+        )
+        assert summary["model_randomisation"]["methods"][method]["spearman_mean"] == pytest.approx(
+            rhos.mean(), abs=1e-6
+        )
     assert summary["n_wrong"] > 0
     for name in ("gradcam_correct.png", "gradcam_wrong.png"):
         with Image.open(out / name) as image:

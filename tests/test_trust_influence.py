@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import pbc_files
 from typer.testing import CliRunner
 
-from conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.data import Record, load_images
@@ -45,11 +45,18 @@ def flipped(default_model: Path) -> dict:
     which = rng.choice(len(loaded.records), N_FLIPPED, replace=False)
     labels = loaded.labels.clone()
     labels[which] = (labels[which] + torch.as_tensor(rng.integers(1, len(config.CLASSES), N_FLIPPED))) % 5
-    index = build_index(model, loaded.images, labels, [str(r.path) for r in loaded.records], meta["classes"],
-                        meta["img_size"])
+    index = build_index(
+        model, loaded.images, labels, [str(r.path) for r in loaded.records], meta["classes"], meta["img_size"]
+    )
     queries = load_images(_records(2, offset=PER_CLASS), meta["img_size"])
-    return {"model": model, "index": index, "flipped": which, "true": loaded.labels, "queries": queries,
-            "query_features": extract_features(model, queries.images)}
+    return {
+        "model": model,
+        "index": index,
+        "flipped": which,
+        "true": loaded.labels,
+        "queries": queries,
+        "query_features": extract_features(model, queries.images),
+    }
 
 
 @pytest.mark.parametrize("method", ["tracin", "grad_dot"])
@@ -76,7 +83,7 @@ def test_seed_score_is_the_closed_form_last_layer_gradient_product(flipped: dict
         idx, scores = found[kind]
         assert torch.equal(idx, pick.indices)
         assert torch.allclose(scores, by_hand.gather(1, pick.indices), rtol=1e-3, atol=1e-4)
-    self_by_hand = (residual_train ** 2).sum(1) * (index.features ** 2).sum(1)
+    self_by_hand = (residual_train**2).sum(1) * (index.features**2).sum(1)
     assert torch.allclose(index.self_influence("grad_dot"), self_by_hand, rtol=1e-3)
 
 
@@ -118,8 +125,23 @@ def test_index_round_trip_and_refuses_another_model(flipped: dict, tmp_path: Pat
 
 def test_wbc_trust_influence_writes_its_files(small_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "influence"
-    done = CliRunner().invoke(app, ["trust", "influence", "--train-data", str(small_tree), "--data", str(small_tree),
-                                    "--out", str(out), "--max-train", "60", "--max-test", "6"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "influence",
+            "--train-data",
+            str(small_tree),
+            "--data",
+            str(small_tree),
+            "--out",
+            str(out),
+            "--max-train",
+            "60",
+            "--max-test",
+            "6",
+        ],
+    )
     assert done.exit_code == 0, done.output
     rows = list(csv.DictReader((out / "train_influence.csv").open()))
     assert list(rows[0])[:3] == ["path", "label", "score"] and len(rows) == 60
@@ -134,8 +156,9 @@ def test_wbc_trust_influence_writes_its_files(small_tree: Path, tmp_path: Path) 
     assert set(InfluenceIndex.load(out / "influence_index.safetensors").paths) == {r["path"] for r in rows}
 
 
-def test_a_trained_model_file_carries_its_real_checkpoints_and_influence_uses_them(tiny_run: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_a_trained_model_file_carries_its_real_checkpoints_and_influence_uses_them(
+    tiny_run: Path, tmp_path: Path
+) -> None:
     """TracInCP explains the model's own training: `wbc train` keeps the last layer of every epoch up to the saved
     one in the model file, and the influence index sums over those, not over a replay; its training images are the
     training split only (no validation, calibration or test image)."""
@@ -152,8 +175,23 @@ def test_a_trained_model_file_carries_its_real_checkpoints_and_influence_uses_th
     split = json.loads((tiny_run / "split.json").read_text())
     data_root = Path(split["data_root"])
     out = tmp_path / "influence"
-    done = CliRunner().invoke(app, ["trust", "influence", "--model", str(model_path), "--train-data", str(data_root),
-                                    "--data", str(data_root), "--out", str(out), "--max-test", "4"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "influence",
+            "--model",
+            str(model_path),
+            "--train-data",
+            str(data_root),
+            "--data",
+            str(data_root),
+            "--out",
+            str(out),
+            "--max-test",
+            "4",
+        ],
+    )
     assert done.exit_code == 0, done.output
     index = InfluenceIndex.load(out / "influence_index.safetensors")
     assert len(index.checkpoints) == len(heads)

@@ -14,12 +14,19 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 
-SEED_FIGURES = ("robustness_accuracy.png", "gradcam_correct.png", "gradcam_wrong.png", "fisher_scores.png",
-                "influence_curve.png", "reliability_diagram.png")
+SEED_FIGURES = (
+    "robustness_accuracy.png",
+    "gradcam_correct.png",
+    "gradcam_wrong.png",
+    "fisher_scores.png",
+    "influence_curve.png",
+    "reliability_diagram.png",
+)
 
 
-def test_report_is_self_contained(tiny_run: Path, small_tree: Path, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_is_self_contained(
+    tiny_run: Path, small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # fewer levels and checks than the defaults: the point here is the report, not the numbers
     monkeypatch.setattr(config, "CORRUPTIONS", {"gaussian_noise": config.CORRUPTIONS["gaussian_noise"]})
     monkeypatch.setattr(config, "ATTACK_EPSILONS", (1 / 255,))
@@ -27,9 +34,23 @@ def test_report_is_self_contained(tiny_run: Path, small_tree: Path, tmp_path: Pa
     monkeypatch.setattr(config, "GRADCAM_CHECK_IMAGES", 2)
     monkeypatch.setattr(config, "ROAD_PERCENTILES", (50,))
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["trust", "report", "--model", str(tiny_run / "model.safetensors"),
-                                      "--data", str(small_tree), "--train-data", str(small_tree), "--out", str(out),
-                                      "--max-images", "6"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "report",
+            "--model",
+            str(tiny_run / "model.safetensors"),
+            "--data",
+            str(small_tree),
+            "--train-data",
+            str(small_tree),
+            "--out",
+            str(out),
+            "--max-images",
+            "6",
+        ],
+    )
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
     for name in SEED_FIGURES:
@@ -43,7 +64,17 @@ def test_report_is_self_contained(tiny_run: Path, small_tree: Path, tmp_path: Pa
     # opens offline: nothing to fetch, nothing to run
     assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page
     # the tables of numbers and the model's metadata
-    for text in ("Robustness", "Grad-CAM", "Fisher sensitivity", "Influence", "Calibration", "Data-quality audit",
-                 "mean_corruption_accuracy", "auroc_wrong_vs_right", "Model metadata", "img_size"):
+    for text in (
+        "Robustness",
+        "Grad-CAM",
+        "Fisher sensitivity",
+        "Influence",
+        "Calibration",
+        "Data-quality audit",
+        "mean_corruption_accuracy",
+        "auroc_wrong_vs_right",
+        "Model metadata",
+        "img_size",
+    ):
         assert text in page, text
     assert "Not in this report" not in page  # every method ran

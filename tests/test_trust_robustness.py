@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from wbc_trust import config
 from wbc_trust.cli import app
+from wbc_trust.evaluate import LabelledImages, load_test_images
 from wbc_trust.modelfile import load_model, read_metadata
 from wbc_trust.trust.robustness import (
     adversarial_accuracy,
@@ -22,7 +23,6 @@ from wbc_trust.trust.robustness import (
     corrupt,
     corrupted_accuracy,
 )
-from wbc_trust.evaluate import LabelledImages, load_test_images
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,10 @@ def test_each_corruption_grows_with_severity(default_and_cells: tuple, name: str
     distances = [float((corrupt(cells.images[:4], name, s) - clean).abs().mean()) for s in range(1, 6)]
     assert distances[0] > 0.002
     assert all(b > a for a, b in zip(distances, distances[1:])), distances
-    assert all(0 <= float(corrupt(cells.images[:4], name, s).min()) and
-               float(corrupt(cells.images[:4], name, s).max()) <= 1 for s in (1, 5))
+    assert all(
+        0 <= float(corrupt(cells.images[:4], name, s).min()) and float(corrupt(cells.images[:4], name, s).max()) <= 1
+        for s in (1, 5)
+    )
 
 
 def test_accuracy_falls_as_noise_rises(default_and_cells: tuple) -> None:
@@ -72,8 +74,9 @@ def test_pgd_beats_fgsm_and_both_hurt(default_and_cells: tuple, monkeypatch: pyt
     assert pgd <= 0.4
 
 
-def test_attack_budget_is_at_least_one_grey_level_and_attacks_run_in_fp32(default_and_cells: tuple,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attack_budget_is_at_least_one_grey_level_and_attacks_run_in_fp32(
+    default_and_cells: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 11: an ε below one grey level is no 8-bit image, and bf16 rounding (≈ 1/256 near 1.0) is the size of the
     perturbation. On real cells: the logits the attack differentiates are the fp32 prediction; PGD at the smallest
     ε of the grid changes some pixel by a full grey level and none by more than ε, starts at a random point of the
@@ -97,16 +100,31 @@ def test_attack_budget_is_at_least_one_grey_level_and_attacks_run_in_fp32(defaul
     assert attacked_loss > clean_loss
 
 
-def test_cli_compares_two_models(tiny_run: Path, small_tree: Path, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_compares_two_models(
+    tiny_run: Path, small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`wbc trust robustness --model A --model B` writes one JSON entry and one line per model (few levels: speed)."""
     monkeypatch.setattr(config, "CORRUPTIONS", {k: config.CORRUPTIONS[k] for k in ("gaussian_noise", "jpeg")})
     monkeypatch.setattr(config, "ATTACK_EPSILONS", (1 / 255,))
     monkeypatch.setattr(config, "PGD_STEPS", 1)
     out = tmp_path / "rob"
-    result = CliRunner().invoke(app, ["trust", "robustness", "--data", str(small_tree), "--out", str(out),
-                                      "--model", str(tiny_run / "model.safetensors"), "--model",
-                                      str(config.DEFAULT_MODEL_PATH), "--max-images", "5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "trust",
+            "robustness",
+            "--data",
+            str(small_tree),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_run / "model.safetensors"),
+            "--model",
+            str(config.DEFAULT_MODEL_PATH),
+            "--max-images",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "robustness.json").read_text())
     assert [m["arch"] for m in summary["models"]] == ["cnn", "efficientnet_lite0"]

@@ -43,8 +43,17 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.calibration import Calibration, calibration_error, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage
-from wbc_trust.data import (LoadedImages, Record, cache_dir, file_digest, find_dataset, find_unlabelled,
-                            load_images, model_labels, split_plan)
+from wbc_trust.data import (
+    LoadedImages,
+    Record,
+    cache_dir,
+    file_digest,
+    find_dataset,
+    find_unlabelled,
+    load_images,
+    model_labels,
+    split_plan,
+)
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
 from wbc_trust.lab import LabShift
@@ -67,9 +76,11 @@ def read_lab_cells(data: Path, img_size: int) -> LoadedImages:
     try:
         index = find_dataset(data, require_all_classes=False)
     except WbcError as exc:
-        raise WbcError(f"--data {data} is not a labelled folder ({exc}). wbc adapt needs the lab's labelled cells "
-                       f"as one sub-folder per class ({', '.join(config.CLASSES)}; any letter case, or the Kaggle "
-                       "layout); for images without labels use --unlabelled DIR") from exc
+        raise WbcError(
+            f"--data {data} is not a labelled folder ({exc}). wbc adapt needs the lab's labelled cells "
+            f"as one sub-folder per class ({', '.join(config.CLASSES)}; any letter case, or the Kaggle "
+            "layout); for images without labels use --unlabelled DIR"
+        ) from exc
     records = [r for rs in index.splits.values() for r in rs]
     loaded = load_images(records, img_size, desc="decoding the lab's cells")
     for path, reason in loaded.unreadable:
@@ -80,8 +91,9 @@ def read_lab_cells(data: Path, img_size: int) -> LoadedImages:
 def lab_fingerprint(loaded: LoadedImages) -> str:
     """SHA-256 over the sorted (class, file SHA-256) pairs (unlabelled images: class "-"): same images and labels,
     same fingerprint, whatever their names or folder."""
-    lines = sorted(f"{'-' if r.label is None else config.CLASSES[r.label]}\t{d}\n"
-                   for r, d in zip(loaded.records, loaded.digests))
+    lines = sorted(
+        f"{'-' if r.label is None else config.CLASSES[r.label]}\t{d}\n" for r, d in zip(loaded.records, loaded.digests)
+    )
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -102,8 +114,9 @@ def replay_features(model: WbcClassifier, base_sha256: str, replay: LoadedImages
     return features
 
 
-def replay_cells(meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY_PER_CLASS,
-                 seed: int = config.SEED) -> tuple[LoadedImages | None, str]:
+def replay_cells(
+    meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY_PER_CLASS, seed: int = config.SEED
+) -> tuple[LoadedImages | None, str]:
     """Up to ``per_class`` images per class of the base model's training data (never its held-out test files), else
     the shipped sample of PBC images, else none; and a sentence saying which."""
     root = Path(meta.get("data", {}).get("root", ""))
@@ -119,8 +132,10 @@ def replay_cells(meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY
             log.warning(f"the base model's training data {root} cannot be read ({exc})")
     if not records and config.SAMPLE_DATA_DIR.is_dir():
         records = find_dataset(config.SAMPLE_DATA_DIR, require_all_classes=False).splits["all"]
-        source = (f"the shipped sample of {len(records)} PBC images (the base model's training data "
-                  f"{root or '(not named)'} is not available here)")
+        source = (
+            f"the shipped sample of {len(records)} PBC images (the base model's training data "
+            f"{root or '(not named)'} is not available here)"
+        )
     if not records:
         return None, "none: neither the base model's training data nor the shipped sample is available"
     generator = np.random.default_rng(seed)
@@ -137,8 +152,7 @@ def replay_cells(meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY
 
 
 @torch.inference_mode()
-def reestimate_batchnorm(model: WbcClassifier, images: torch.Tensor,
-                         batch_size: int = config.ADAPT_BN_BATCH) -> None:
+def reestimate_batchnorm(model: WbcClassifier, images: torch.Tensor, batch_size: int = config.ADAPT_BN_BATCH) -> None:
     """AdaBN: replace every batch-norm layer's running mean and variance by the average of their batch values on
     ``images`` (uint8 N×3×S×S; momentum None = a plain average over the batches), without gradients."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -151,8 +165,9 @@ def reestimate_batchnorm(model: WbcClassifier, images: torch.Tensor,
         m.momentum = None
         m.train()
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc="re-estimating batch norm", unit="batch",
-                          leave=False):
+        for start in tqdm(
+            range(0, len(images), batch_size), desc="re-estimating batch norm", unit="batch", leave=False
+        ):
             x = images[start : start + batch_size].float().div(255.0).contiguous(memory_format=torch.channels_last)
             with autocast():
                 model(x)
@@ -175,10 +190,15 @@ def check_head_reads_features(model: WbcClassifier, logits: torch.Tensor, featur
             again = model.head()(features[:8].float())
         except RuntimeError:
             again = None
-    if again is None or again.shape != logits[:8].shape or not torch.allclose(again, logits[:8].float(), atol=0.15,
-                                                                               rtol=0.05):
-        raise WbcError(f"wbc adapt re-fits the head on pooled features, and {model.arch}'s head does not read them: "
-                       "adapt a model of another architecture (efficientnet_lite0, the default, works)")
+    if (
+        again is None
+        or again.shape != logits[:8].shape
+        or not torch.allclose(again, logits[:8].float(), atol=0.15, rtol=0.05)
+    ):
+        raise WbcError(
+            f"wbc adapt re-fits the head on pooled features, and {model.arch}'s head does not read them: "
+            "adapt a model of another architecture (efficientnet_lite0, the default, works)"
+        )
 
 
 @dataclass
@@ -191,9 +211,16 @@ class HeadData:
     replay_labels: torch.Tensor | None = None
 
 
-def fit_head(base_head: nn.Module, data: HeadData, n_classes: int, steps: int = config.ADAPT_HEAD_STEPS,
-             lr: float = config.ADAPT_HEAD_LR, l2: float = config.ADAPT_HEAD_L2,
-             replay_weight: float = config.ADAPT_REPLAY_WEIGHT, seed: int = config.SEED) -> nn.Module:
+def fit_head(
+    base_head: nn.Module,
+    data: HeadData,
+    n_classes: int,
+    steps: int = config.ADAPT_HEAD_STEPS,
+    lr: float = config.ADAPT_HEAD_LR,
+    l2: float = config.ADAPT_HEAD_L2,
+    replay_weight: float = config.ADAPT_REPLAY_WEIGHT,
+    seed: int = config.SEED,
+) -> nn.Module:
     """A copy of ``base_head`` fitted by full-batch Adam on the lab's features (class-balanced cross-entropy: each
     lab class weighs the same, however many cells it has) plus ``replay_weight`` × the replay cells' (class-balanced
     too), plus ``l2`` × the squared distance to the base head's weights. Full batch: a few hundred 1,280-number
@@ -214,13 +241,24 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _fit_head(base_head: nn.Module, data: HeadData, n_classes: int, steps: int, lr: float, l2: float,
-              replay_weight: float, seed: int) -> nn.Module:
+def _fit_head(
+    base_head: nn.Module,
+    data: HeadData,
+    n_classes: int,
+    steps: int,
+    lr: float,
+    l2: float,
+    replay_weight: float,
+    seed: int,
+) -> nn.Module:
     torch.manual_seed(seed)
     # clones: features computed under inference_mode cannot enter autograd
-    data = HeadData(data.features.clone(), data.labels.clone(),
-                    None if data.replay_features is None else data.replay_features.clone(),
-                    None if data.replay_labels is None else data.replay_labels.clone())
+    data = HeadData(
+        data.features.clone(),
+        data.labels.clone(),
+        None if data.replay_features is None else data.replay_features.clone(),
+        None if data.replay_labels is None else data.replay_labels.clone(),
+    )
     head = copy.deepcopy(base_head).float().train()
     for p in head.parameters():
         p.requires_grad_(True)
@@ -240,7 +278,8 @@ def _fit_head(base_head: nn.Module, data: HeadData, n_classes: int, steps: int, 
         loss = nn.functional.cross_entropy(head(data.features), data.labels, weight=lab_w, reduction="sum")
         if replay:
             loss = loss + replay_weight * nn.functional.cross_entropy(
-                head(data.replay_features), data.replay_labels, weight=rep_w, reduction="sum")
+                head(data.replay_features), data.replay_labels, weight=rep_w, reduction="sum"
+            )
         loss = loss + l2 * sum(((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor))
         loss.backward()
         optimizer.step()
@@ -253,8 +292,9 @@ def fitted_classes(labels: torch.Tensor, n_classes: int, min_cells: int = config
     return [k for k in range(n_classes) if counts[k] >= min_cells]
 
 
-def cross_fitted_logits(base_head: nn.Module, data: HeadData, n_classes: int, folds: int = config.ADAPT_FOLDS,
-                        seed: int = config.SEED) -> torch.Tensor:
+def cross_fitted_logits(
+    base_head: nn.Module, data: HeadData, n_classes: int, folds: int = config.ADAPT_FOLDS, seed: int = config.SEED
+) -> torch.Tensor:
     """Each lab cell's logits from a head fitted without it (stratified folds; as many as the rarest class allows,
     at most ``folds``): what calibration needs, since the final head has seen every cell."""
     smallest = int(torch.bincount(data.labels)[torch.bincount(data.labels) > 0].min())
@@ -265,15 +305,25 @@ def cross_fitted_logits(base_head: nn.Module, data: HeadData, n_classes: int, fo
         raise WbcError("cross-fitting needs at least two cells of every adapted class")
     parts = list(splitter.split(np.zeros(len(data.labels)), data.labels.numpy()))
     for fit_idx, held_idx in tqdm(parts, desc="cross-fitting the calibration", unit="fold", leave=False):
-        head = fit_head(base_head, HeadData(data.features[fit_idx], data.labels[fit_idx], data.replay_features,
-                                            data.replay_labels), n_classes, seed=seed)
+        head = fit_head(
+            base_head,
+            HeadData(data.features[fit_idx], data.labels[fit_idx], data.replay_features, data.replay_labels),
+            n_classes,
+            seed=seed,
+        )
         with torch.no_grad():
             out[held_idx] = head(data.features[held_idx])
     return out
 
 
-def lab_calibration(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-                    coverage: float, fitted_on: str) -> tuple[Calibration, dict]:
+def lab_calibration(
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    images: torch.Tensor,
+    coverage: float,
+    fitted_on: str,
+) -> tuple[Calibration, dict]:
     """Temperature, prediction sets and OOD statistics on the lab's cells (``logits`` cross-fitted), the lab
     statistic on their images; and a summary for the metadata."""
     temperature = fit_temperature(logits, labels)
@@ -284,13 +334,18 @@ def lab_calibration(logits: torch.Tensor, features: torch.Tensor, labels: torch.
         conformal = MondrianConformal.fit(probs, labels, coverage)
     else:
         conformal = SplitConformal.fit(probs, labels, coverage)
-        log.info(f"prediction sets: marginal LAC (class-conditional {coverage:.0%} sets need {needed} lab cells of "
-                 f"every class; the fewest here: {int(counts.min())})")
+        log.info(
+            f"prediction sets: marginal LAC (class-conditional {coverage:.0%} sets need {needed} lab cells of "
+            f"every class; the fewest here: {int(counts.min())})"
+        )
     ood = ood_score_class(config.OOD_METHOD).fit(logits, features, labels)
     calibration = Calibration(temperature, conformal, ood, fitted_on, LabShift.fit(images))
-    summary = {"n_images": len(labels), "cross_fitted": True,
-               "ece_before": calibration_error(torch.softmax(logits, 1), labels),
-               "ece_after": calibration_error(probs, labels)}
+    summary = {
+        "n_images": len(labels),
+        "cross_fitted": True,
+        "ece_before": calibration_error(torch.softmax(logits, 1), labels),
+        "ece_after": calibration_error(probs, labels),
+    }
     return calibration, summary
 
 
@@ -305,9 +360,15 @@ class Adapted:
     cross_fitted_accuracy: float
 
 
-def fit_on_features(base_head: nn.Module, data: HeadData, images: torch.Tensor, n_classes: int,
-                    coverage: float = config.ADAPT_COVERAGE, fitted_on: str = "",
-                    seed: int = config.SEED) -> Adapted:
+def fit_on_features(
+    base_head: nn.Module,
+    data: HeadData,
+    images: torch.Tensor,
+    n_classes: int,
+    coverage: float = config.ADAPT_COVERAGE,
+    fitted_on: str = "",
+    seed: int = config.SEED,
+) -> Adapted:
     """The labelled adaptation on cached features (``wbc adapt`` and ``bench/cross_lab.py`` both call this): drop
     the classes with too few lab cells, cross-fit the calibration, fit the final head on every remaining cell.
     ``images`` are the lab cells' images (for the lab statistic), aligned with ``data.features``."""
@@ -327,40 +388,61 @@ def fit_on_features(base_head: nn.Module, data: HeadData, images: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def adapt(out: Path, data: Path | None = None, model_path: Path | None = None, unlabelled: Path | None = None,
-          coverage: float = config.ADAPT_COVERAGE, seed: int = config.SEED) -> dict:
+def adapt(
+    out: Path,
+    data: Path | None = None,
+    model_path: Path | None = None,
+    unlabelled: Path | None = None,
+    coverage: float = config.ADAPT_COVERAGE,
+    seed: int = config.SEED,
+) -> dict:
     """``wbc adapt``: write ``out/model.safetensors``, the base model adapted to a lab; returns ``meta["adapted"]``."""
     started = time.perf_counter()
     check_coverage(coverage)
     if data is None and unlabelled is None:
-        raise WbcError("wbc adapt needs the lab's labelled cells (--data DIR, one folder per class) or its unlabelled "
-                       "images (--unlabelled DIR), or both")
+        raise WbcError(
+            "wbc adapt needs the lab's labelled cells (--data DIR, one folder per class) or its unlabelled "
+            "images (--unlabelled DIR), or both"
+        )
     base_path = Path(model_path) if model_path is not None else config.DEFAULT_MODEL_PATH
     model, meta = load_model(base_path)
     model = prepare_for_cpu(model)
     size, classes = meta["img_size"], meta["classes"]
     cells = read_lab_cells(Path(data), size) if data is not None else None
-    provenance: dict = {"base_model": str(base_path), "base_model_sha256": file_digest(base_path),
-                        "base_data_fingerprint": meta.get("data", {}).get("fingerprint"), "seed": seed}
+    provenance: dict = {
+        "base_model": str(base_path),
+        "base_model_sha256": file_digest(base_path),
+        "base_data_fingerprint": meta.get("data", {}).get("fingerprint"),
+        "seed": seed,
+    }
 
     if unlabelled is not None:
         files = find_unlabelled([unlabelled])
         pool = load_images([Record(p, None) for p in files], size, desc="decoding the lab's unlabelled images")
         if cells is not None:
-            pool = LoadedImages(pool.records + cells.records, torch.cat([pool.images, cells.images]),
-                                pool.digests + cells.digests, [])
+            pool = LoadedImages(
+                pool.records + cells.records, torch.cat([pool.images, cells.images]), pool.digests + cells.digests, []
+            )
         if len(pool.records) < config.ADAPT_MIN_UNLABELLED:
-            raise WbcError(f"--unlabelled {unlabelled}: {len(pool.records)} readable images; batch-norm statistics "
-                           f"need at least {config.ADAPT_MIN_UNLABELLED} of the lab's images")
+            raise WbcError(
+                f"--unlabelled {unlabelled}: {len(pool.records)} readable images; batch-norm statistics "
+                f"need at least {config.ADAPT_MIN_UNLABELLED} of the lab's images"
+            )
         reestimate_batchnorm(model, pool.images)
-        provenance["unlabelled"] = {"root": str(Path(unlabelled).resolve()), "n_images": len(pool.records),
-                                    "fingerprint": lab_fingerprint(pool), "method": "AdaBN (batch-norm statistics)"}
+        provenance["unlabelled"] = {
+            "root": str(Path(unlabelled).resolve()),
+            "n_images": len(pool.records),
+            "fingerprint": lab_fingerprint(pool),
+            "method": "AdaBN (batch-norm statistics)",
+        }
         log.info(f"batch-norm statistics re-estimated on {len(pool.records)} of the lab's images")
 
     if cells is None:  # unlabelled only: the base head, and the base calibration as it is (nothing to refit it on)
-        log.warning("no labelled cells: the temperature, prediction sets, OOD and lab statistics stay the base "
-                    "model's (fitted on its own lab), so this lab's cells stay flagged as from an unfamiliar lab; "
-                    "label a few cells and pass --data to recalibrate on this lab")
+        log.warning(
+            "no labelled cells: the temperature, prediction sets, OOD and lab statistics stay the base "
+            "model's (fitted on its own lab), so this lab's cells stay flagged as from an unfamiliar lab; "
+            "label a few cells and pass --data to recalibrate on this lab"
+        )
         provenance["seconds"] = time.perf_counter() - started
         _write(out, model, {**meta, "adapted": provenance}, load_extra(base_path))
         return provenance
@@ -370,14 +452,21 @@ def adapt(out: Path, data: Path | None = None, model_path: Path | None = None, u
     keep = fitted_classes(labels, len(classes))
     kept_from_base = [classes[k] for k in range(len(classes)) if k not in keep]
     if len(keep) < 2:
-        raise WbcError(f"--data {data}: {', '.join(f'{c} {int(n)}' for c, n in zip(classes, counts))} cells; "
-                       f"wbc adapt needs at least {config.ADAPT_MIN_CELLS} cells of at least two classes")
+        raise WbcError(
+            f"--data {data}: {', '.join(f'{c} {int(n)}' for c, n in zip(classes, counts))} cells; "
+            f"wbc adapt needs at least {config.ADAPT_MIN_CELLS} cells of at least two classes"
+        )
     if kept_from_base:
-        few = ", ".join(f"{classes[k]} ({int(counts[k])} cell{'' if counts[k] == 1 else 's'})"
-                        for k in range(len(classes)) if k not in keep)
-        log.warning(f"{few}: fewer than {config.ADAPT_MIN_CELLS} lab cells, so not adapted on; the model keeps the "
-                    f"base model's knowledge of {'this class' if len(kept_from_base) == 1 else 'these classes'} (its "
-                    "replay images) and the trust columns are fitted without it: label more and run wbc adapt again")
+        few = ", ".join(
+            f"{classes[k]} ({int(counts[k])} cell{'' if counts[k] == 1 else 's'})"
+            for k in range(len(classes))
+            if k not in keep
+        )
+        log.warning(
+            f"{few}: fewer than {config.ADAPT_MIN_CELLS} lab cells, so not adapted on; the model keeps the "
+            f"base model's knowledge of {'this class' if len(kept_from_base) == 1 else 'these classes'} (its "
+            "replay images) and the trust columns are fitted without it: label more and run wbc adapt again"
+        )
     log.info(f"features of {len(cells.records)} lab cells")
     logits, features = logits_and_features(model, cells.images, progress=True)
     check_head_reads_features(model, logits, features)
@@ -385,26 +474,39 @@ def adapt(out: Path, data: Path | None = None, model_path: Path | None = None, u
     head_data = HeadData(features.float(), labels)
     if replay is not None:
         log.info(f"replay: {len(replay.records)} images of {replay_source}")
-        head_data.replay_features = (logits_and_features(model, replay.images, progress=True)[1].float()
-                                     if unlabelled is not None else
-                                     replay_features(model, provenance["base_model_sha256"], replay))
+        head_data.replay_features = (
+            logits_and_features(model, replay.images, progress=True)[1].float()
+            if unlabelled is not None
+            else replay_features(model, provenance["base_model_sha256"], replay)
+        )
         head_data.replay_labels = torch.from_numpy(model_labels(replay.records, classes))
     else:
         log.warning(f"adapting without replay ({replay_source}): classes without lab cells may be forgotten")
-    fitted = fit_on_features(model.head(), head_data, cells.images, len(classes), coverage,
-                             f"cross-fitted on the lab cells of {Path(data).resolve()}", seed)
+    fitted = fit_on_features(
+        model.head(),
+        head_data,
+        cells.images,
+        len(classes),
+        coverage,
+        f"cross-fitted on the lab cells of {Path(data).resolve()}",
+        seed,
+    )
     model.head().load_state_dict(fitted.head.state_dict())
     stored, tensors = fitted.calibration.metadata()
     stored.update(fitted.summary)
-    provenance.update({
-        "lab_data": str(Path(data).resolve()), "lab_data_fingerprint": lab_fingerprint(cells),
-        "cells_per_class": {c: int(n) for c, n in zip(classes, counts)},
-        "adapted_classes": [classes[k] for k in fitted.adapted_classes], "classes_kept_from_base": kept_from_base,
-        "method": "head re-fitted on frozen features (L2 towards the base head) with replay; calibration "
-                  f"cross-fitted ({config.ADAPT_FOLDS} folds at most)",
-        "replay": {"source": replay_source, "n_images": 0 if replay is None else len(replay.records)},
-        "cross_fitted_accuracy": fitted.cross_fitted_accuracy,
-    })
+    provenance.update(
+        {
+            "lab_data": str(Path(data).resolve()),
+            "lab_data_fingerprint": lab_fingerprint(cells),
+            "cells_per_class": {c: int(n) for c, n in zip(classes, counts)},
+            "adapted_classes": [classes[k] for k in fitted.adapted_classes],
+            "classes_kept_from_base": kept_from_base,
+            "method": "head re-fitted on frozen features (L2 towards the base head) with replay; calibration "
+            f"cross-fitted ({config.ADAPT_FOLDS} folds at most)",
+            "replay": {"source": replay_source, "n_images": 0 if replay is None else len(replay.records)},
+            "cross_fitted_accuracy": fitted.cross_fitted_accuracy,
+        }
+    )
     provenance["seconds"] = time.perf_counter() - started
     kept = {k: v for k, v in load_extra(base_path).items() if not k.startswith(_CALIBRATION_TENSORS)}
     _write(out, model, {**meta, "calibration": stored, "adapted": provenance}, {**kept, **tensors})

@@ -32,19 +32,21 @@ import streamlit as st
 import torch
 
 from wbc_trust import config
+from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC, FLAG_OOD, FLAG_UNCERTAIN
 from wbc_trust.data import read_image
-from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
-from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC, FLAG_OOD, FLAG_UNCERTAIN
 from wbc_trust.trust.gradcam import gradcam_overlay
 from wbc_trust.trust.influence import InfluenceIndex, influential_training_images
 
 UPLOAD_TYPES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE = "shipped default", "a file in a folder", "upload a model file"
-PREDICTION_SET_HELP = ("The classes the calibration cannot rule out: the true class is in this set for the chosen "
-                       "share of images of every class (99 % by default). One class = a confident answer.")
+PREDICTION_SET_HELP = (
+    "The classes the calibration cannot rule out: the true class is in this set for the chosen "
+    "share of images of every class (99 % by default). One class = a confident answer."
+)
 
 
 @dataclass
@@ -86,8 +88,11 @@ def analyse(model: LoadedModel, name: str, data: bytes, index: InfluenceIndex | 
         # stored channels-last (H×W×3 in memory) like the model's weights: oneDNN's fast path, ~3× faster with grad on
         tensor = predictor.to_tensor(data).permute(1, 2, 0).contiguous().permute(2, 0, 1)
         _, overlay = gradcam_overlay(predictor.model, tensor, target=predictor.classes.index(prediction.prediction))
-        supporting = [] if index is None else influential_training_images(
-            predictor.model, tensor, index, k=config.APP_SUPPORTING_IMAGES)["helpful"]
+        supporting = (
+            []
+            if index is None
+            else influential_training_images(predictor.model, tensor, index, k=config.APP_SUPPORTING_IMAGES)["helpful"]
+        )
     original = read_image(data)
     original.thumbnail((config.APP_DISPLAY_PX, config.APP_DISPLAY_PX))
     return Analysis(name, prediction, np.asarray(original), overlay, supporting)
@@ -116,8 +121,9 @@ class ModelUploads:
     none larger than ``max_mb``.
     """
 
-    def __init__(self, max_files: int = config.APP_MAX_MODEL_UPLOADS,
-                 max_mb: int = config.APP_MAX_MODEL_UPLOAD_MB) -> None:
+    def __init__(
+        self, max_files: int = config.APP_MAX_MODEL_UPLOADS, max_mb: int = config.APP_MAX_MODEL_UPLOAD_MB
+    ) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="wbc-trust-models-")
         self.folder = Path(self._folder.name)
         self.max_files, self.max_mb = max_files, max_mb
@@ -126,8 +132,10 @@ class ModelUploads:
     def save(self, data: bytes) -> Path:
         """Store one uploaded model file and return its path; refuses one larger than ``max_mb``."""
         if len(data) > self.max_mb * 2**20:
-            raise WbcError(f"the model file is larger than {self.max_mb} MB: use a smaller model, or start the app "
-                           "with --model on the server")
+            raise WbcError(
+                f"the model file is larger than {self.max_mb} MB: use a smaller model, or start the app "
+                "with --model on the server"
+            )
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.safetensors"
         with self._lock:
             if path.exists():
@@ -219,8 +227,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="the model selected at start")
     parser.add_argument("--models-dir", type=Path, default=None, help="a server folder whose model files are offered")
     parser.add_argument("--influence-index", type=Path, default=None, help="`wbc trust influence`'s index file")
-    parser.add_argument("--allow-server-paths", action="store_true",
-                        help="let visitors type server folders and index paths (only for a trusted network)")
+    parser.add_argument(
+        "--allow-server-paths",
+        action="store_true",
+        help="let visitors type server folders and index paths (only for a trusted network)",
+    )
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
@@ -243,8 +254,11 @@ def choose_model(args: argparse.Namespace) -> Path:
         picked = st.sidebar.selectbox("Model file", files, format_func=lambda p: str(p.relative_to(folder)))
         return Path(picked)
     if choice == UPLOAD_CHOICE:
-        upload = st.sidebar.file_uploader("Model file (.safetensors from `wbc train`)", type=["safetensors"],
-                                          max_upload_size=config.APP_MAX_MODEL_UPLOAD_MB)
+        upload = st.sidebar.file_uploader(
+            "Model file (.safetensors from `wbc train`)",
+            type=["safetensors"],
+            max_upload_size=config.APP_MAX_MODEL_UPLOAD_MB,
+        )
         if upload is None:
             return default
         try:
@@ -264,8 +278,11 @@ def choose_index(args: argparse.Namespace, model_path: str) -> str | None:
         text = str(args.influence_index)
     else:
         st.sidebar.header("Training images", anchor=False)
-        text = st.sidebar.text_input("Influence index (optional)", str(args.influence_index or ""),
-                                     help="influence_index.safetensors from `wbc trust influence --model <this model>`")
+        text = st.sidebar.text_input(
+            "Influence index (optional)",
+            str(args.influence_index or ""),
+            help="influence_index.safetensors from `wbc trust influence --model <this model>`",
+        )
     if not text.strip():
         return None
     try:
@@ -284,8 +301,10 @@ def show_model(model: LoadedModel) -> None:
     if accuracy is not None:
         st.sidebar.markdown(f"validation accuracy: **{accuracy:.2%}**")
     if model.predictor.calibration is None:
-        st.sidebar.warning("This model file has no calibration: confidences are raw, and there are no prediction "
-                           "sets and no out-of-distribution check. Add them with `wbc calibrate`.")
+        st.sidebar.warning(
+            "This model file has no calibration: confidences are raw, and there are no prediction "
+            "sets and no out-of-distribution check. Add them with `wbc calibrate`."
+        )
     if meta.get("credit"):
         st.sidebar.caption(meta["credit"])
 
@@ -293,13 +312,17 @@ def show_model(model: LoadedModel) -> None:
 def trust_warnings(prediction: Prediction) -> list[str]:
     """Plain-words warnings for a flagged answer (the flags come from the model's calibration)."""
     if prediction.flag == FLAG_NEW_LAB:
-        return ["This looks like a white cell photographed in another lab (other stain, microscope or camera) than "
-                "the images the model learned from: its answer and confidence are not reliable there. Adapt the model "
-                "to that lab with `wbc adapt` (README, \"Another lab's cells\")."]
+        return [
+            "This looks like a white cell photographed in another lab (other stain, microscope or camera) than "
+            "the images the model learned from: its answer and confidence are not reliable there. Adapt the model "
+            'to that lab with `wbc adapt` (README, "Another lab\'s cells").'
+        ]
     if prediction.flag in (FLAG_OOD, FLAG_NOT_WBC):
-        return ["This image does not look like the white-cell images the model learned from "
-                f"(out-of-distribution score {prediction.ood_score:.1f}). The answer may mean nothing: check that the "
-                "picture shows one stained white blood cell, photographed like the training images."]
+        return [
+            "This image does not look like the white-cell images the model learned from "
+            f"(out-of-distribution score {prediction.ood_score:.1f}). The answer may mean nothing: check that the "
+            "picture shows one stained white blood cell, photographed like the training images."
+        ]
     if prediction.flag == FLAG_UNCERTAIN:
         members = prediction.prediction_set or []
         if len(members) > 1:
@@ -315,8 +338,10 @@ def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
         st.subheader(display_name(item.name), anchor=False)
         if prediction.prediction is None:
             reason = prediction.flag.removeprefix("unreadable: ")
-            st.error(f"This file could not be read as an image: {reason}. "
-                     "Upload a JPG, PNG, BMP or TIFF picture of one stained white blood cell.")
+            st.error(
+                f"This file could not be read as an image: {reason}. "
+                "Upload a JPG, PNG, BMP or TIFF picture of one stained white blood cell."
+            )
             return
         original, heatmap, answer = st.columns([1, 1, 1.3])
         original.image(item.original, caption="uploaded image", width="stretch")
@@ -328,15 +353,19 @@ def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
             if prediction.prediction_set is not None:
                 members = ", ".join(prediction.prediction_set) or "no class"
                 st.markdown(f"Prediction set: **{members}**", help=PREDICTION_SET_HELP)
-            chart = pd.DataFrame({"class": list(classes), "probability": [prediction.probabilities[c] for c in classes]})
+            chart = pd.DataFrame(
+                {"class": list(classes), "probability": [prediction.probabilities[c] for c in classes]}
+            )
             st.bar_chart(chart, x="class", y="probability", horizontal=True, height=190, sort=False)
         for warning in trust_warnings(prediction):
             st.warning(warning)
         if item.supporting:
             st.markdown("Training images that most support this answer (influence):")
             for column, image in zip(st.columns(len(item.supporting)), item.supporting):
-                column.image(np.asarray(read_image(Path(image["path"]), config.APP_DISPLAY_PX // 2)),
-                             caption=f"{image['label']} · {Path(image['path']).name}")
+                column.image(
+                    np.asarray(read_image(Path(image["path"]), config.APP_DISPLAY_PX // 2)),
+                    caption=f"{image['label']} · {Path(image['path']).name}",
+                )
 
 
 def main() -> None:
@@ -344,8 +373,10 @@ def main() -> None:
     st.set_page_config(page_title="wbc-trust", page_icon="🔬", layout="wide")
     args = _arguments()
     st.title("wbc-trust: white blood cell classifier")
-    st.caption("Upload microscope images of single stained white blood cells. For each one you get the class, how far "
-               "to trust it, and where the model looked. For research, not for diagnosis.")
+    st.caption(
+        "Upload microscope images of single stained white blood cells. For each one you get the class, how far "
+        "to trust it, and where the model looked. For research, not for diagnosis."
+    )
     model_path = choose_model(args)
     try:
         model = load(str(model_path))
@@ -355,8 +386,12 @@ def main() -> None:
         st.stop()
     show_model(model)
     index_path = choose_index(args, str(model_path))
-    uploads = st.file_uploader("Cell images (JPG, PNG, BMP, TIFF)", type=list(UPLOAD_TYPES), accept_multiple_files=True,
-                               max_upload_size=config.APP_MAX_UPLOAD_MB)
+    uploads = st.file_uploader(
+        "Cell images (JPG, PNG, BMP, TIFF)",
+        type=list(UPLOAD_TYPES),
+        accept_multiple_files=True,
+        max_upload_size=config.APP_MAX_UPLOAD_MB,
+    )
     if not uploads:
         st.info("Drop one or many cell images above.")
         return
@@ -373,8 +408,9 @@ def main() -> None:
     st.header("Batch summary", anchor=False)
     table = summary_table(analyses, classes)
     st.dataframe(table, hide_index=True)
-    st.download_button("Download CSV", table.to_csv(index=False), file_name="wbc_predictions.csv", mime="text/csv",
-                       on_click="ignore")
+    st.download_button(
+        "Download CSV", table.to_csv(index=False), file_name="wbc_predictions.csv", mime="text/csv", on_click="ignore"
+    )
     for item in analyses:
         show_analysis(item, classes)
 

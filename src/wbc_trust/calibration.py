@@ -82,17 +82,28 @@ class Calibration:
     lab: LabShift | None = None  # the lab statistic (lab.py): the shipped default and `wbc adapt`'s models carry it
 
     @classmethod
-    def fit(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-            coverage: float = config.CONFORMAL_COVERAGE, fitted_on: str = "",
-            ood_method: str = config.OOD_METHOD) -> Calibration:
+    def fit(
+        cls,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        coverage: float = config.CONFORMAL_COVERAGE,
+        fitted_on: str = "",
+        ood_method: str = config.OOD_METHOD,
+    ) -> Calibration:
         """Fit all three on the same held-out white cells of known class (``ood_method``: a name in
         ``ood.OOD_SCORES``)."""
         temperature = fit_temperature(logits, labels)
         conformal = MondrianConformal.fit(torch.softmax(logits / temperature, 1), labels, coverage)
         return cls(temperature, conformal, ood_score_class(ood_method).fit(logits, features, labels), fitted_on)
 
-    def apply(self, logits: torch.Tensor, features: torch.Tensor, coverage: float | None = None,
-              images: torch.Tensor | None = None) -> Trusted:
+    def apply(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        coverage: float | None = None,
+        images: torch.Tensor | None = None,
+    ) -> Trusted:
         """Temperature-scaled probabilities, prediction sets at ``coverage`` (default: the fitted one), OOD scores,
         and the flag of each image: another lab's colours first (with a lab statistic and the ``images``), then out of
         distribution (named "not a white cell" where the lab statistic vouches for the lab), else uncertain when the
@@ -102,17 +113,29 @@ class Calibration:
         scores = self.ood.score(logits, features)
         knows_lab = self.lab is not None and images is not None
         new_lab = self.lab.flagged(images).tolist() if knows_lab else [False] * len(scores)
-        flags = [FLAG_NEW_LAB if lab else (FLAG_NOT_WBC if knows_lab else FLAG_OOD) if s > self.ood.threshold
-                 else FLAG_UNCERTAIN if int(n) != 1 else ""
-                 for s, n, lab in zip(scores.tolist(), sets.sum(1), new_lab)]
+        flags = [
+            FLAG_NEW_LAB
+            if lab
+            else (FLAG_NOT_WBC if knows_lab else FLAG_OOD)
+            if s > self.ood.threshold
+            else FLAG_UNCERTAIN
+            if int(n) != 1
+            else ""
+            for s, n, lab in zip(scores.tolist(), sets.sum(1), new_lab)
+        ]
         return Trusted(probs, sets, scores, flags)
 
     def metadata(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """``meta["calibration"]`` and the tensors stored beside the weights."""
         conformal_meta, conformal_tensors = self.conformal.metadata()
         ood_meta, ood_tensors = self.ood.metadata()
-        meta = {"temperature": self.temperature, "fitted_on": self.fitted_on, "conformal": conformal_meta,
-                "ood": ood_meta, **({"lab": self.lab.metadata()} if self.lab is not None else {})}
+        meta = {
+            "temperature": self.temperature,
+            "fitted_on": self.fitted_on,
+            "conformal": conformal_meta,
+            "ood": ood_meta,
+            **({"lab": self.lab.metadata()} if self.lab is not None else {}),
+        }
         return meta, {**conformal_tensors, **ood_tensors}
 
     @staticmethod
@@ -126,18 +149,31 @@ class Calibration:
         stored = meta.get("calibration")
         if not stored or "conformal" not in stored or "ood" not in stored:
             return None
-        return cls(float(stored["temperature"]), conformal_from_metadata(stored["conformal"], tensors),
-                   from_stored(stored["ood"], tensors), stored.get("fitted_on", ""),
-                   LabShift.from_metadata(stored["lab"]) if "lab" in stored else None)
+        return cls(
+            float(stored["temperature"]),
+            conformal_from_metadata(stored["conformal"], tensors),
+            from_stored(stored["ood"], tensors),
+            stored.get("fitted_on", ""),
+            LabShift.from_metadata(stored["lab"]) if "lab" in stored else None,
+        )
 
 
-def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded: LoadedImages, fitted_on: str,
-                     coverage: float = config.CONFORMAL_COVERAGE, ood_method: str = config.OOD_METHOD) -> dict:
+def calibrate_loaded(
+    model_path: Path,
+    model: WbcClassifier,
+    meta: dict,
+    loaded: LoadedImages,
+    fitted_on: str,
+    coverage: float = config.CONFORMAL_COVERAGE,
+    ood_method: str = config.OOD_METHOD,
+) -> dict:
     """Fit on decoded held-out images and write the calibration into the model file (atomically, in place).
     Returns ``meta["calibration"]`` with the validation ECE before and after temperature scaling."""
     if len(loaded.records) < 2 or len({r.label for r in loaded.records}) < 2:
-        raise WbcError(f"calibration needs held-out images of at least two classes; {fitted_on} has "
-                       f"{len(loaded.records)}: pass --data with more labelled images")
+        raise WbcError(
+            f"calibration needs held-out images of at least two classes; {fitted_on} has "
+            f"{len(loaded.records)}: pass --data with more labelled images"
+        )
     labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
     logits, features = logits_and_features(model, loaded.images, progress=True)
     calibration = Calibration.fit(logits, features, labels, coverage, fitted_on, ood_method)
@@ -150,8 +186,9 @@ def calibrate_loaded(model_path: Path, model: WbcClassifier, meta: dict, loaded:
     return stored
 
 
-def calibrate(model_path: Path, data: Path, coverage: float = config.CONFORMAL_COVERAGE,
-              ood_method: str = config.OOD_METHOD) -> dict:
+def calibrate(
+    model_path: Path, data: Path, coverage: float = config.CONFORMAL_COVERAGE, ood_method: str = config.OOD_METHOD
+) -> dict:
     """``wbc calibrate``: fit on the model's validation split (or on ``data``) and store it in the model file."""
     check_coverage(coverage)
     ood_score_class(ood_method)  # an unknown name fails before any image is read

@@ -18,14 +18,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from wbc_trust import config
-from wbc_trust.console import make_console, print_table
 from wbc_trust.cli_options import ModelOption
+from wbc_trust.console import make_console, print_table
 from wbc_trust.errors import WbcError
 from wbc_trust.recipe import TrainConfig, shipped_recipes
 from wbc_trust.trust.cli import trust_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Classify white blood cells and tell how far to trust each answer.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Classify white blood cells and tell how far to trust each answer.",
+)
 app.add_typer(trust_app, name="trust")
 console = make_console()  # not a terminal: lines and table rows are written whole
 
@@ -51,35 +55,73 @@ def _log_to_stdout() -> None:
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Option(help="image folder: class folders, Kaggle Train/Test-A/Test-B, or "
-                                                      "PBC (required unless the --config file names it)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run folder for model.safetensors, history, curves, split, "
-                                                     "args.yaml")] = None,
-    recipe: Annotated[Optional[str], typer.Option("--config", help="recipe: a YAML file of these settings (e.g. a "
-                                                  f"run's args.yaml) or a shipped one: {', '.join(shipped_recipes())}"
-                                                  "; options given here override it")] = None,
-    arch: Annotated[str, typer.Option(help="architecture; `--arch list` lists the registered ones (models.REGISTRY: "
-                                           "reading it imports torch, so --help does not)")] = _TRAIN["arch"],
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="image folder: class folders, Kaggle Train/Test-A/Test-B, or "
+            "PBC (required unless the --config file names it)"
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="run folder for model.safetensors, history, curves, split, args.yaml")
+    ] = None,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(
+            "--config",
+            help="recipe: a YAML file of these settings (e.g. a "
+            f"run's args.yaml) or a shipped one: {', '.join(shipped_recipes())}"
+            "; options given here override it",
+        ),
+    ] = None,
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="architecture; `--arch list` lists the registered ones (models.REGISTRY: "
+            "reading it imports torch, so --help does not)"
+        ),
+    ] = _TRAIN["arch"],
     epochs: int = _TRAIN["epochs"],
-    batch_size: Annotated[int, typer.Option(help="one step's batch (under torchrun shared among the processes)")]
-    = _TRAIN["batch_size"],
+    batch_size: Annotated[
+        int, typer.Option(help="one step's batch (under torchrun shared among the processes)")
+    ] = _TRAIN["batch_size"],
     lr: float = _TRAIN["lr"],
     img_size: Annotated[Optional[int], typer.Option(help="input size in pixels; default per architecture")] = None,
     seed: int = _TRAIN["seed"],
-    pretrained: Annotated[Optional[str], typer.Option(help="imagenet | PATH to a weights file | none; default: "
-                                                           + _per_arch(config.DEFAULT_PRETRAINED, "none"))] = None,
-    freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")]
-    = _TRAIN["freeze_backbone"],
-    frozen_stages: Annotated[Optional[int], typer.Option(help="keep the first N backbone stages at their pretrained "
-                                                               "weights; default with pretrained weights: "
-                                                               + _per_arch(config.DEFAULT_FROZEN_STAGES, 0))] = None,
+    pretrained: Annotated[
+        Optional[str],
+        typer.Option(
+            help="imagenet | PATH to a weights file | none; default: " + _per_arch(config.DEFAULT_PRETRAINED, "none")
+        ),
+    ] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="train only the classifier head (the seed's recipe)")] = _TRAIN[
+        "freeze_backbone"
+    ],
+    frozen_stages: Annotated[
+        Optional[int],
+        typer.Option(
+            help="keep the first N backbone stages at their pretrained "
+            "weights; default with pretrained weights: " + _per_arch(config.DEFAULT_FROZEN_STAGES, 0)
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT/checkpoint.pt")] = False,
-    max_images: Annotated[Optional[int], typer.Option(help="use at most this many images per split (quick runs)")] = None,
-    test_views: Annotated[str, typer.Option(help="comma-separated flips whose logits predictions average: "
-                                                 "identity, hflip, vflip (identity alone = no test-time flips)")]
-    = ",".join(_TRAIN["test_views"]),
-    augment: Annotated[str, typer.Option(help="seed (the seed's augmentation) | cross-lab (zoom to 3x, blur, colour "
-                                              "jitter: for images from other labs)")] = _TRAIN["augment"],
+    max_images: Annotated[
+        Optional[int], typer.Option(help="use at most this many images per split (quick runs)")
+    ] = None,
+    test_views: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated flips whose logits predictions average: "
+            "identity, hflip, vflip (identity alone = no test-time flips)"
+        ),
+    ] = ",".join(_TRAIN["test_views"]),
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="seed (the seed's augmentation) | cross-lab (zoom to 3x, blur, colour "
+            "jitter: for images from other labs)"
+        ),
+    ] = _TRAIN["augment"],
     device: Annotated[str, typer.Option(help="auto (CUDA when there is a GPU) | cpu | cuda")] = _TRAIN["device"],
 ) -> None:
     """Train a model; the best-on-validation weights go to OUT/model.safetensors.
@@ -95,11 +137,24 @@ def train(
     from wbc_trust.recipe import make_config
     from wbc_trust.train import train as run_training
 
-    values = {"data": data, "out": out, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "img_size": img_size, "seed": seed, "pretrained": pretrained, "freeze_backbone": freeze_backbone,
-              "frozen_stages": frozen_stages, "resume": resume, "max_images": max_images,
-              "test_views": tuple(v.strip() for v in test_views.split(",") if v.strip()), "augment": augment,
-              "device": device}
+    values = {
+        "data": data,
+        "out": out,
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "img_size": img_size,
+        "seed": seed,
+        "pretrained": pretrained,
+        "freeze_backbone": freeze_backbone,
+        "frozen_stages": frozen_stages,
+        "resume": resume,
+        "max_images": max_images,
+        "test_views": tuple(v.strip() for v in test_views.split(",") if v.strip()),
+        "augment": augment,
+        "device": device,
+    }
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
     _log_to_stdout()
     cfg = make_config(recipe, **given)
@@ -124,8 +179,10 @@ def evaluate(
 
 def print_metrics(metrics: dict) -> None:
     """Per-class table, confusion matrix and headline numbers, as a person would want to read them."""
-    table = Table(title=f"accuracy {metrics['accuracy']:.2%} · macro-F1 {metrics['macro_f1']:.2%} · "
-                        f"{metrics['n_images']} images, {metrics.get('n_unreadable', 0)} unreadable")
+    table = Table(
+        title=f"accuracy {metrics['accuracy']:.2%} · macro-F1 {metrics['macro_f1']:.2%} · "
+        f"{metrics['n_images']} images, {metrics.get('n_unreadable', 0)} unreadable"
+    )
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="right")
     for name, row in metrics["per_class"].items():
@@ -146,14 +203,25 @@ def predict(
     model: ModelOption = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="write one row per file to this CSV")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    coverage: Annotated[Optional[float], typer.Option(help="coverage of the prediction sets; default: the one the "
-                                                           "model was calibrated for (e.g. 0.99)")] = None,
-    backend: Annotated[str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model "
-                                              "file and cached)")] = "torch",
-    ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray Data: 'local' starts a Ray cluster on this "
-                                               "machine, an ADDRESS (host:port) joins one whose nodes see the same "
-                                               "files; needs pip install 'wbc-trust\\[ray]'")] = None,
-    ray_actors: Annotated[int, typer.Option(help="with --ray: actors that each load the model once")] = config.RAY_ACTORS,
+    coverage: Annotated[
+        Optional[float],
+        typer.Option(help="coverage of the prediction sets; default: the one the model was calibrated for (e.g. 0.99)"),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model file and cached)")
+    ] = "torch",
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            help="run on Ray Data: 'local' starts a Ray cluster on this "
+            "machine, an ADDRESS (host:port) joins one whose nodes see the same "
+            "files; needs pip install 'wbc-trust\\[ray]'",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int, typer.Option(help="with --ray: actors that each load the model once")
+    ] = config.RAY_ACTORS,
 ) -> None:
     """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
     from wbc_trust.data import find_unlabelled
@@ -178,8 +246,14 @@ def predict(
         for column in ("file", "class", "confidence", *[c[:4] for c in predictor.classes], "flag"):
             table.add_column(column, overflow="fold")
         for r in results:
-            probs = [f"{r.probabilities[c]:.3f}" for c in predictor.classes] if r.probabilities else [""] * len(predictor.classes)
-            table.add_row(Path(r.path).name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "", *probs, r.flag)
+            probs = (
+                [f"{r.probabilities[c]:.3f}" for c in predictor.classes]
+                if r.probabilities
+                else [""] * len(predictor.classes)
+            )
+            table.add_row(
+                Path(r.path).name, r.prediction or "—", f"{r.confidence:.1%}" if r.confidence else "", *probs, r.flag
+            )
         print_table(table, console)
     if csv:
         console.print(f"wrote {len(results)} rows to {csv}")
@@ -190,28 +264,44 @@ def predict(
 @app.command()
 def calibrate(
     model: Annotated[Path, typer.Argument(help="model file (.safetensors) to calibrate; rewritten in place")],
-    data: Annotated[Path, typer.Option(help="the model's training folder (its validation split is used) or another "
-                                            "folder of labelled held-out images")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="the model's training folder (its validation split is used) or another "
+            "folder of labelled held-out images"
+        ),
+    ],
     coverage: Annotated[float, typer.Option(help="coverage of the prediction sets")] = config.CONFORMAL_COVERAGE,
 ) -> None:
     """Fit temperature scaling, conformal prediction sets and the out-of-distribution threshold; store them in MODEL."""
     from wbc_trust.calibration import calibrate as run_calibrate
 
     stored = run_calibrate(model, data, coverage)
-    console.print(f"temperature {stored['temperature']:.3f} (validation ECE {stored['ece_before']:.2%} → "
-                  f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.1%} class-conditional "
-                  f"{stored['conformal']['score'].upper()} sets, OOD threshold {stored['ood']['threshold']:.1f}; "
-                  f"fitted on the {stored['fitted_on']} ({stored['n_images']} images) → {model}")
+    console.print(
+        f"temperature {stored['temperature']:.3f} (validation ECE {stored['ece_before']:.2%} → "
+        f"{stored['ece_after']:.2%}), {stored['conformal']['coverage']:.1%} class-conditional "
+        f"{stored['conformal']['score'].upper()} sets, OOD threshold {stored['ood']['threshold']:.1f}; "
+        f"fitted on the {stored['fitted_on']} ({stored['n_images']} images) → {model}"
+    )
 
 
 @app.command()
 def adapt(
     out: Annotated[Path, typer.Option(help="run folder for the adapted model.safetensors")],
-    data: Annotated[Optional[Path], typer.Option(help="the lab's labelled cells: class folders (any layout `wbc "
-                                                      "train` reads); 5-20 cells per class are enough")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="the lab's labelled cells: class folders (any layout `wbc "
+            "train` reads); 5-20 cells per class are enough"
+        ),
+    ] = None,
     model: ModelOption = None,
-    unlabelled: Annotated[Optional[Path], typer.Option(help="the lab's unlabelled images: batch-norm statistics are "
-                                                            "re-estimated on them (with or without --data)")] = None,
+    unlabelled: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="the lab's unlabelled images: batch-norm statistics are re-estimated on them (with or without --data)"
+        ),
+    ] = None,
     coverage: Annotated[float, typer.Option(help="coverage of the lab's prediction sets")] = config.ADAPT_COVERAGE,
 ) -> None:
     """Adapt a model to another lab's images from a few of its labelled cells, and recalibrate it on that lab."""
@@ -220,8 +310,11 @@ def adapt(
     _log_to_stdout()
     done = run_adapt(out, data=data, model_path=model, unlabelled=unlabelled, coverage=coverage)
     cells = ", ".join(f"{c} {n}" for c, n in done.get("cells_per_class", {}).items())
-    console.print(f"[bold green]done[/] in {done['seconds']:.0f} s" + (f" ({cells} cells)" if cells else "")
-                  + f": {Path(out) / 'model.safetensors'}; predict with --model {Path(out) / 'model.safetensors'}")
+    console.print(
+        f"[bold green]done[/] in {done['seconds']:.0f} s"
+        + (f" ({cells} cells)" if cells else "")
+        + f": {Path(out) / 'model.safetensors'}; predict with --model {Path(out) / 'model.safetensors'}"
+    )
 
 
 @app.command()
@@ -261,10 +354,14 @@ def serve_app(
     port: int = config.APP_PORT,
     address: Annotated[str, typer.Option(help="network address to listen on; 0.0.0.0 = every interface")] = "localhost",
     models_dir: Annotated[Optional[Path], typer.Option(help="folder the app lists model files from")] = None,
-    influence_index: Annotated[Optional[Path], typer.Option(help="`wbc trust influence`'s index for this model: shows "
-                                                                 "the training images behind each answer")] = None,
-    allow_server_paths: Annotated[bool, typer.Option(help="let visitors type server folders and index paths into the "
-                                                          "page (only on a trusted network)")] = False,
+    influence_index: Annotated[
+        Optional[Path],
+        typer.Option(help="`wbc trust influence`'s index for this model: shows the training images behind each answer"),
+    ] = None,
+    allow_server_paths: Annotated[
+        bool,
+        typer.Option(help="let visitors type server folders and index paths into the page (only on a trusted network)"),
+    ] = False,
 ) -> None:
     """Open the web app: upload cell images, see class, trust and Grad-CAM; stop with Ctrl+C."""
     from wbc_trust.serve import launch
@@ -294,8 +391,10 @@ def count(
     from wbc_trust.count import run_count
 
     summary = run_count(paths, out, model)
-    table = Table(title=f"{summary.n_cells} white cells in {summary.n_images} image(s), {summary.n_flagged} flagged "
-                        f"(counted apart), {summary.n_unreadable} unreadable image(s)")
+    table = Table(
+        title=f"{summary.n_cells} white cells in {summary.n_images} image(s), {summary.n_flagged} flagged "
+        f"(counted apart), {summary.n_unreadable} unreadable image(s)"
+    )
     for column in ("class", "count", "%", "95 % interval"):
         table.add_column(column)
     for r in summary.differential:

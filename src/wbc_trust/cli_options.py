@@ -7,8 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="model file (.safetensors); default: the "
-                                                                           "shipped model")]
+ModelOption = Annotated[
+    Optional[Path], typer.Option("--model", "-m", help="model file (.safetensors); default: the shipped model")
+]
 #: For commands that compare models side by side (``wbc trust robustness``).
-ModelsOption = Annotated[Optional[list[Path]], typer.Option(
-    "--model", "-m", help="model file; repeat to compare several; default: the shipped model")]
+ModelsOption = Annotated[
+    Optional[list[Path]],
+    typer.Option("--model", "-m", help="model file; repeat to compare several; default: the shipped model"),
+]

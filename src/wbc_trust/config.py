@@ -8,9 +8,7 @@ from pathlib import Path
 CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
 #: Image file endings the data layer looks at (case-insensitive).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 
 #: Decompression-bomb guard: images with more pixels than this are refused with a clear reason.
 MAX_IMAGE_PIXELS: int = 64_000_000

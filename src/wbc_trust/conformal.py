@@ -53,7 +53,9 @@ class SplitConformal:
         return "marginal LAC"
 
     @classmethod
-    def fit(cls, probs: torch.Tensor, labels: torch.Tensor, coverage: float = config.CONFORMAL_COVERAGE) -> SplitConformal:
+    def fit(
+        cls, probs: torch.Tensor, labels: torch.Tensor, coverage: float = config.CONFORMAL_COVERAGE
+    ) -> SplitConformal:
         """Scores of calibrated probabilities ``probs`` (N×C) on images with known ``labels``."""
         scores = 1.0 - probs[torch.arange(len(labels)), labels]
         return cls(scores.float().sort().values, check_coverage(coverage))
@@ -69,8 +71,10 @@ class SplitConformal:
 
     def metadata(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON part (method, coverage, qhat, n) and tensor part (the scores) for the model file."""
-        return ({"method": METHOD, "coverage": self.coverage, "qhat": self.qhat(), "n": len(self.scores)},
-                {"conformal.scores": self.scores})
+        return (
+            {"method": METHOD, "coverage": self.coverage, "qhat": self.qhat(), "n": len(self.scores)},
+            {"conformal.scores": self.scores},
+        )
 
     @classmethod
     def from_metadata(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> SplitConformal:
@@ -102,8 +106,7 @@ def raps_scores(probs: torch.Tensor, lam: float = config.RAPS_LAMBDA, k_reg: int
 
 
 #: Nonconformity scores by name (higher = the class fits the image worse); the model file stores the name.
-SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lac": lac_scores, "aps": aps_scores,
-                                                             "raps": raps_scores}
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lac": lac_scores, "aps": aps_scores, "raps": raps_scores}
 
 
 @dataclass
@@ -134,8 +137,14 @@ class MondrianConformal:
         return f"class-conditional {self.score.upper()}"
 
     @classmethod
-    def fit(cls, probs: torch.Tensor, labels: torch.Tensor, coverage: float = config.CONFORMAL_COVERAGE,
-            score: str = config.CONFORMAL_SCORE, floor: float = config.CONFORMAL_FLOOR) -> MondrianConformal:
+    def fit(
+        cls,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        coverage: float = config.CONFORMAL_COVERAGE,
+        score: str = config.CONFORMAL_SCORE,
+        floor: float = config.CONFORMAL_FLOOR,
+    ) -> MondrianConformal:
         """Scores of the true class of calibrated probabilities ``probs`` (N×C) on images with known ``labels``."""
         if score not in SCORES:
             raise WbcError(f"unknown conformal score {score!r}: choose one of {', '.join(SCORES)}")
@@ -144,9 +153,13 @@ class MondrianConformal:
         fitted = cls(torch.cat(grouped), [len(g) for g in grouped], score, check_coverage(coverage), floor)
         short = [k for k, n in enumerate(fitted.counts) if _rank(n, coverage) > n]
         if short:
-            logger.warning("class indices %s have too few calibration images for %.1f %% coverage (each class needs "
-                           "at least %d): they are in every prediction set", short, 100 * coverage,
-                           math.ceil(coverage / (1 - coverage)))
+            logger.warning(
+                "class indices %s have too few calibration images for %.1f %% coverage (each class needs "
+                "at least %d): they are in every prediction set",
+                short,
+                100 * coverage,
+                math.ceil(coverage / (1 - coverage)),
+            )
         return fitted
 
     def qhats(self, coverage: float | None = None) -> torch.Tensor:
@@ -169,14 +182,29 @@ class MondrianConformal:
     def metadata(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON part (method, score, coverage, per-class quantiles and counts) and the scores tensor."""
         qhats = [None if math.isinf(q) else q for q in self.qhats().tolist()]
-        return ({"method": MONDRIAN, "score": self.score, "coverage": self.coverage, "floor": self.floor,
-                 "qhat": qhats, "counts": self.counts, "n": sum(self.counts)}, {"conformal.scores": self.scores})
+        return (
+            {
+                "method": MONDRIAN,
+                "score": self.score,
+                "coverage": self.coverage,
+                "floor": self.floor,
+                "qhat": qhats,
+                "counts": self.counts,
+                "n": sum(self.counts),
+            },
+            {"conformal.scores": self.scores},
+        )
 
     @classmethod
     def from_metadata(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> MondrianConformal:
         """Inverse of ``metadata``."""
-        return cls(tensors["conformal.scores"].float(), [int(n) for n in meta["counts"]], meta["score"],
-                   float(meta["coverage"]), float(meta["floor"]))
+        return cls(
+            tensors["conformal.scores"].float(),
+            [int(n) for n in meta["counts"]],
+            meta["score"],
+            float(meta["coverage"]),
+            float(meta["floor"]),
+        )
 
 
 def _rank(n: int, coverage: float) -> int:

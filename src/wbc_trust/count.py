@@ -47,8 +47,13 @@ from wbc_trust.io import atomic_write_text, write_json
 log = logging.getLogger(__name__)
 
 #: Box colours per class (annotated pictures, report); flagged cells are drawn dashed in their class colour.
-CLASS_COLOURS: dict[str, str] = {"basophil": "#6a3d9a", "eosinophil": "#e31a1c", "lymphocyte": "#1f78b4",
-                                 "monocyte": "#33a02c", "neutrophil": "#ff7f00"}
+CLASS_COLOURS: dict[str, str] = {
+    "basophil": "#6a3d9a",
+    "eosinophil": "#e31a1c",
+    "lymphocyte": "#1f78b4",
+    "monocyte": "#33a02c",
+    "neutrophil": "#ff7f00",
+}
 FLAG_EDGE = "cut by the image edge"
 
 
@@ -65,8 +70,9 @@ class CountSummary:
     seconds: float
 
 
-def crop_cell(image: Image.Image, box: Sequence[float], share: float = config.COUNT_CELL_SHARE,
-              size: int | None = None) -> Image.Image:
+def crop_cell(
+    image: Image.Image, box: Sequence[float], share: float = config.COUNT_CELL_SHARE, size: int | None = None
+) -> Image.Image:
     """A square window centred on the cell, ``max(box width, height) / share`` pixels wide, so that the cell covers the
     same share of the frame as in the PBC crops the model was trained on (``share``); where the window leaves the
     image it is filled with the image's median colour (the smear's background, not black), then resized to ``size``."""
@@ -104,11 +110,25 @@ def differential(classes: Sequence[str], predictions: Sequence[str], n_flagged: 
     for c in classes:
         k = counts.get(c, 0)
         low, high = proportion_confint(k, n, alpha=0.05, method="wilson") if n else (float("nan"), float("nan"))
-        rows.append({"class": c, "count": k, "percent": 100 * k / n if n else float("nan"),
-                     "ci_low": 100 * low, "ci_high": 100 * high})
+        rows.append(
+            {
+                "class": c,
+                "count": k,
+                "percent": 100 * k / n if n else float("nan"),
+                "ci_low": 100 * low,
+                "ci_high": 100 * high,
+            }
+        )
     total = n + n_flagged
-    rows.append({"class": "flagged (not counted)", "count": n_flagged,
-                 "percent": 100 * n_flagged / total if total else float("nan"), "ci_low": None, "ci_high": None})
+    rows.append(
+        {
+            "class": "flagged (not counted)",
+            "count": n_flagged,
+            "percent": 100 * n_flagged / total if total else float("nan"),
+            "ci_low": None,
+            "ci_high": None,
+        }
+    )
     return rows
 
 
@@ -138,7 +158,11 @@ class _CsvStream:
 def _draw(image: Image.Image, cells: Sequence[Cell], rows: Sequence[dict]) -> Image.Image:
     """The image (at most COUNT_ANNOTATED_PX wide) with one box per cell, coloured by class, flagged ones dashed."""
     scale = min(1.0, config.COUNT_ANNOTATED_PX / max(image.size))
-    picture = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale)))) if scale < 1 else image.copy()
+    picture = (
+        image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        if scale < 1
+        else image.copy()
+    )
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 250))
     for cell, row in zip(cells, rows):
@@ -157,8 +181,14 @@ def _draw(image: Image.Image, cells: Sequence[Cell], rows: Sequence[dict]) -> Im
     return picture
 
 
-def run_count(paths: Sequence[str | Path], out: Path, model_path: Path | None = None, progress: bool = True,
-              finder: CellFinder | None = None, predictor=None) -> CountSummary:
+def run_count(
+    paths: Sequence[str | Path],
+    out: Path,
+    model_path: Path | None = None,
+    progress: bool = True,
+    finder: CellFinder | None = None,
+    predictor=None,
+) -> CountSummary:
     """Find, classify and count the white cells of every image in ``paths`` (files or folders) into ``out``."""
     from wbc_trust.predict import Predictor  # the model loads only when a count runs
 
@@ -169,8 +199,20 @@ def run_count(paths: Sequence[str | Path], out: Path, model_path: Path | None = 
     finder = finder or CellFinder()
     predictor = predictor or Predictor(model_path)
     classes = list(predictor.classes)
-    cell_columns = ["image", "cell", "x0", "y0", "x1", "y1", "prediction", "confidence",
-                    *[f"p_{c}" for c in classes], "flag", "prediction_set", "ood_score"]
+    cell_columns = [
+        "image",
+        "cell",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "prediction",
+        "confidence",
+        *[f"p_{c}" for c in classes],
+        "flag",
+        "prediction_set",
+        "ood_score",
+    ]
     cells_csv = _CsvStream(out / "cells.csv", cell_columns)
     images_csv = _CsvStream(out / "images.csv", ["image", "n_cells", "flag"])
     counted: list[str] = []
@@ -192,8 +234,10 @@ def run_count(paths: Sequence[str | Path], out: Path, model_path: Path | None = 
             if not cells:
                 image_flag = "no white cell found"
             elif len(cells) > config.COUNT_MAX_CELLS:
-                image_flag = (f"{len(cells)} white cells found: only the {config.COUNT_MAX_CELLS} most confident are "
-                              "classified (is this a white-cell concentrate or a very large scan? tile it)")
+                image_flag = (
+                    f"{len(cells)} white cells found: only the {config.COUNT_MAX_CELLS} most confident are "
+                    "classified (is this a white-cell concentrate or a very large scan? tile it)"
+                )
                 cells = cells[: config.COUNT_MAX_CELLS]
             cells = sorted(cells, key=lambda c: (c.box[1], c.box[0]))  # reading order: top to bottom, left to right
             rows = []
@@ -202,8 +246,12 @@ def run_count(paths: Sequence[str | Path], out: Path, model_path: Path | None = 
                 answer = predictor.predict_bytes(_lossless_bytes(crop), f"{name}#{number}")
                 edge = _touches_edge(cell.box, image.size)
                 flag = "; ".join(f for f in (answer.flag, FLAG_EDGE if edge else "") if f)
-                row = {"image": str(path), "cell": number, **{k: f"{v:.1f}" for k, v in zip(("x0", "y0", "x1", "y1"), cell.box)},
-                       **{k: v for k, v in answer.as_row(classes).items() if k != "path"}}
+                row = {
+                    "image": str(path),
+                    "cell": number,
+                    **{k: f"{v:.1f}" for k, v in zip(("x0", "y0", "x1", "y1"), cell.box)},
+                    **{k: v for k, v in answer.as_row(classes).items() if k != "path"},
+                }
                 row["flag"] = flag
                 cells_csv.write(row)
                 rows.append(row)
@@ -230,8 +278,9 @@ def run_count(paths: Sequence[str | Path], out: Path, model_path: Path | None = 
     table = differential(classes, counted, n_flagged)
     _write_differential(out, table, len(counted), n_flagged)
     _write_report(out, table, len(counted), n_flagged, len(files), n_unreadable, pictures, gallery, classes)
-    summary = CountSummary(out, len(files), n_unreadable, len(counted) + n_flagged, n_flagged, table,
-                           time.perf_counter() - start)
+    summary = CountSummary(
+        out, len(files), n_unreadable, len(counted) + n_flagged, n_flagged, table, time.perf_counter() - start
+    )
     if n_unreadable == len(files):
         raise WbcError(f"none of the {len(files)} files could be read as images (see {out / 'images.csv'})")
     return summary
@@ -267,41 +316,64 @@ def _write_differential(out: Path, table: list[dict], n_counted: int, n_flagged:
     lines += [f"{r['class']},{r['count']},{fmt(r['percent'])},{fmt(r['ci_low'])},{fmt(r['ci_high'])}" for r in table]
     atomic_write_text(out / "differential.csv", "\n".join(lines) + "\n")
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in table]
-    write_json(out / "differential.json", {
-        "counted": n_counted, "flagged": n_flagged,
-        "interval": "95 % Wilson score interval (statsmodels proportion_confint), percent",
-        "note": "percentages are over the counted cells; flagged cells (uncertain, out-of-distribution, cut by the "
-                "image edge) are counted apart, as a share of all cells found",
-        "classes": clean,
-    })
+    write_json(
+        out / "differential.json",
+        {
+            "counted": n_counted,
+            "flagged": n_flagged,
+            "interval": "95 % Wilson score interval (statsmodels proportion_confint), percent",
+            "note": "percentages are over the counted cells; flagged cells (uncertain, out-of-distribution, cut by the "
+            "image edge) are counted apart, as a share of all cells found",
+            "classes": clean,
+        },
+    )
 
 
 def _data_uri(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _write_report(out: Path, table: list[dict], n_counted: int, n_flagged: int, n_images: int, n_unreadable: int,
-                  pictures: list[tuple[str, Path]], gallery: dict[str, list[Path]], classes: Sequence[str]) -> None:
+def _write_report(
+    out: Path,
+    table: list[dict],
+    n_counted: int,
+    n_flagged: int,
+    n_images: int,
+    n_unreadable: int,
+    pictures: list[tuple[str, Path]],
+    gallery: dict[str, list[Path]],
+    classes: Sequence[str],
+) -> None:
     """One self-contained HTML page (images inlined): the differential, the annotated images and the galleries.
     At most COUNT_REPORT_IMAGES pictures and COUNT_REPORT_GALLERY crops per class are inlined, so that the page of a
     1,000-field run stays openable; the folders hold all of them."""
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>wbc count</title><style>",
-             ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse} td,th{border:1px solid #ccc;"
-              f"padding:3px 8px;text-align:right}} img{{margin:2px}} .g img{{width:{config.COUNT_THUMB_PX}px}}"
-              "</style></head><body>"),
-             (f"<h1>White-cell differential</h1><p>{n_images} image(s), {n_unreadable} unreadable; "
-              f"{n_counted + n_flagged} white cells found, {n_counted} counted, {n_flagged} flagged and counted apart "
-              "(uncertain, out-of-distribution or cut by the image edge). Intervals: 95 % Wilson score.</p>"),
-             "<table><tr><th>class</th><th>count</th><th>%</th><th>95 % interval</th></tr>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>wbc count</title><style>",
+        (
+            "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse} td,th{border:1px solid #ccc;"
+            f"padding:3px 8px;text-align:right}} img{{margin:2px}} .g img{{width:{config.COUNT_THUMB_PX}px}}"
+            "</style></head><body>"
+        ),
+        (
+            f"<h1>White-cell differential</h1><p>{n_images} image(s), {n_unreadable} unreadable; "
+            f"{n_counted + n_flagged} white cells found, {n_counted} counted, {n_flagged} flagged and counted apart "
+            "(uncertain, out-of-distribution or cut by the image edge). Intervals: 95 % Wilson score.</p>"
+        ),
+        "<table><tr><th>class</th><th>count</th><th>%</th><th>95 % interval</th></tr>",
+    ]
     for r in table:
         interval = "" if _missing(r["ci_low"]) else f"{r['ci_low']:.1f}–{r['ci_high']:.1f}"
         percent = "" if _missing(r["percent"]) else f"{r['percent']:.1f}"
-        parts.append(f"<tr><td style='text-align:left'>{esc(r['class'])}</td><td>{r['count']}</td><td>{percent}</td>"
-                     f"<td>{interval}</td></tr>")
-    parts.append("</table><p>Box colours: " + ", ".join(
-        f"<span style='color:{CLASS_COLOURS.get(c, '#000')}'>■ {esc(c)}</span>" for c in classes)
-        + "; dashed boxes marked ? are flagged.</p>")
+        parts.append(
+            f"<tr><td style='text-align:left'>{esc(r['class'])}</td><td>{r['count']}</td><td>{percent}</td>"
+            f"<td>{interval}</td></tr>"
+        )
+    parts.append(
+        "</table><p>Box colours: "
+        + ", ".join(f"<span style='color:{CLASS_COLOURS.get(c, '#000')}'>■ {esc(c)}</span>" for c in classes)
+        + "; dashed boxes marked ? are flagged.</p>"
+    )
     for group in [*classes, "flagged"]:
         thumbs = gallery.get(group, [])
         shown = thumbs[: config.COUNT_REPORT_GALLERY]
@@ -311,7 +383,9 @@ def _write_report(out: Path, table: list[dict], n_counted: int, n_flagged: int, 
         parts.append("</div>")
     shown_pictures = pictures[: config.COUNT_REPORT_IMAGES]
     parts.append(f"<h2>Images ({len(shown_pictures)} of {len(pictures)} shown; all in annotated/)</h2>")
-    parts += [f"<figure><img src='{_data_uri(p)}' style='max-width:100%'><figcaption>{esc(src)}</figcaption></figure>"
-              for src, p in shown_pictures]
+    parts += [
+        f"<figure><img src='{_data_uri(p)}' style='max-width:100%'><figcaption>{esc(src)}</figcaption></figure>"
+        for src, p in shown_pictures
+    ]
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))

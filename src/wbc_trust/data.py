@@ -86,8 +86,19 @@ _SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
 #: What Pillow raises on malformed files: the exceptions its own fuzz tests accept (Tests/oss-fuzz/test_fuzzers.py),
 #: plus the parser errors that ``Image.open`` turns into SyntaxError but ``load()`` lets through (atheris found a TIFF
 #: whose float strip offset raises TypeError in load). Anything else is a bug, and the fuzz tests look for it.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError, NotImplementedError,
-                  OverflowError, IndexError, KeyError, TypeError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    MemoryError,
+    NotImplementedError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    TypeError,
+)
 
 
 def _to_rgb(image: Image.Image, source_format: str | None) -> Image.Image:
@@ -336,10 +347,12 @@ def split_records(
         val_strata = [records[groups[k][0]].label for k in assignment["val"]]
         try:
             assignment["val"], assignment["calib"] = train_test_split(
-                assignment["val"], test_size=calib_fraction, stratify=val_strata, random_state=seed)
+                assignment["val"], test_size=calib_fraction, stratify=val_strata, random_state=seed
+            )
         except ValueError:  # a class with a single group in a tiny validation split: split it unstratified
             assignment["val"], assignment["calib"] = train_test_split(
-                assignment["val"], test_size=calib_fraction, random_state=seed)
+                assignment["val"], test_size=calib_fraction, random_state=seed
+            )
     return {name: [records[i] for k in sorted(ks) for i in groups[k]] for name, ks in assignment.items()}
 
 
@@ -347,7 +360,11 @@ def split_plan(index: DatasetIndex) -> tuple[list[Record], dict[str, float], dic
     """What training splits (the pool), into which shares besides "train", and the splits the layout fixes (Kaggle's
     Test-A/Test-B). ``wbc calibrate`` uses it to recompute a model's validation split."""
     if index.layout == "kaggle":
-        return index.splits["train"], {"val": config.VAL_FRACTION}, {k: v for k, v in index.splits.items() if k != "train"}
+        return (
+            index.splits["train"],
+            {"val": config.VAL_FRACTION},
+            {k: v for k, v in index.splits.items() if k != "train"},
+        )
     return index.splits["all"], {"val": config.VAL_FRACTION, "test": config.TEST_FRACTION}, {}
 
 
@@ -360,8 +377,10 @@ def model_labels(records: Sequence[Record], classes: Sequence[str]) -> np.ndarra
     """Record labels (indices into ``config.CLASSES``) as indices into a model's own class list."""
     unknown = sorted({config.CLASSES[r.label] for r in records} - set(classes))
     if unknown:
-        raise WbcError(f"the data has class(es) the model does not know ({', '.join(unknown)}): use a model trained "
-                       "on these classes, or data with the model's classes only")
+        raise WbcError(
+            f"the data has class(es) the model does not know ({', '.join(unknown)}): use a model trained "
+            "on these classes, or data with the model's classes only"
+        )
     return np.array([list(classes).index(config.CLASSES[r.label]) for r in records], dtype=np.int64)
 
 
@@ -419,7 +438,9 @@ def _cache_key(paths: Sequence[Path], size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def load_images(records: Sequence[Record], size: int, desc: str = "decoding images", cache: bool = True) -> LoadedImages:
+def load_images(
+    records: Sequence[Record], size: int, desc: str = "decoding images", cache: bool = True
+) -> LoadedImages:
     """Decode and resize every image once (threads; JPEG draft mode), caching the result on disk for the next run.
 
     Unreadable files are reported (path and reason) and left out, never trained or evaluated on.
@@ -457,9 +478,7 @@ def load_images(records: Sequence[Record], size: int, desc: str = "decoding imag
                 ok_idx.append(i)
                 digests.append(digest)
     images = images[: len(ok_idx)]  # a view: the unused tail slots of unreadable files were never touched
-    loaded = LoadedImages(
-        records=[records[i] for i in ok_idx], images=images, digests=digests, unreadable=unreadable
-    )
+    loaded = LoadedImages(records=[records[i] for i in ok_idx], images=images, digests=digests, unreadable=unreadable)
     if key_file is not None:
         blob = {
             "ok": ok_idx,
@@ -516,11 +535,19 @@ def match_training_data(index: DatasetIndex, meta: dict) -> TrainingDataMatch:
             loaded = load_images(pool, meta["img_size"], desc="comparing with the model's training data")
             same = bool(loaded.unreadable) and data_fingerprint(loaded) == trained["fingerprint"]
     if same:
-        return TrainingDataMatch(True, False, f"its {len(pool)} images and labels are the ones this model was trained "
-                                              f"on: data fingerprint {trained['fingerprint'][:12]}…")
+        return TrainingDataMatch(
+            True,
+            False,
+            f"its {len(pool)} images and labels are the ones this model was trained "
+            f"on: data fingerprint {trained['fingerprint'][:12]}…",
+        )
     if looks_like:
-        return TrainingDataMatch(False, True, f"it holds {by_name} of the model's {len(test_files)} held-out test files "
-                                              "by name, but its images or labels differ from the training data")
+        return TrainingDataMatch(
+            False,
+            True,
+            f"it holds {by_name} of the model's {len(test_files)} held-out test files "
+            "by name, but its images or labels differ from the training data",
+        )
     return TrainingDataMatch(False, False, "its images are not this model's training data")
 
 
@@ -533,12 +560,22 @@ def model_split(index: DatasetIndex, meta: dict, purpose: str) -> tuple[LoadedIm
     trained = meta.get("data", {})
     pool, fractions, _ = split_plan(index)
     loaded = load_images(pool, meta["img_size"], desc="reading images")
-    parts = split_records(loaded.records, loaded.digests, fractions, seed=trained.get("seed", config.SEED),
-                          calib_fraction=trained.get("calib_fraction", 0.0))
-    if "test" in parts and trained.get("test_files") and set(relative_paths(parts["test"], index.root)) != set(
-            trained["test_files"]):
-        raise WbcError(f"the images in {index.root} changed since the model was trained, so its split cannot be "
-                       f"recomputed: {purpose}")
+    parts = split_records(
+        loaded.records,
+        loaded.digests,
+        fractions,
+        seed=trained.get("seed", config.SEED),
+        calib_fraction=trained.get("calib_fraction", 0.0),
+    )
+    if (
+        "test" in parts
+        and trained.get("test_files")
+        and set(relative_paths(parts["test"], index.root)) != set(trained["test_files"])
+    ):
+        raise WbcError(
+            f"the images in {index.root} changed since the model was trained, so its split cannot be "
+            f"recomputed: {purpose}"
+        )
     return loaded, parts
 
 
@@ -554,16 +591,19 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
     match = match_training_data(index, meta)
     separate = "calibrate on a separate folder of held-out labelled images (--data)"
     if match.changed:
-        raise WbcError(f"the images in {index.root} changed since the model was trained ({match.reason}), so its "
-                       f"validation split cannot be recomputed: {separate}")
+        raise WbcError(
+            f"the images in {index.root} changed since the model was trained ({match.reason}), so its "
+            f"validation split cannot be recomputed: {separate}"
+        )
     if not match.same:
         records = [r for rs in index.splits.values() for r in rs]
         return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
     loaded, parts = model_split(index, meta, separate)
     name = "calib" if "calib" in parts else "val"  # models from before the calibration split: their validation split
-    return loaded.select(parts[name]), (f"{'calibration' if name == 'calib' else 'validation'} split of {index.root} "
-                                        f"(seed {trained.get('seed', config.SEED)})")
-
+    return loaded.select(parts[name]), (
+        f"{'calibration' if name == 'calib' else 'validation'} split of {index.root} "
+        f"(seed {trained.get('seed', config.SEED)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -589,9 +629,14 @@ def train_transform(augment: str = "seed") -> v2.Transform:
             ),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            *([v2.RandomApply([v2.GaussianBlur(9, sigma=config.CROSS_LAB_BLUR_SIGMA)], p=config.CROSS_LAB_BLUR_P),
-               v2.ColorJitter(**config.CROSS_LAB_JITTER)] if cross_lab
-              else [v2.ColorJitter(brightness=config.AUG_BRIGHTNESS)]),
+            *(
+                [
+                    v2.RandomApply([v2.GaussianBlur(9, sigma=config.CROSS_LAB_BLUR_SIGMA)], p=config.CROSS_LAB_BLUR_P),
+                    v2.ColorJitter(**config.CROSS_LAB_JITTER),
+                ]
+                if cross_lab
+                else [v2.ColorJitter(brightness=config.AUG_BRIGHTNESS)]
+            ),
         ]
     )
 

@@ -33,8 +33,10 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise WbcError("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only build, or no driver); "
-                       "use --device cpu or --device auto")
+        raise WbcError(
+            "--device cuda: PyTorch sees no CUDA GPU here (a CPU-only build, or no driver); "
+            "use --device cpu or --device auto"
+        )
     return device
 
 
@@ -101,8 +103,10 @@ def setup(device: str) -> Context:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise WbcError(f"process {rank} wants GPU {local_rank} but this machine has {torch.cuda.device_count()}: "
-                           "start at most one process per GPU (torchrun --nproc-per-node)")
+            raise WbcError(
+                f"process {rank} wants GPU {local_rank} but this machine has {torch.cuda.device_count()}: "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
         context = Context(torch.device("cuda", local_rank), rank, world_size)

@@ -63,9 +63,10 @@ def ray_cluster(address: str, num_cpus: int | None = None) -> Iterator[Any]:
         # address="local" starts a new cluster even where RAY_ADDRESS points at another one
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise WbcError(f"could not connect to the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one "
-                       "with `ray start --head` and pass the address it prints (host:port), or use --ray local"
-                       ) from None
+        raise WbcError(
+            f"could not connect to the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start one "
+            "with `ray start --head` and pass the address it prints (host:port), or use --ray local"
+        ) from None
     log.info("Ray cluster %s: %s", address, ray.cluster_resources())
     try:
         yield ray
@@ -81,8 +82,10 @@ def cpus_per_actor(node_cpus: Sequence[float], actors: int) -> int:
     """
     fits = [c for c in range(1, int(max(node_cpus, default=0)) + 1) if sum(int(n) // c for n in node_cpus) >= actors]
     if not fits:
-        raise WbcError(f"the Ray cluster has {sum(node_cpus):g} CPUs, too few for {actors} actors of at least one CPU "
-                       f"each: use --ray-actors {max(1, int(sum(node_cpus)))} or fewer, or add nodes")
+        raise WbcError(
+            f"the Ray cluster has {sum(node_cpus):g} CPUs, too few for {actors} actors of at least one CPU "
+            f"each: use --ray-actors {max(1, int(sum(node_cpus)))} or fewer, or add nodes"
+        )
     return max(fits)
 
 
@@ -107,16 +110,25 @@ class PredictWorker(FileBatchWorker):
     """``Predictor.predict_files`` on a batch of paths, unreadable files flagged as in a local run."""
 
     def __init__(self, model_path: str | None, coverage: float | None, backend: str, batch_size: int) -> None:
-        self.predictor = Predictor(None if model_path is None else Path(model_path), batch_size=batch_size,
-                                   coverage=coverage, backend=backend)
+        self.predictor = Predictor(
+            None if model_path is None else Path(model_path), batch_size=batch_size, coverage=coverage, backend=backend
+        )
 
     def rows(self, paths: list[Path]) -> list[dict[str, Any]]:
         return [asdict(p) for p in self.predictor.predict_files(paths, progress=False)]
 
 
-def map_files(paths: Sequence[Path], worker: type[FileBatchWorker], worker_kwargs: dict[str, Any], address: str,
-              actors: int, max_batch: int, num_cpus: int | None = None, progress: bool = True,
-              desc: str = "files") -> list[dict[str, Any]]:
+def map_files(
+    paths: Sequence[Path],
+    worker: type[FileBatchWorker],
+    worker_kwargs: dict[str, Any],
+    address: str,
+    actors: int,
+    max_batch: int,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    desc: str = "files",
+) -> list[dict[str, Any]]:
     """Run ``worker`` over ``paths`` on a pool of ``actors`` Ray actors; its rows, in the order of ``paths``.
 
     Batches hold at most ``max_batch`` files, fewer for small jobs so that every actor gets work. ``num_cpus`` only
@@ -132,9 +144,14 @@ def map_files(paths: Sequence[Path], worker: type[FileBatchWorker], worker_kwarg
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset start and end
         cpus = cpus_per_actor([n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]], actors)
         dataset = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(paths)])
-        mapped = dataset.map_batches(worker, fn_constructor_kwargs=worker_kwargs, batch_size=batch_size,
-                                     batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                                     num_cpus=cpus)
+        mapped = dataset.map_batches(
+            worker,
+            fn_constructor_kwargs=worker_kwargs,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+        )
         rows: dict[int, dict[str, Any]] = {}
         try:
             with tqdm(total=len(paths), desc=desc, unit="file", leave=False, disable=not progress) as bar:
@@ -145,21 +162,43 @@ def map_files(paths: Sequence[Path], worker: type[FileBatchWorker], worker_kwarg
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, WbcError):
                 raise cause from None
-            raise WbcError(f"the Ray job failed ({str(cause).strip().splitlines()[-1]}): every node needs wbc-trust "
-                           "installed and must see the model file and the images under the driver's paths") from None
+            raise WbcError(
+                f"the Ray job failed ({str(cause).strip().splitlines()[-1]}): every node needs wbc-trust "
+                "installed and must see the model file and the images under the driver's paths"
+            ) from None
     return [rows[i] for i in range(len(paths))]
 
 
-def predict_on_ray(paths: Sequence[Path], address: str, actors: int = config.RAY_ACTORS,
-                   model_path: Path | None = None, coverage: float | None = None, backend: str = "torch",
-                   batch_size: int | None = None, num_cpus: int | None = None,
-                   progress: bool = True) -> list[Prediction]:
+def predict_on_ray(
+    paths: Sequence[Path],
+    address: str,
+    actors: int = config.RAY_ACTORS,
+    model_path: Path | None = None,
+    coverage: float | None = None,
+    backend: str = "torch",
+    batch_size: int | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> list[Prediction]:
     """``Predictor(model_path, batch_size, coverage, backend).predict_files(paths)``, computed by ``actors`` Ray actors
     (``batch_size``: None = the Predictor's own default)."""
     batch_size = batch_size or inspect.signature(Predictor).parameters["batch_size"].default
-    kwargs = {"model_path": None if model_path is None else str(Path(model_path).resolve()), "coverage": coverage,
-              "backend": backend, "batch_size": batch_size}
+    kwargs = {
+        "model_path": None if model_path is None else str(Path(model_path).resolve()),
+        "coverage": coverage,
+        "backend": backend,
+        "batch_size": batch_size,
+    }
     # Workers open absolute paths (their working folder is not the driver's); the rows keep the paths as given.
-    rows = map_files([Path(p).absolute() for p in paths], PredictWorker, kwargs, address, actors, batch_size,
-                     num_cpus, progress, desc="predicting")
+    rows = map_files(
+        [Path(p).absolute() for p in paths],
+        PredictWorker,
+        kwargs,
+        address,
+        actors,
+        batch_size,
+        num_cpus,
+        progress,
+        desc="predicting",
+    )
     return [Prediction(**{**row, "path": str(path)}) for path, row in zip(paths, rows)]

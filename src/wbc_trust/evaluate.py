@@ -8,14 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 from sklearn.model_selection import train_test_split
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from wbc_trust import config, plots
 from wbc_trust.calibration import Calibration
 from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, match_training_data, model_labels
-from wbc_trust.io import atomic_write_text, write_csv, write_json
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write_text, write_csv, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import predict_probs
 
@@ -29,7 +35,12 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "classes": list(classes),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
@@ -68,12 +79,17 @@ def choose_records(index: DatasetIndex, meta: dict) -> EvaluationTarget:
     for record in index.splits["all"]:
         (records if str(record.path.relative_to(index.root)) in wanted else left_out).append(record)
     if not records:
-        raise WbcError(f"{index.root} holds this model's training data ({match.reason}), but none of its held-out test "
-                       "files is there under its name (renamed?), so the held-out split cannot be told apart: "
-                       "evaluate on a separate folder of images the model never saw")
-    what = ("is this model's training data" if match.same else "is this model's training folder, changed since")
-    reason = ("the model trained or was validated on them" if match.same
-              else "they are not among the model's held-out test files, so it may have trained on them")
+        raise WbcError(
+            f"{index.root} holds this model's training data ({match.reason}), but none of its held-out test "
+            "files is there under its name (renamed?), so the held-out split cannot be told apart: "
+            "evaluate on a separate folder of images the model never saw"
+        )
+    what = "is this model's training data" if match.same else "is this model's training folder, changed since"
+    reason = (
+        "the model trained or was validated on them"
+        if match.same
+        else "they are not among the model's held-out test files, so it may have trained on them"
+    )
     return EvaluationTarget(
         records,
         f"{index.root} {what} ({match.reason}): evaluating only its held-out test split ({len(records)} files, seed "
@@ -116,8 +132,10 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> L
     classes = meta["classes"]
     unknown = sorted({config.CLASSES[r.label] for r in target.records} - set(classes))
     if unknown:
-        raise WbcError(f"the model does not know the class(es) {', '.join(unknown)} found in {data}: "
-                       "pass data with the model's classes only")
+        raise WbcError(
+            f"the model does not know the class(es) {', '.join(unknown)} found in {data}: "
+            "pass data with the model's classes only"
+        )
     records = stratified_subset(target.records, max_images)
     loaded = load_images(records, meta["img_size"], desc="reading images")
     for path, reason in loaded.unreadable:
@@ -127,8 +145,15 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> L
     labels = model_labels(loaded.records, classes)
     subset = len(records) < len(target.records)
     description = target.description + (f"; stratified subset of {len(records)}" if subset else "")
-    return LabelledImages(loaded.records, loaded.images, labels, description, len(loaded.unreadable),
-                          target.left_out, target.left_out_reason)
+    return LabelledImages(
+        loaded.records,
+        loaded.images,
+        labels,
+        description,
+        len(loaded.unreadable),
+        target.left_out,
+        target.left_out_reason,
+    )
 
 
 def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
@@ -143,22 +168,33 @@ def evaluate(model_path: Path | None, data_dir: Path, out_dir: Path) -> dict:
     metrics["model"] = str(model_path) if model_path else "default"
     write_outputs(Path(out_dir), metrics, probs, test.records, test.labels, meta["classes"])
     if test.left_out:
-        write_csv(Path(out_dir) / "left_out.csv", ([r.path, test.left_out_reason] for r in test.left_out),
-                  ["path", "reason"])
+        write_csv(
+            Path(out_dir) / "left_out.csv", ([r.path, test.left_out_reason] for r in test.left_out), ["path", "reason"]
+        )
     return metrics
 
 
-def write_outputs(out: Path, metrics: dict, probs: np.ndarray, records: list[Record], y_true: np.ndarray,
-                  classes: list[str]) -> None:
+def write_outputs(
+    out: Path, metrics: dict, probs: np.ndarray, records: list[Record], y_true: np.ndarray, classes: list[str]
+) -> None:
     """metrics.json, classification_report.txt, confusion_matrix.png, predictions.csv."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
-    report = classification_report(y_true, probs.argmax(1), labels=list(range(len(classes))), target_names=classes,
-                                   digits=4, zero_division=0)
+    report = classification_report(
+        y_true, probs.argmax(1), labels=list(range(len(classes))), target_names=classes, digits=4, zero_division=0
+    )
     atomic_write_text(out / "classification_report.txt", report)
-    plots.confusion_matrix_figure(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
-                                  title=f"accuracy {metrics['accuracy']:.2%}, macro-F1 {metrics['macro_f1']:.2%}")
-    write_csv(out / "predictions.csv",
-              ([record.path, classes[truth], classes[int(p.argmax())], f"{p.max():.4f}", *[f"{v:.4f}" for v in p]]
-               for record, truth, p in zip(records, y_true, probs)),
-              ["path", "label", "prediction", "confidence", *[f"p_{c}" for c in classes]])
+    plots.confusion_matrix_figure(
+        np.array(metrics["confusion_matrix"]),
+        classes,
+        out / "confusion_matrix.png",
+        title=f"accuracy {metrics['accuracy']:.2%}, macro-F1 {metrics['macro_f1']:.2%}",
+    )
+    write_csv(
+        out / "predictions.csv",
+        (
+            [record.path, classes[truth], classes[int(p.argmax())], f"{p.max():.4f}", *[f"{v:.4f}" for v in p]]
+            for record, truth, p in zip(records, y_true, probs)
+        ),
+        ["path", "label", "prediction", "confidence", *[f"p_{c}" for c in classes]],
+    )

@@ -37,11 +37,40 @@ log = logging.getLogger(__name__)
 
 #: The region features the verifier reads, in order (documentation of ``assets/finder.npz``; checked on load).
 FEATURE_NAMES: tuple[str, ...] = (
-    "level", "threshold_above_median", "area_share", "size_share", "width_share", "height_share", "aspect", "extent",
-    "solidity", "eccentricity", "index_above_threshold", "index_above_median", "index_max_above_median",
-    "red", "green", "blue", "red_vs_image", "green_vs_image", "blue_vs_image", "touches_border",
-    "area_vs_largest", "distance_from_centre", "n_proposals", "size_vs_red_cell", "red_cell_share", "otsu_gap",
-    "ray_left", "ray_right", "ray_up", "ray_down", "ray_left_room", "ray_right_room", "ray_up_room", "ray_down_room",
+    "level",
+    "threshold_above_median",
+    "area_share",
+    "size_share",
+    "width_share",
+    "height_share",
+    "aspect",
+    "extent",
+    "solidity",
+    "eccentricity",
+    "index_above_threshold",
+    "index_above_median",
+    "index_max_above_median",
+    "red",
+    "green",
+    "blue",
+    "red_vs_image",
+    "green_vs_image",
+    "blue_vs_image",
+    "touches_border",
+    "area_vs_largest",
+    "distance_from_centre",
+    "n_proposals",
+    "size_vs_red_cell",
+    "red_cell_share",
+    "otsu_gap",
+    "ray_left",
+    "ray_right",
+    "ray_up",
+    "ray_down",
+    "ray_left_room",
+    "ray_right_room",
+    "ray_up_room",
+    "ray_down_room",
 )
 
 
@@ -166,8 +195,13 @@ def _rays(background: np.ndarray, bbox: tuple[int, int, int, int]) -> list[float
     down = reach([background[y1:, c] for c in cols])
     bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
     rooms = (x0, w - x1, y0, h - y1)
-    return [left / bw, right / bw, up / bh, down / bh,
-            *(reach_ / room if room else 1.0 for reach_, room in zip((left, right, up, down), rooms))]
+    return [
+        left / bw,
+        right / bw,
+        up / bh,
+        down / bh,
+        *(reach_ / room if room else 1.0 for reach_, room in zip((left, right, up, down), rooms)),
+    ]
 
 
 def _proposals(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Proposal], float, float | None]:
@@ -203,35 +237,59 @@ def _proposals(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Proposa
         y0, x0, y1, x1 = region.bbox
         colour = rgb[region.coords[:, 0], region.coords[:, 1]].mean(axis=0)
         size = float(np.sqrt(region.area))
-        rows.append([
-            level, threshold - median, region.area / (h * w), size / max(h, w), (x1 - x0) / w, (y1 - y0) / h,
-            (x1 - x0) / max(y1 - y0, 1), region.extent, region.solidity, region.eccentricity,
-            region.intensity_mean - threshold, region.intensity_mean - median, region.intensity_max - median,
-            *colour, *(colour - image_rgb), float(x0 == 0 or y0 == 0 or x1 == w or y1 == h),
-            region.area / largest[level],
-            float(np.hypot((region.centroid[1] - w / 2) / w, (region.centroid[0] - h / 2) / h)),
-            len(regions),
-            size / red_cell if red_cell else np.nan, red_cell / max(h, w) if red_cell else np.nan,
-            high - low, *_rays(background, region.bbox),
-        ])
+        rows.append(
+            [
+                level,
+                threshold - median,
+                region.area / (h * w),
+                size / max(h, w),
+                (x1 - x0) / w,
+                (y1 - y0) / h,
+                (x1 - x0) / max(y1 - y0, 1),
+                region.extent,
+                region.solidity,
+                region.eccentricity,
+                region.intensity_mean - threshold,
+                region.intensity_mean - median,
+                region.intensity_max - median,
+                *colour,
+                *(colour - image_rgb),
+                float(x0 == 0 or y0 == 0 or x1 == w or y1 == h),
+                region.area / largest[level],
+                float(np.hypot((region.centroid[1] - w / 2) / w, (region.centroid[0] - h / 2) / h)),
+                len(regions),
+                size / red_cell if red_cell else np.nan,
+                red_cell / max(h, w) if red_cell else np.nan,
+                high - low,
+                *_rays(background, region.bbox),
+            ]
+        )
         boxes.append([x0 / scale, y0 / scale, x1 / scale, y1 / scale])
         props.append(_Proposal(region.bbox, region.image))
     features = np.asarray(rows, dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
     ruler = _ruler(radii)
-    return features, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), props, scale, \
-        None if ruler is None else ruler / scale
+    return (
+        features,
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        props,
+        scale,
+        None if ruler is None else ruler / scale,
+    )
 
 
 def _encode(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Box-regression targets: the cell box relative to its nucleus box (centre shift in nucleus widths/heights, log
     size ratio), as in Faster R-CNN's box coder."""
     nw, nh = nuclei[:, 2] - nuclei[:, 0], nuclei[:, 3] - nuclei[:, 1]
-    return np.stack([
-        ((cells[:, 0] + cells[:, 2]) - (nuclei[:, 0] + nuclei[:, 2])) / 2 / nw,
-        ((cells[:, 1] + cells[:, 3]) - (nuclei[:, 1] + nuclei[:, 3])) / 2 / nh,
-        np.log((cells[:, 2] - cells[:, 0]) / nw),
-        np.log((cells[:, 3] - cells[:, 1]) / nh),
-    ], axis=1)
+    return np.stack(
+        [
+            ((cells[:, 0] + cells[:, 2]) - (nuclei[:, 0] + nuclei[:, 2])) / 2 / nw,
+            ((cells[:, 1] + cells[:, 3]) - (nuclei[:, 1] + nuclei[:, 3])) / 2 / nh,
+            np.log((cells[:, 2] - cells[:, 0]) / nw),
+            np.log((cells[:, 3] - cells[:, 1]) / nh),
+        ],
+        axis=1,
+    )
 
 
 def _decode(nuclei: np.ndarray, offsets: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -239,8 +297,15 @@ def _decode(nuclei: np.ndarray, offsets: np.ndarray, width: int, height: int) ->
     cx = (nuclei[:, 0] + nuclei[:, 2]) / 2 + offsets[:, 0] * nw
     cy = (nuclei[:, 1] + nuclei[:, 3]) / 2 + offsets[:, 1] * nh
     half_w, half_h = nw * np.exp(offsets[:, 2]) / 2, nh * np.exp(offsets[:, 3]) / 2
-    return np.stack([np.clip(cx - half_w, 0, width), np.clip(cy - half_h, 0, height),
-                     np.clip(cx + half_w, 0, width), np.clip(cy + half_h, 0, height)], axis=1)
+    return np.stack(
+        [
+            np.clip(cx - half_w, 0, width),
+            np.clip(cy - half_h, 0, height),
+            np.clip(cx + half_w, 0, width),
+            np.clip(cy + half_h, 0, height),
+        ],
+        axis=1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,8 +321,17 @@ class TreeEnsemble:
     checks the walk against scikit-learn's own prediction when it converts a model.
     """
 
-    def __init__(self, feature: np.ndarray, threshold: np.ndarray, missing_left: np.ndarray, left: np.ndarray,
-                 right: np.ndarray, value: np.ndarray, leaf: np.ndarray, baseline: float) -> None:
+    def __init__(
+        self,
+        feature: np.ndarray,
+        threshold: np.ndarray,
+        missing_left: np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
+        value: np.ndarray,
+        leaf: np.ndarray,
+        baseline: float,
+    ) -> None:
         self.feature, self.threshold, self.missing_left = feature, threshold, missing_left
         self.left, self.right, self.value, self.leaf, self.baseline = left, right, value, leaf, baseline
 
@@ -274,10 +348,16 @@ class TreeEnsemble:
                 out[i, : len(nodes)] = nodes[name]
             return out
 
-        ensemble = cls(stack("feature_idx", np.int16, 0), stack("num_threshold", np.float64, 0.0),
-                       stack("missing_go_to_left", bool, False), stack("left", np.int16, 0),
-                       stack("right", np.int16, 0), stack("value", np.float64, 0.0), stack("is_leaf", bool, True),
-                       float(np.ravel(model._baseline_prediction)[0]))
+        ensemble = cls(
+            stack("feature_idx", np.int16, 0),
+            stack("num_threshold", np.float64, 0.0),
+            stack("missing_go_to_left", bool, False),
+            stack("left", np.int16, 0),
+            stack("right", np.int16, 0),
+            stack("value", np.float64, 0.0),
+            stack("is_leaf", bool, True),
+            float(np.ravel(model._baseline_prediction)[0]),
+        )
         if check is not None:
             expected = model._raw_predict(check).ravel()
             if not np.allclose(ensemble.raw(check), expected, atol=1e-6):
@@ -328,8 +408,10 @@ class CellFinder:
                 self.verifier = TreeEnsemble.from_arrays(arrays, "verifier")
                 self.regressors = [TreeEnsemble.from_arrays(arrays, f"box.{o}") for o in _OFFSETS]
         except (OSError, KeyError, ValueError) as exc:
-            raise WbcError(f"cannot read the cell finder's weights {path} ({exc}): refit them with "
-                           "python bench/finder.py --fit, or reinstall wbc-trust") from exc
+            raise WbcError(
+                f"cannot read the cell finder's weights {path} ({exc}): refit them with "
+                "python bench/finder.py --fit, or reinstall wbc-trust"
+            ) from exc
         self.min_score = min_score
 
     def find(self, image: Image.Image | np.ndarray) -> FinderResult:
@@ -348,11 +430,16 @@ class CellFinder:
             for cell in cells:
                 b = cell.box
                 # a cell cut by an inner tile edge is found whole in the overlapping tile: keep that one only
-                if ((b[0] <= 2 and x0 > 0) or (b[1] <= 2 and y0 > 0) or (b[2] >= tw - 2 and x0 + tw < width)
-                        or (b[3] >= th - 2 and y0 + th < height)):
+                if (
+                    (b[0] <= 2 and x0 > 0)
+                    or (b[1] <= 2 and y0 > 0)
+                    or (b[2] >= tw - 2 and x0 + tw < width)
+                    or (b[3] >= th - 2 and y0 + th < height)
+                ):
                     continue
-                found.append(Cell((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0), cell.score,
-                                  cell.nucleus + np.array([x0, y0])))
+                found.append(
+                    Cell((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0), cell.score, cell.nucleus + np.array([x0, y0]))
+                )
         return FinderResult(_suppress(found), width, height, float(np.median(diameters)) if diameters else None)
 
     def _find_one(self, array: np.ndarray) -> tuple[list[Cell], float | None]:
@@ -364,8 +451,10 @@ class CellFinder:
         offsets = np.stack([r.raw(features[keep]) for r in self.regressors], axis=1)
         boxes = _decode(nuclei[keep], offsets, array.shape[1], array.shape[0])
         kept = [p for p, k in zip(props, keep) if k]
-        cells = [Cell(tuple(float(v) for v in box), float(s), _outline(p, scale))
-                 for box, s, p in zip(boxes, scores[keep], kept)]
+        cells = [
+            Cell(tuple(float(v) for v in box), float(s), _outline(p, scale))
+            for box, s, p in zip(boxes, scores[keep], kept)
+        ]
         return _suppress(cells), red_cell
 
 
@@ -399,8 +488,11 @@ def _tile_size(array: np.ndarray) -> int | None:
     index = _violet_index(rgb)
     radii = None if np.ptp(index) < 1e-3 else _red_cell_radii(rgb, index > threshold_multiotsu(index[::2, ::2], 3)[1])
     ruler = _ruler(radii)
-    size = config.FINDER_TILE_PX if ruler is None else max(config.FINDER_TILE_PX,
-                                                           round(config.FINDER_TILE_RED_CELLS * ruler / scale))
+    size = (
+        config.FINDER_TILE_PX
+        if ruler is None
+        else max(config.FINDER_TILE_PX, round(config.FINDER_TILE_RED_CELLS * ruler / scale))
+    )
     return None if max(array.shape[:2]) <= 1.25 * size else size
 
 
@@ -438,8 +530,9 @@ def read_yolo(path: Path, width: int, height: int) -> tuple[dict[int, np.ndarray
         except ValueError:
             junk.append(line)
             continue
-        boxes.setdefault(cls, []).append([(x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width,
-                                          (y + h / 2) * height])
+        boxes.setdefault(cls, []).append(
+            [(x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width, (y + h / 2) * height]
+        )
     if junk:
         log.warning("%s: %d line(s) that are not YOLO boxes skipped, e.g. %r", path, len(junk), junk[0])
     return {c: np.asarray(b, dtype=np.float64) for c, b in boxes.items()}, junk
@@ -482,13 +575,21 @@ def training_targets(nuclei: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray,
         return positive, offsets
     area = (nuclei[:, 2] - nuclei[:, 0]) * (nuclei[:, 3] - nuclei[:, 1])
     truth_area = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
-    ix = np.clip(np.minimum(nuclei[:, None, 2], truth[None, :, 2]) - np.maximum(nuclei[:, None, 0], truth[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(nuclei[:, None, 3], truth[None, :, 3]) - np.maximum(nuclei[:, None, 1], truth[None, :, 1]), 0, None)
+    ix = np.clip(
+        np.minimum(nuclei[:, None, 2], truth[None, :, 2]) - np.maximum(nuclei[:, None, 0], truth[None, :, 0]), 0, None
+    )
+    iy = np.clip(
+        np.minimum(nuclei[:, None, 3], truth[None, :, 3]) - np.maximum(nuclei[:, None, 1], truth[None, :, 1]), 0, None
+    )
     inside = ix * iy / area[:, None]
     cover = area[:, None] / truth_area[None, :]
     cx, cy = (nuclei[:, 0] + nuclei[:, 2]) / 2, (nuclei[:, 1] + nuclei[:, 3]) / 2
-    centred = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] <= truth[None, :, 2])
-               & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] <= truth[None, :, 3]))
+    centred = (
+        (cx[:, None] >= truth[None, :, 0])
+        & (cx[:, None] <= truth[None, :, 2])
+        & (cy[:, None] >= truth[None, :, 1])
+        & (cy[:, None] <= truth[None, :, 3])
+    )
     ok = centred & (inside >= 0.7) & (cover >= 0.08)
     positive = ok.any(axis=1)
     best = np.where(ok, cover, -1.0).argmax(axis=1)
@@ -512,8 +613,12 @@ def fit(features: np.ndarray, positive: np.ndarray, offsets: np.ndarray, out: Pa
 
     from wbc_trust.io import atomic_write
 
-    params = {"max_iter": config.FINDER_TREES, "learning_rate": 0.1, "max_leaf_nodes": config.FINDER_LEAVES,
-              "random_state": seed}
+    params = {
+        "max_iter": config.FINDER_TREES,
+        "learning_rate": 0.1,
+        "max_leaf_nodes": config.FINDER_LEAVES,
+        "random_state": seed,
+    }
     verifier = HistGradientBoostingClassifier(**params).fit(features, positive)
     arrays = {"feature_names": np.array(FEATURE_NAMES)}
     arrays.update(TreeEnsemble.from_sklearn(verifier, features[:500]).arrays("verifier"))

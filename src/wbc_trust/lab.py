@@ -63,8 +63,13 @@ class LabShift:
     n_images: int = 0
 
     @classmethod
-    def fit(cls, images: torch.Tensor, accept: float = config.LAB_ACCEPT, folds: int = config.OOD_FOLDS,
-            seed: int = config.SEED) -> LabShift:
+    def fit(
+        cls,
+        images: torch.Tensor,
+        accept: float = config.LAB_ACCEPT,
+        folds: int = config.OOD_FOLDS,
+        seed: int = config.SEED,
+    ) -> LabShift:
         """Fit on the images of one lab; the threshold accepts ``accept`` of their cross-fitted scores (in-sample
         distances are too small, as for the OOD score)."""
         stats = statistics(images).numpy()
@@ -84,14 +89,25 @@ class LabShift:
 
     def metadata(self) -> dict:
         """JSON for ``meta["calibration"]["lab"]`` (15 numbers and a 15×15 matrix: small enough for JSON)."""
-        return {"statistics": STATISTICS, "mean": self.mean.tolist(), "precision": self.precision.tolist(),
-                "threshold": self.threshold, "accept": self.accept, "n_images": self.n_images}
+        return {
+            "statistics": STATISTICS,
+            "mean": self.mean.tolist(),
+            "precision": self.precision.tolist(),
+            "threshold": self.threshold,
+            "accept": self.accept,
+            "n_images": self.n_images,
+        }
 
     @classmethod
     def from_metadata(cls, meta: dict) -> LabShift:
         """Inverse of ``metadata``."""
-        return cls(np.asarray(meta["mean"], dtype=np.float64), np.asarray(meta["precision"], dtype=np.float64),
-                   float(meta["threshold"]), float(meta["accept"]), int(meta.get("n_images", 0)))
+        return cls(
+            np.asarray(meta["mean"], dtype=np.float64),
+            np.asarray(meta["precision"], dtype=np.float64),
+            float(meta["threshold"]),
+            float(meta["accept"]),
+            int(meta.get("n_images", 0)),
+        )
 
 
 def batch_notice(n_new_lab: int, n_images: int) -> str | None:
@@ -99,11 +115,13 @@ def batch_notice(n_new_lab: int, n_images: int) -> str | None:
     ``config.LAB_BATCH_MIN`` images), instead of the same flag on every row; None otherwise."""
     if n_images < config.LAB_BATCH_MIN or n_new_lab < config.LAB_BATCH_SHARE * n_images:
         return None
-    return (f"{n_new_lab} of {n_images} images look like they come from another lab than the one the model was "
-            "calibrated on (other stain, microscope or camera): its answers and trust columns are not reliable for "
-            "them. Label a few of that lab's cells (about 10 per class, one folder per class) and run "
-            "`wbc adapt --data LABELLED_DIR --out RUN_DIR` (or `wbc adapt --unlabelled DIR --out RUN_DIR` without "
-            "labels), then predict with --model RUN_DIR/model.safetensors.")
+    return (
+        f"{n_new_lab} of {n_images} images look like they come from another lab than the one the model was "
+        "calibrated on (other stain, microscope or camera): its answers and trust columns are not reliable for "
+        "them. Label a few of that lab's cells (about 10 per class, one folder per class) and run "
+        "`wbc adapt --data LABELLED_DIR --out RUN_DIR` (or `wbc adapt --unlabelled DIR --out RUN_DIR` without "
+        "labels), then predict with --model RUN_DIR/model.safetensors."
+    )
 
 
 def add_lab_statistic(model_path: Path, data: Path) -> dict:
@@ -116,6 +134,7 @@ def add_lab_statistic(model_path: Path, data: Path) -> dict:
     loaded, fitted_on = validation_split(meta, data)
     lab = LabShift.fit(loaded.images).metadata()
     lab["fitted_on"] = fitted_on
-    save_model(Path(model_path), model, {**meta, "calibration": {**meta["calibration"], "lab": lab}},
-               load_extra(model_path))
+    save_model(
+        Path(model_path), model, {**meta, "calibration": {**meta["calibration"], "lab": lab}}, load_extra(model_path)
+    )
     return lab

@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from wbc_trust import config
-from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write
 from wbc_trust.models import REGISTRY, VIEWS, WbcClassifier, build_model
 
 FORMAT = "wbc-trust-model"
@@ -76,14 +76,18 @@ def _validate(path: Path, meta: object) -> None:
         problem = f"it was written by a newer wbc-trust (format {meta['format_version']}); upgrade wbc-trust"
     elif not isinstance(meta.get("arch"), str) or meta["arch"] not in REGISTRY:
         problem = f"unknown architecture {meta.get('arch')!r} (this wbc-trust knows {', '.join(REGISTRY)})"
-    elif not (isinstance(meta.get("classes"), list) and len(meta["classes"]) >= 2
-              and all(isinstance(c, str) and c for c in meta["classes"])
-              and len(set(meta["classes"])) == len(meta["classes"])):
+    elif not (
+        isinstance(meta.get("classes"), list)
+        and len(meta["classes"]) >= 2
+        and all(isinstance(c, str) and c for c in meta["classes"])
+        and len(set(meta["classes"])) == len(meta["classes"])
+    ):
         problem = "its class list is missing or malformed (at least two distinct class names are needed)"
     elif not (isinstance(meta.get("img_size"), int) and 16 <= meta["img_size"] <= 1024):
         problem = f"its input size {meta.get('img_size')!r} is not a whole number of pixels between 16 and 1024"
-    elif "test_views" in meta and not (isinstance(meta["test_views"], list) and meta["test_views"]
-                                       and all(v in VIEWS for v in meta["test_views"])):
+    elif "test_views" in meta and not (
+        isinstance(meta["test_views"], list) and meta["test_views"] and all(v in VIEWS for v in meta["test_views"])
+    ):
         problem = f"its test views {meta['test_views']!r} are not a list of {', '.join(VIEWS)}"
     if problem:
         raise WbcError(f"{path} is not a usable wbc-trust model: {problem}. Pass a file written by `wbc train`")
@@ -108,7 +112,7 @@ def load_extra(path: Path | None = None) -> dict[str, torch.Tensor]:
     """The extra tensors saved beside the weights (empty for files that have none, e.g. older models)."""
     path = Path(path) if path is not None else config.DEFAULT_MODEL_PATH
     with safe_open(str(path), framework="pt") as f:
-        return {k[len(_EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(_EXTRA_PREFIX)}
+        return {k[len(_EXTRA_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(_EXTRA_PREFIX)}
 
 
 #: Extra tensors ``influence.checkpoint<i>.weight|bias``: the last layer after each training epoch up to the saved one.
@@ -135,9 +139,12 @@ def run_manifest() -> dict:
         except importlib_metadata.PackageNotFoundError:
             pass
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=config.PACKAGE_DIR, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=config.PACKAGE_DIR, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {

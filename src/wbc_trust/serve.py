@@ -24,23 +24,50 @@ APP_SCRIPT = Path(__file__).resolve().with_name("app.py")
 #: Debian's Chromium, which the browser tests and the load benchmark drive headless through Playwright, and flags that
 #: keep it off the network and working without a GPU or a sandbox (CI containers).
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS: tuple[str, ...] = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                  "--disable-component-update", "--disable-sync", "--no-first-run")
+CHROMIUM_ARGS: tuple[str, ...] = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
 
 
-def streamlit_command(port: int = config.APP_PORT, address: str = "localhost", model: Path | None = None,
-                      models_dir: Path | None = None, influence_index: Path | None = None,
-                      allow_server_paths: bool = False) -> list[str]:
+def streamlit_command(
+    port: int = config.APP_PORT,
+    address: str = "localhost",
+    model: Path | None = None,
+    models_dir: Path | None = None,
+    influence_index: Path | None = None,
+    allow_server_paths: bool = False,
+) -> list[str]:
     """The command that serves this app (``wbc app``, the Docker image, the tests), with the options of config.py.
     ``allow_server_paths`` lets visitors type server folders and index paths into the page (off by default: with
     ``--address 0.0.0.0`` any visitor could browse the server's model files)."""
-    options = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
-               for key, value in config.APP_STREAMLIT_OPTIONS.items()]
-    script_args = [f"--{name}={value}" for name, value in
-                   (("model", model), ("models-dir", models_dir), ("influence-index", influence_index)) if value]
+    options = [
+        f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in config.APP_STREAMLIT_OPTIONS.items()
+    ]
+    script_args = [
+        f"--{name}={value}"
+        for name, value in (("model", model), ("models-dir", models_dir), ("influence-index", influence_index))
+        if value
+    ]
     script_args += ["--allow-server-paths"] if allow_server_paths else []
-    return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), f"--server.port={port}",
-            f"--server.address={address}", *options, "--", *script_args]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_SCRIPT),
+        f"--server.port={port}",
+        f"--server.address={address}",
+        *options,
+        "--",
+        *script_args,
+    ]
 
 
 def free_port() -> int:
@@ -51,7 +78,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(command: Sequence[str], url: str, log: Path, timeout: float = 120.0, cwd: Path | None = None) -> Iterator[None]:
+def serving(
+    command: Sequence[str], url: str, log: Path, timeout: float = 120.0, cwd: Path | None = None
+) -> Iterator[None]:
     """Run a command that serves the app (in ``cwd``, output to ``log``) until the block ends; enter once ``url`` is
     healthy.
 
@@ -81,8 +110,14 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def launch(port: int, address: str, model: Path | None, models_dir: Path | None,
-           influence_index: Path | None, allow_server_paths: bool = False) -> NoReturn:
+def launch(
+    port: int,
+    address: str,
+    model: Path | None,
+    models_dir: Path | None,
+    influence_index: Path | None,
+    allow_server_paths: bool = False,
+) -> NoReturn:
     """Become the Streamlit server (exec, not a child process: Ctrl+C and Docker's SIGTERM reach it directly)."""
     if model is not None:
         from wbc_trust.modelfile import read_metadata  # imports torch: only when there is a model to check

@@ -46,7 +46,15 @@ from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import compute_metrics, write_outputs
 from wbc_trust.io import atomic_write, write_json
 from wbc_trust.modelfile import HEAD_CHECKPOINT_PREFIX, load_model, run_manifest, save_model
-from wbc_trust.models import VIEWS, autocast_dtype, build_model, default_img_size, get_arch, predict_probs, prepare_for_cpu
+from wbc_trust.models import (
+    VIEWS,
+    autocast_dtype,
+    build_model,
+    default_img_size,
+    get_arch,
+    predict_probs,
+    prepare_for_cpu,
+)
 from wbc_trust.recipe import TrainConfig, plain, save_recipe
 
 log = logging.getLogger(__name__)
@@ -59,16 +67,24 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     train_transform(cfg.augment)  # an unknown --augment fails now
     unknown = [v for v in cfg.test_views if v not in VIEWS]
     if unknown or not cfg.test_views:
-        raise WbcError(f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
-                       f"use a comma-separated list of {', '.join(VIEWS)}")
+        raise WbcError(
+            f"--test-views: unknown view(s) {', '.join(unknown) or '(none given)'}: "
+            f"use a comma-separated list of {', '.join(VIEWS)}"
+        )
     distributed.resolve_device(cfg.device)
     pretrained = cfg.pretrained if cfg.pretrained is not None else config.DEFAULT_PRETRAINED.get(cfg.arch, "none")
     frozen = cfg.frozen_stages
     if frozen is None:
         frozen = config.DEFAULT_FROZEN_STAGES.get(cfg.arch, 0) if pretrained.lower() != "none" else 0
-    return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), pretrained=pretrained, frozen_stages=frozen,
-                   img_size=cfg.img_size or default_img_size(cfg.arch),
-                   test_views=tuple(cfg.test_views))
+    return replace(
+        cfg,
+        data=Path(cfg.data),
+        out=Path(cfg.out),
+        pretrained=pretrained,
+        frozen_stages=frozen,
+        img_size=cfg.img_size or default_img_size(cfg.arch),
+        test_views=tuple(cfg.test_views),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,14 +112,17 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
     write ``split.json`` (unless ``write`` is False: the other processes of a torchrun job)."""
     index = find_dataset(cfg.data, require_all_classes=True)
     if index.ignored_classes:
-        log.info("left out (not white-cell classes): "
-                 + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items()))
+        log.info(
+            "left out (not white-cell classes): "
+            + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items())
+        )
     pool, fractions, fixed = split_plan(index)
     loaded_pool = load_images(pool, img_size, desc="decoding training images")
     for path, reason in loaded_pool.unreadable:
         log.info(f"skipped unreadable file {path}: {reason}")
-    parts = split_records(loaded_pool.records, loaded_pool.digests, fractions, seed=cfg.seed,
-                          calib_fraction=config.CALIB_FRACTION)
+    parts = split_records(
+        loaded_pool.records, loaded_pool.digests, fractions, seed=cfg.seed, calib_fraction=config.CALIB_FRACTION
+    )
     position = {r.path: i for i, r in enumerate(loaded_pool.records)}
     loaded: dict[str, LoadedImages] = {}
     for name, records in parts.items():
@@ -142,8 +161,9 @@ def eval_batch_size(images: torch.Tensor) -> int:
     return max(1, config.MICRO_BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
 
 
-def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: str = "seed",
-                 ctx: distributed.Context | None = None) -> DataLoader:
+def train_loader(
+    train_set: LoadedImages, batch_size: int, seed: int, augment: str = "seed", ctx: distributed.Context | None = None
+) -> DataLoader:
     """Shuffled, augmented batches straight from the decoded uint8 cache (no file is read again after decoding).
 
     Under torchrun each of the N processes gets ``batch_size / N`` images of every step from a ``DistributedSampler``
@@ -154,13 +174,21 @@ def train_loader(train_set: LoadedImages, batch_size: int, seed: int, augment: s
     drop_last = len(train_set.records) > batch_size
     pin = ctx is not None and ctx.device.type == "cuda"
     if ctx is None or not ctx.distributed:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, pin_memory=pin,
-                          generator=torch.Generator().manual_seed(seed))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(seed),
+        )
     # with both drops, steps per epoch = ⌊⌊n/N⌋ / (b/N)⌋ = ⌊n/b⌋, exactly one process's
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
-                                 drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler, drop_last=drop_last,
-                      pin_memory=pin)
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=drop_last
+    )
+    return DataLoader(
+        dataset, batch_size=batch_size // ctx.world_size, sampler=sampler, drop_last=drop_last, pin_memory=pin
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +233,9 @@ def train_step(
     dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], torch.zeros((), device=labels.device)
-    chunks = list(zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks), sample_weights.tensor_split(n_chunks)))
+    chunks = list(
+        zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks), sample_weights.tensor_split(n_chunks))
+    )
     for i, (x, y, w) in enumerate(chunks):
         with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
             with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
@@ -249,8 +279,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, epochs: int, seed: int,
-                    ctx: distributed.Context) -> dict[str, float]:
+def train_one_epoch(
+    trainer: Trainer, loader: DataLoader, epoch: int, epochs: int, seed: int, ctx: distributed.Context
+) -> dict[str, float]:
     """One pass over the training split; returns its loss and accuracy over all processes."""
     trainer.model.train()
     if ctx.distributed:
@@ -266,9 +297,16 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, epochs: in
         if ctx.distributed:
             local = weight[labels].sum() if weight is not None else torch.tensor(float(len(labels)))
             batch_weight = torch.tensor(ctx.sum(float(local))[0] / ctx.world_size, device=ctx.device)
-        logits, loss = train_step(trainer.network, images, labels, trainer.criterion, trainer.optimizer,
-                                  trainer.amp is not None, trainer.scaler if trainer.scaler.is_enabled() else None,
-                                  batch_weight)
+        logits, loss = train_step(
+            trainer.network,
+            images,
+            labels,
+            trainer.criterion,
+            trainer.optimizer,
+            trainer.amp is not None,
+            trainer.scaler if trainer.scaler.is_enabled() else None,
+            batch_weight,
+        )
         trainer.scheduler.step()
         trainer.ema.update_parameters(trainer.model)
         seen += len(labels)
@@ -324,15 +362,23 @@ def head_checkpoint_tensors(heads: list[dict[str, torch.Tensor]]) -> dict[str, t
     return {f"{HEAD_CHECKPOINT_PREFIX}{i}.{k}": v for i, head in enumerate(heads) for k, v in head.items()}
 
 
-def checkpoint_state(trainer: Trainer, loader: DataLoader, progress: Progress, fingerprint: str,
-                     ctx: distributed.Context) -> dict:
+def checkpoint_state(
+    trainer: Trainer, loader: DataLoader, progress: Progress, fingerprint: str, ctx: distributed.Context
+) -> dict:
     """The per-epoch checkpoint: weights and their average, optimiser, schedule, both random streams (one process:
     augmentation and shuffling; torchrun derives both from seed and epoch) and the run's progress."""
     state = {
-        "model": trainer.model.net.state_dict(), "ema": trainer.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state(), "history": progress.history,
-        "best": progress.best, "stale": progress.stale, "epoch": progress.epoch, "heads": progress.heads,
+        "model": trainer.model.net.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": progress.history,
+        "best": progress.best,
+        "stale": progress.stale,
+        "epoch": progress.epoch,
+        "heads": progress.heads,
         "data_fingerprint": fingerprint,
         "world_size": ctx.world_size,
     }
@@ -359,8 +405,10 @@ def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loa
     if not isinstance(state, dict):
         raise WbcError(f"{not_ours}; start without --resume")
     if state.get("data_fingerprint", fingerprint) != fingerprint:
-        raise WbcError(f"--resume: {checkpoint} belongs to other data (the images or labels changed since the "
-                       "interrupted run); start without --resume")
+        raise WbcError(
+            f"--resume: {checkpoint} belongs to other data (the images or labels changed since the "
+            "interrupted run); start without --resume"
+        )
     try:
         trainer.model.net.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
@@ -376,8 +424,10 @@ def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loa
         log.info(f"resuming after epoch {state['epoch']}")
         return Progress(state["history"], state["best"], state["stale"], state["epoch"], state.get("heads", []))
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise WbcError(f"--resume: {checkpoint} does not fit this run ({exc.__class__.__name__}): resume with the "
-                       "same --arch, --img-size and --batch-size, or start without --resume") from exc
+        raise WbcError(
+            f"--resume: {checkpoint} does not fit this run ({exc.__class__.__name__}): resume with the "
+            "same --arch, --img-size and --batch-size, or start without --resume"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,13 +436,17 @@ def restore_checkpoint(checkpoint: Path, fingerprint: str, trainer: Trainer, loa
 
 
 def _build_trainer(cfg: TrainConfig, train_set: LoadedImages, loader: DataLoader, ctx: distributed.Context) -> Trainer:
-    model = prepare_for_cpu(build_model(cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
-                                        frozen_stages=cfg.frozen_stages)).to(ctx.device)
+    model = prepare_for_cpu(
+        build_model(
+            cfg.arch, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone, frozen_stages=cfg.frozen_stages
+        )
+    ).to(ctx.device)
     # the weights that are validated, saved and shipped: an exponential moving average (BN statistics included),
     # which smooths the epoch-to-epoch swings of the last weights on a small dataset
     ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=config.WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=config.WEIGHT_DECAY
+    )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15
     )
@@ -426,24 +480,30 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> dict:
     if cfg.batch_size % ctx.world_size:
-        raise WbcError(f"--batch-size {cfg.batch_size} is one step's batch of all {ctx.world_size} processes and "
-                       f"must divide evenly among them: use a multiple of {ctx.world_size}")
+        raise WbcError(
+            f"--batch-size {cfg.batch_size} is one step's batch of all {ctx.world_size} processes and "
+            f"must divide evenly among them: use a multiple of {ctx.world_size}"
+        )
     if ctx.is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     with ctx.main_first():  # rank 0 decodes and writes the cache; the others read it
         splits, data_summary = prepare_splits(cfg, cfg.img_size, write=ctx.is_main)
     if ctx.broadcast(_split_digest(splits.split_file)) != _split_digest(splits.split_file):
-        raise WbcError(f"process {ctx.rank} sees other images in {cfg.data} than process 0: every node needs the "
-                       "same data folder (shared storage or identical copies)")
+        raise WbcError(
+            f"process {ctx.rank} sees other images in {cfg.data} than process 0: every node needs the "
+            "same data folder (shared storage or identical copies)"
+        )
     train_set, val_set = splits.loaded["train"], splits.loaded["val"]
     loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.augment, ctx)
     trainer = _build_trainer(cfg, train_set, loader, ctx)
-    log.info(f"{cfg.arch} at {cfg.img_size} px on {ctx.device.type}"
-             + (f" × {ctx.world_size} processes" if ctx.distributed else "")
-             + f", {'fp32' if trainer.amp is None else str(trainer.amp).removeprefix('torch.') + ' autocast'}: "
-             f"{len(train_set.records)} training, {len(val_set.records)} validation, "
-             f"{len(splits.loaded['calib'].records)} calibration images")
+    log.info(
+        f"{cfg.arch} at {cfg.img_size} px on {ctx.device.type}"
+        + (f" × {ctx.world_size} processes" if ctx.distributed else "")
+        + f", {'fp32' if trainer.amp is None else str(trainer.amp).removeprefix('torch.') + ' autocast'}: "
+        f"{len(train_set.records)} training, {len(val_set.records)} validation, "
+        f"{len(splits.loaded['calib'].records)} calibration images"
+    )
     eval_criterion = nn.NLLLoss()
     checkpoint_path, model_path = cfg.out / "checkpoint.pt", cfg.out / "model.safetensors"
     fingerprint = splits.split_file["data_fingerprint"]
@@ -454,7 +514,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
         row = {"epoch": epoch, **train_one_epoch(trainer, loader, epoch, cfg.epochs, cfg.seed, ctx)}
         stop = False
         if ctx.is_main:  # one process validates and decides; its decision is broadcast
-            stop = _finish_epoch(cfg, trainer, loader, progress, row, splits, data_summary, ctx, started, eval_criterion)
+            stop = _finish_epoch(
+                cfg, trainer, loader, progress, row, splits, data_summary, ctx, started, eval_criterion
+            )
         if ctx.broadcast(stop):
             break
 
@@ -462,16 +524,28 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
     if not ctx.is_main:
         return {}
     best = progress.best
-    result = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
-              "train_seconds": progress.history[-1]["seconds"], "world_size": ctx.world_size}
+    result = {
+        "best_epoch": best["epoch"],
+        "val_accuracy": best["val_accuracy"],
+        "val_macro_f1": best["val_macro_f1"],
+        "train_seconds": progress.history[-1]["seconds"],
+        "world_size": ctx.world_size,
+    }
     best_model, best_meta = load_model(model_path)
     calib = splits.loaded["calib"]
     try:
-        result["calibration"] = calibrate_loaded(model_path, prepare_for_cpu(best_model).to(ctx.device), best_meta, calib,
-                                                 f"calibration split of {best_meta['data']['root']} (seed {cfg.seed})")
+        result["calibration"] = calibrate_loaded(
+            model_path,
+            prepare_for_cpu(best_model).to(ctx.device),
+            best_meta,
+            calib,
+            f"calibration split of {best_meta['data']['root']} (seed {cfg.seed})",
+        )
     except WbcError as exc:  # too few calibration images: the model is still usable, without trust flags
         log.info(f"model saved without calibration: {exc}")
-    result["seconds_to_model"] = time.perf_counter() - run_started  # decoding, training, calibration; not the test report
+    result["seconds_to_model"] = (
+        time.perf_counter() - run_started
+    )  # decoding, training, calibration; not the test report
     # written once the run has finished (the model file carries the same settings from its first save on), so that
     # an interrupted run leaves only what --resume needs
     save_recipe(cfg, cfg.out / "args.yaml")
@@ -481,24 +555,47 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, run_started: float) -> di
     return result
 
 
-def _finish_epoch(cfg: TrainConfig, trainer: Trainer, loader: DataLoader, progress: Progress, row: dict,
-                  splits: Splits, data_summary: dict, ctx: distributed.Context, started: float,
-                  eval_criterion: nn.Module) -> bool:
+def _finish_epoch(
+    cfg: TrainConfig,
+    trainer: Trainer,
+    loader: DataLoader,
+    progress: Progress,
+    row: dict,
+    splits: Splits,
+    data_summary: dict,
+    ctx: distributed.Context,
+    started: float,
+    eval_criterion: nn.Module,
+) -> bool:
     """Rank 0 after an epoch: validate the weight average, apply the best-epoch rule, save the model when it is the
     best, write checkpoint, history and curves. Returns whether to stop early."""
     val_loss, val_metrics, _ = _evaluate_split(trainer.ema.module, splits.loaded["val"], eval_criterion)
-    row.update({"val_loss": val_loss, "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
-                "seconds": time.perf_counter() - started})
+    row.update(
+        {
+            "val_loss": val_loss,
+            "val_accuracy": val_metrics["accuracy"],
+            "val_macro_f1": val_metrics["macro_f1"],
+            "seconds": time.perf_counter() - started,
+        }
+    )
     progress.history.append(row)
     progress.best, progress.stale, improved = update_best(progress.best, progress.stale, row, cfg.epochs)
     progress.epoch = row["epoch"]
-    progress.heads.append({k: v.detach().float().cpu().clone() for k, v in trainer.ema.module.last_linear().state_dict().items()})
-    log.info(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-             f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
-             + ("  (best so far, saved)" if improved else ""))
+    progress.heads.append(
+        {k: v.detach().float().cpu().clone() for k, v in trainer.ema.module.last_linear().state_dict().items()}
+    )
+    log.info(
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+        f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}"
+        + ("  (best so far, saved)" if improved else "")
+    )
     if improved:
-        save_model(cfg.out / "model.safetensors", trainer.ema.module, _metadata(cfg, data_summary, splits, row, trainer, ctx),
-                   extra=head_checkpoint_tensors(progress.heads))
+        save_model(
+            cfg.out / "model.safetensors",
+            trainer.ema.module,
+            _metadata(cfg, data_summary, splits, row, trainer, ctx),
+            extra=head_checkpoint_tensors(progress.heads),
+        )
     state = checkpoint_state(trainer, loader, progress, splits.split_file["data_fingerprint"], ctx)
     atomic_write(cfg.out / "checkpoint.pt", lambda f: torch.save(state, f))
     write_json(cfg.out / "history.json", progress.history)
@@ -513,20 +610,24 @@ def _test_report(model_path: Path, loaded: LoadedImages, out: Path, device: torc
     """Evaluate the best saved model on a held-out split; writes the usual evaluation files into ``out``."""
     model, meta = load_model(model_path)
     model.to(device or "cpu")
-    probs = predict_probs(model, loaded.images, batch_size=eval_batch_size(loaded.images),
-                          temperature=Calibration.temperature_of(meta)).numpy()
+    probs = predict_probs(
+        model, loaded.images, batch_size=eval_batch_size(loaded.images), temperature=Calibration.temperature_of(meta)
+    ).numpy()
     y_true = loaded.labels.numpy()
     metrics = compute_metrics(y_true, probs.argmax(1), meta["classes"])
     metrics["n_unreadable"] = len(loaded.unreadable)
     metrics["evaluated"] = f"held-out {out.name} split of the training data"
     write_outputs(out, metrics, probs, loaded.records, y_true, meta["classes"])
-    log.info(f"held-out {out.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-             f"({metrics['n_images']} images) → {out}")
+    log.info(
+        f"held-out {out.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"({metrics['n_images']} images) → {out}"
+    )
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "n_images")}
 
 
-def _metadata(cfg: TrainConfig, data_summary: dict, splits: Splits, best: dict, trainer: Trainer,
-              ctx: distributed.Context) -> dict:
+def _metadata(
+    cfg: TrainConfig, data_summary: dict, splits: Splits, best: dict, trainer: Trainer, ctx: distributed.Context
+) -> dict:
     return {
         "arch": cfg.arch,
         "classes": list(config.CLASSES),
@@ -545,10 +646,15 @@ def _metadata(cfg: TrainConfig, data_summary: dict, splits: Splits, best: dict, 
             "fingerprint": splits.split_file["data_fingerprint"],
         },
         "validation": {k: best[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
-        "training": {**plain(asdict(cfg)), "bf16": trainer.amp is torch.bfloat16,
-                     "autocast": str(trainer.amp).removeprefix("torch.") if trainer.amp else "none",
-                     "device": ctx.device.type, "world_size": ctx.world_size,
-                     "batch_per_process": cfg.batch_size // ctx.world_size, "effective_batch_size": cfg.batch_size},
+        "training": {
+            **plain(asdict(cfg)),
+            "bf16": trainer.amp is torch.bfloat16,
+            "autocast": str(trainer.amp).removeprefix("torch.") if trainer.amp else "none",
+            "device": ctx.device.type,
+            "world_size": ctx.world_size,
+            "batch_per_process": cfg.batch_size // ctx.world_size,
+            "effective_batch_size": cfg.batch_size,
+        },
         "test_views": list(cfg.test_views),
         "credit": config.PBC_CREDIT,
         "manifest": run_manifest(),

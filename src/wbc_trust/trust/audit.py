@@ -50,8 +50,9 @@ def _check_file(path: Path, root: Path, label: str) -> FileCheck:
         image = read_image(data)
     except UnreadableImage as exc:
         return FileCheck(relative, label, digest, None, str(exc))
-    return FileCheck(relative, label, digest, int(str(imagehash.phash(image, hash_size=config.AUDIT_PHASH_SIZE)), 16),
-                     None)
+    return FileCheck(
+        relative, label, digest, int(str(imagehash.phash(image, hash_size=config.AUDIT_PHASH_SIZE)), 16), None
+    )
 
 
 def _exact_duplicates(checks: list[FileCheck]) -> list[dict]:
@@ -61,9 +62,13 @@ def _exact_duplicates(checks: list[FileCheck]) -> list[dict]:
         if check.sha256:
             groups[check.sha256].append(check)
     found = [
-        {"sha256": digest, "labels": sorted({c.label for c in members}),
-         "files": [{"path": c.path, "label": c.label} for c in members]}
-        for digest, members in groups.items() if len(members) > 1
+        {
+            "sha256": digest,
+            "labels": sorted({c.label for c in members}),
+            "files": [{"path": c.path, "label": c.label} for c in members],
+        }
+        for digest, members in groups.items()
+        if len(members) > 1
     ]
     return sorted(found, key=lambda g: (-len(g["files"]), g["files"][0]["path"]))
 
@@ -79,12 +84,17 @@ def _near_duplicates(checks: list[FileCheck], max_distance: int) -> list[dict]:
     hashes = np.array([c.phash for c in readable], dtype=np.uint64)
     pairs = []
     for i in range(len(readable) - 1):
-        distances = np.bitwise_count(hashes[i + 1:] ^ hashes[i])
+        distances = np.bitwise_count(hashes[i + 1 :] ^ hashes[i])
         for j in np.nonzero(distances <= max_distance)[0] + i + 1:
             a, b = readable[i], readable[j]
             if a.sha256 != b.sha256:
-                pairs.append({"files": [{"path": a.path, "label": a.label}, {"path": b.path, "label": b.label}],
-                              "distance": int(distances[j - i - 1]), "same_label": a.label == b.label})
+                pairs.append(
+                    {
+                        "files": [{"path": a.path, "label": a.label}, {"path": b.path, "label": b.label}],
+                        "distance": int(distances[j - i - 1]),
+                        "same_label": a.label == b.label,
+                    }
+                )
     return sorted(pairs, key=lambda p: (p["distance"], p["files"][0]["path"]))
 
 
@@ -94,8 +104,14 @@ def run_audit(data: Path, out: Path) -> dict:
     index = find_dataset(data, require_all_classes=False)
     records = [r for split in index.splits.values() for r in split]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        checks = list(tqdm(pool.map(lambda r: _check_file(r.path, index.root, config.CLASSES[r.label]), records),
-                           total=len(records), desc="auditing files", unit="file"))
+        checks = list(
+            tqdm(
+                pool.map(lambda r: _check_file(r.path, index.root, config.CLASSES[r.label]), records),
+                total=len(records),
+                desc="auditing files",
+                unit="file",
+            )
+        )
     usable = [c for c in checks if c.problem is None]
     counts = Counter(c.label for c in usable)
     class_counts = {c: counts.get(c, 0) for c in config.CLASSES}
@@ -126,21 +142,28 @@ def format_summary(result: dict, max_listed: int = 10) -> str:
     """The audit as a person reads it: counts first, then the files to look at."""
     lines = [
         f"{result['n_files']} files in {result['root']}, {result['n_readable']} readable images",
-        "class balance: " + ", ".join(f"{c} {n}" for c, n in result["class_counts"].items())
+        "class balance: "
+        + ", ".join(f"{c} {n}" for c, n in result["class_counts"].items())
         + (f" (largest/smallest {result['imbalance_ratio']:.1f}x)" if result["imbalance_ratio"] else ""),
         f"unreadable files: {len(result['unreadable'])}",
         *[f"  {u['path']}: {u['reason']}" for u in result["unreadable"][:max_listed]],
         f"exact duplicates: {len(result['exact_duplicates'])} groups ({result['n_redundant_copies']} redundant copies)",
         f"duplicates under different labels: {len(result['conflicting_labels'])}",
-        *["  " + " == ".join(f"{f['path']} ({f['label']})" for f in g["files"])
-          for g in result["conflicting_labels"][:max_listed]],
+        *[
+            "  " + " == ".join(f"{f['path']} ({f['label']})" for f in g["files"])
+            for g in result["conflicting_labels"][:max_listed]
+        ],
         f"near-duplicates (perceptual hash within {result['near_duplicate_max_distance']} bits): "
         f"{len(result['near_duplicates'])} pairs, "
         f"{sum(not p['same_label'] for p in result['near_duplicates'])} with different labels",
-        *["  " + " ~ ".join(f"{f['path']} ({f['label']})" for f in p["files"]) + f"  distance {p['distance']}"
-          for p in result["near_duplicates"][:max_listed]],
+        *[
+            "  " + " ~ ".join(f"{f['path']} ({f['label']})" for f in p["files"]) + f"  distance {p['distance']}"
+            for p in result["near_duplicates"][:max_listed]
+        ],
     ]
     if result["ignored_folders"]:
-        lines.append("folders left out (not white-cell classes): "
-                     + ", ".join(f"{k} ({v} files)" for k, v in result["ignored_folders"].items()))
+        lines.append(
+            "folders left out (not white-cell classes): "
+            + ", ".join(f"{k} ({v} files)" for k, v in result["ignored_folders"].items())
+        )
     return "\n".join(lines)

@@ -14,8 +14,11 @@ import typer
 from wbc_trust.cli_options import ModelOption, ModelsOption
 from wbc_trust.trust.methods import INPUTS, TRUST_METHODS, TrustMethod
 
-trust_app = typer.Typer(no_args_is_help=True, help="Audit how far to trust a model: robustness, Grad-CAM, Fisher "
-                                                   "sensitivity, influence, calibration, one report.")
+trust_app = typer.Typer(
+    no_args_is_help=True,
+    help="Audit how far to trust a model: robustness, Grad-CAM, Fisher "
+    "sensitivity, influence, calibration, one report.",
+)
 
 
 def input_option(name: str, required: bool | None = None, help: str | None = None) -> Any:
@@ -31,8 +34,12 @@ MaxImagesOption = input_option("max_images")
 
 
 def _parameter(name: str, annotation: Any, required: bool) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=inspect.Parameter.empty if required else None)
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=inspect.Parameter.empty if required else None,
+    )
 
 
 def _show(method: TrustMethod, summary: dict) -> None:
@@ -85,8 +92,9 @@ for _method in TRUST_METHODS:
         _register(_method)
 
 
-ReportTrainDataOption = input_option("train_data", required=False,
-                                     help="the model's training folder: adds the data audit and influence")
+ReportTrainDataOption = input_option(
+    "train_data", required=False, help="the model's training folder: adds the data audit and influence"
+)
 
 
 @trust_app.command("report")

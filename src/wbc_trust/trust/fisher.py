@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from wbc_trust import config, plots
 from wbc_trust.data import to_unit
+from wbc_trust.evaluate import load_test_images
 from wbc_trust.io import write_csv, write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier
-from wbc_trust.evaluate import load_test_images
 
 _BATCH = 16  # per-sample gradients hold one copy of the weights per image: 16 × 3.4 M floats for EfficientNet-Lite0
 
@@ -62,8 +62,11 @@ def sensitivity_scores(model: WbcClassifier, images: torch.Tensor, labels: np.nd
         probs.append(p)
         el2n.append(el2n_squared(p, y))
         grad_norm2.append(per_sample_grad_norms(model, x, y))
-    return {"probs": torch.cat(probs).numpy(), "el2n_squared": torch.cat(el2n).numpy(),
-            "grad_norm2": torch.cat(grad_norm2).numpy()}
+    return {
+        "probs": torch.cat(probs).numpy(),
+        "el2n_squared": torch.cat(el2n).numpy(),
+        "grad_norm2": torch.cat(grad_norm2).numpy(),
+    }
 
 
 def wrong_vs_right_auroc(scores: np.ndarray, wrong: np.ndarray) -> float | None:
@@ -73,12 +76,24 @@ def wrong_vs_right_auroc(scores: np.ndarray, wrong: np.ndarray) -> float | None:
     return float(roc_auc_score(wrong, scores))
 
 
-def write_fisher_csv(path: Path, records: list, labels: np.ndarray, predictions: np.ndarray, el2n: np.ndarray,
-                     grad_norm2: np.ndarray, classes: list[str]) -> None:
+def write_fisher_csv(
+    path: Path,
+    records: list,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    el2n: np.ndarray,
+    grad_norm2: np.ndarray,
+    classes: list[str],
+) -> None:
     """fisher.csv: path,label,prediction,el2n_squared,grad_norm2 (sorted by grad_norm2, highest first)."""
-    write_csv(path, ([records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}",
-                      f"{grad_norm2[i]:.6g}"] for i in np.argsort(-grad_norm2, kind="stable")),
-              ["path", "label", "prediction", "el2n_squared", "grad_norm2"])
+    write_csv(
+        path,
+        (
+            [records[i].path, classes[labels[i]], classes[predictions[i]], f"{el2n[i]:.6g}", f"{grad_norm2[i]:.6g}"]
+            for i in np.argsort(-grad_norm2, kind="stable")
+        ),
+        ["path", "label", "prediction", "el2n_squared", "grad_norm2"],
+    )
 
 
 def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int | None = None) -> dict:
@@ -106,7 +121,7 @@ def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int |
             "el2n_squared": "||softmax - onehot(label)||^2: squared EL2N (Paul et al. 2021), the seed project's score",
             "grad_norm2": "||grad_theta cross-entropy(x, label)||^2 over all weights (torch.func vmap + grad)",
             "note": "both need the true label: they rank hard or mislabelled images, they cannot flag an unlabelled "
-                    "one; '1 - confidence' is the label-free baseline",
+            "one; '1 - confidence' is the label-free baseline",
         },
         "empirical_fisher_trace": float(grad_norm2.mean()),
         "auroc_wrong_vs_right": {name: wrong_vs_right_auroc(s, wrong) for name, s in named.items()},
@@ -115,13 +130,22 @@ def run_fisher(model_path: Path | None, data: Path, out: Path, max_images: int |
     }
     write_json(out / "fisher.json", summary)
     auroc = summary["auroc_wrong_vs_right"]
-    plots.score_distributions([("squared EL2N ‖softmax − onehot‖²", el2n, auroc["el2n_squared"]),
-                               ("gradient norm² ‖∇θ L‖²", grad_norm2, auroc["grad_norm2"])],
-                              wrong, out / "fisher_scores.png")
+    plots.score_distributions(
+        [
+            ("squared EL2N ‖softmax − onehot‖²", el2n, auroc["el2n_squared"]),
+            ("gradient norm² ‖∇θ L‖²", grad_norm2, auroc["grad_norm2"]),
+        ],
+        wrong,
+        out / "fisher_scores.png",
+    )
     top = np.argsort(-grad_norm2, kind="stable")[: config.FISHER_GALLERY]
     plots.image_gallery(
         [test.images[i].permute(1, 2, 0).numpy() for i in top],
-        [f"{classes[test.labels[i]]} → {classes[predictions[i]]}\n‖∇‖² {grad_norm2[i]:.3g}, EL2N² {el2n[i]:.2f}"
-         for i in top],
-        out / "fisher_top.png", title="Highest Fisher sensitivity (true → predicted class)")
+        [
+            f"{classes[test.labels[i]]} → {classes[predictions[i]]}\n‖∇‖² {grad_norm2[i]:.3g}, EL2N² {el2n[i]:.2f}"
+            for i in top
+        ],
+        out / "fisher_top.png",
+        title="Highest Fisher sensitivity (true → predicted class)",
+    )
     return summary

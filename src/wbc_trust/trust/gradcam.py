@@ -29,11 +29,11 @@ from tqdm import tqdm
 from wbc_trust import config, plots
 from wbc_trust.calibration import Calibration
 from wbc_trust.data import to_unit
-from wbc_trust.io import write_json
 from wbc_trust.errors import WbcError
+from wbc_trust.evaluate import LabelledImages, load_test_images
+from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs
-from wbc_trust.evaluate import LabelledImages, load_test_images
 
 #: The CAM methods a user may ask for, by name.
 CAM_METHODS: dict[str, type[BaseCAM]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
@@ -47,8 +47,9 @@ def cam_method(name: str) -> type[BaseCAM]:
         raise WbcError(f"unknown Grad-CAM method {name!r}: choose one of {', '.join(CAM_METHODS)}") from None
 
 
-def compute_cams(model: WbcClassifier, images: torch.Tensor, targets: list[int] | None = None,
-                 method: str = "gradcam++") -> np.ndarray:
+def compute_cams(
+    model: WbcClassifier, images: torch.Tensor, targets: list[int] | None = None, method: str = "gradcam++"
+) -> np.ndarray:
     """Heat maps (N×S×S, each scaled to [0, 1]) for uint8 images N×3×S×S; ``targets`` None = the predicted class."""
     x = to_unit(images)
     cam_targets = [ClassifierOutputTarget(int(t)) for t in targets] if targets is not None else None
@@ -62,8 +63,9 @@ def overlay(image: torch.Tensor, heatmap: np.ndarray) -> np.ndarray:
     return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=0.6)
 
 
-def gradcam_overlay(model: WbcClassifier, image: torch.Tensor, target: int | None = None,
-                    method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+def gradcam_overlay(
+    model: WbcClassifier, image: torch.Tensor, target: int | None = None, method: str = "gradcam"
+) -> tuple[np.ndarray, np.ndarray]:
     """One image's heat map (float S×S in [0, 1]) and its overlay (uint8 S×S×3); ``target`` None = predicted class.
 
     Plain Grad-CAM by default: on the default model it passes the model-randomisation check (maps of a re-initialised
@@ -134,20 +136,23 @@ def sanity_checks(model: WbcClassifier, test: LabelledImages, predictions: np.nd
     randomisation = {}
     for method in CAM_METHODS:
         rhos = rank_correlations(maps[method], compute_cams(random_model, images, targets, method))
-        randomisation[method] = {"spearman_mean": float(rhos.mean()), "spearman_median": float(np.median(rhos)),
-                                 "passes": bool(rhos.mean() < config.RANDOMISATION_MAX_SPEARMAN)}
+        randomisation[method] = {
+            "spearman_mean": float(rhos.mean()),
+            "spearman_median": float(np.median(rhos)),
+            "passes": bool(rhos.mean() < config.RANDOMISATION_MAX_SPEARMAN),
+        }
     baseline = faithfulness["random map (baseline)"]["mean"]
     return {
         "n_check_images": len(chosen),
         "faithfulness": {
             "metric": f"ROAD combined (Rong et al. 2022), percentiles {list(config.ROAD_PERCENTILES)}, target = "
-                      "softmax probability of the predicted class; higher = more faithful",
+            "softmax probability of the predicted class; higher = more faithful",
             "scores": faithfulness,
             "beats_random_map": {m: faithfulness[m]["mean"] > baseline for m in CAM_METHODS},
         },
         "model_randomisation": {
             "test": "Adebayo et al. 2018: all weights re-initialised; Spearman rank correlation of each image's map "
-                    "with the trained model's map (same target class)",
+            "with the trained model's map (same target class)",
             "pass_if_mean_below": config.RANDOMISATION_MAX_SPEARMAN,
             "methods": randomisation,
         },
@@ -172,8 +177,16 @@ def gallery_picks(test: LabelledImages, predictions: np.ndarray, confidence: np.
     return [int(i) for i in correct[: config.GRADCAM_GALLERY]], [int(i) for i in wrong[: config.GRADCAM_GALLERY]]
 
 
-def write_gallery(model: WbcClassifier, test: LabelledImages, picks: list[int], predictions: np.ndarray,
-                  confidence: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+def write_gallery(
+    model: WbcClassifier,
+    test: LabelledImages,
+    picks: list[int],
+    predictions: np.ndarray,
+    confidence: np.ndarray,
+    classes: list[str],
+    path: Path,
+    title: str,
+) -> None:
     """Per image three panels: the image (caption: true class, prediction, confidence), Grad-CAM, Grad-CAM++."""
     images, captions = [], []
     if picks:
@@ -183,8 +196,11 @@ def write_gallery(model: WbcClassifier, test: LabelledImages, picks: list[int], 
         for row, i in enumerate(picks):
             image = test.images[i]
             images += [image.permute(1, 2, 0).numpy(), *(overlay(image, overlays[m][row]) for m in CAM_METHODS)]
-            captions += [f"true {classes[test.labels[i]]}\npredicted {classes[predictions[i]]} ({confidence[i]:.0%})",
-                         "Grad-CAM", "Grad-CAM++"]
+            captions += [
+                f"true {classes[test.labels[i]]}\npredicted {classes[predictions[i]]} ({confidence[i]:.0%})",
+                "Grad-CAM",
+                "Grad-CAM++",
+            ]
     plots.image_gallery(images, captions, path, columns=6, title=title)
 
 
@@ -200,11 +216,28 @@ def run_gradcam(model_path: Path | None, data: Path, out: Path, max_images: int 
     predictions, confidence = probs.argmax(1), probs.max(1)
     correct, wrong = gallery_picks(test, predictions, confidence)
     n_wrong = int((predictions != test.labels).sum())
-    write_gallery(model, test, correct, predictions, confidence, classes, out / "gradcam_correct.png",
-                  "Correct predictions: where the model looked (map of the predicted class)")
-    write_gallery(model, test, wrong, predictions, confidence, classes, out / "gradcam_wrong.png",
-                  f"Wrong predictions, most confident first ({n_wrong} of {len(predictions)})" if n_wrong
-                  else f"No wrong predictions among {len(predictions)} images")
+    write_gallery(
+        model,
+        test,
+        correct,
+        predictions,
+        confidence,
+        classes,
+        out / "gradcam_correct.png",
+        "Correct predictions: where the model looked (map of the predicted class)",
+    )
+    write_gallery(
+        model,
+        test,
+        wrong,
+        predictions,
+        confidence,
+        classes,
+        out / "gradcam_wrong.png",
+        f"Wrong predictions, most confident first ({n_wrong} of {len(predictions)})"
+        if n_wrong
+        else f"No wrong predictions among {len(predictions)} images",
+    )
     summary = {
         "model": str(model_path) if model_path else "default",
         "arch": meta["arch"],

@@ -62,9 +62,9 @@ from wbc_trust.data import (
     model_split,
     to_unit,
 )
-from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
+from wbc_trust.io import atomic_write, write_csv, write_json
 from wbc_trust.modelfile import head_checkpoints, load_model
 from wbc_trust.models import WbcClassifier, autocast, prepare_for_cpu
 
@@ -79,16 +79,18 @@ def last_linear(model: WbcClassifier) -> nn.Linear:
 
 
 @torch.no_grad()  # not inference_mode: captum differentiates through these features later
-def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = config.INFLUENCE_BATCH_SIZE,
-                     desc: str = "features") -> torch.Tensor:
+def extract_features(
+    model: nn.Module, images: torch.Tensor, batch_size: int = config.INFLUENCE_BATCH_SIZE, desc: str = "features"
+) -> torch.Tensor:
     """The inputs of the last linear layer (N×D float32) for uint8 images, in eval mode, under bf16 where native."""
     model = prepare_for_cpu(model.eval())
     captured: list[torch.Tensor] = []
     handle = last_linear(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].float()))
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
-                          disable=len(images) <= batch_size):
-            batch = to_unit(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        for start in tqdm(
+            range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=len(images) <= batch_size
+        ):
+            batch = to_unit(images[start : start + batch_size]).contiguous(memory_format=torch.channels_last)
             with autocast():
                 model(batch)
     finally:
@@ -103,8 +105,14 @@ def _fresh_head(weights: dict[str, torch.Tensor]) -> nn.Linear:
     return head
 
 
-def replay_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, epochs: int = config.INFLUENCE_REPLAY_EPOCHS,
-                lr: float = config.INFLUENCE_REPLAY_LR, seed: int = config.SEED) -> list[dict[str, torch.Tensor]]:
+def replay_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    epochs: int = config.INFLUENCE_REPLAY_EPOCHS,
+    lr: float = config.INFLUENCE_REPLAY_LR,
+    seed: int = config.SEED,
+) -> list[dict[str, torch.Tensor]]:
     """Retrain a fresh last layer on fixed features and keep its weights after every epoch: TracIn's checkpoints.
 
     Plain minibatch AdamW on cross-entropy, seeded; a few seconds for thousands of images.
@@ -152,12 +160,20 @@ class InfluenceIndex:
 
     def save(self, path: Path) -> None:
         """One safetensors file (tensors only, so loading it can never run code) with the paths in its metadata."""
-        tensors = {"features": self.features.contiguous(), "labels": self.labels.contiguous(),
-                   **{f"final.{k}": v.contiguous() for k, v in self.final_head.items()}}
+        tensors = {
+            "features": self.features.contiguous(),
+            "labels": self.labels.contiguous(),
+            **{f"final.{k}": v.contiguous() for k, v in self.final_head.items()},
+        }
         for i, state in enumerate(self.checkpoints):
             tensors.update({f"checkpoint{i}.{k}": v.contiguous() for k, v in state.items()})
-        meta = {"paths": self.paths, "classes": self.classes, "img_size": self.img_size,
-                "n_checkpoints": len(self.checkpoints), "replay_lr": config.INFLUENCE_REPLAY_LR}
+        meta = {
+            "paths": self.paths,
+            "classes": self.classes,
+            "img_size": self.img_size,
+            "n_checkpoints": len(self.checkpoints),
+            "replay_lr": config.INFLUENCE_REPLAY_LR,
+        }
         blob = save_safetensors(tensors, metadata={"wbc_trust_influence": json.dumps(meta)})
         atomic_write(Path(path), lambda f: f.write(blob))
 
@@ -174,11 +190,15 @@ class InfluenceIndex:
         except Exception as exc:
             raise WbcError(f"{path} is not an influence index ({exc}): rebuild it with `wbc trust influence`") from exc
         return cls(
-            paths=meta["paths"], labels=tensors["labels"], features=tensors["features"],
+            paths=meta["paths"],
+            labels=tensors["labels"],
+            features=tensors["features"],
             final_head={k: tensors[f"final.{k}"] for k in ("weight", "bias")},
-            checkpoints=[{k: tensors[f"checkpoint{i}.{k}"] for k in ("weight", "bias")}
-                         for i in range(meta["n_checkpoints"])],
-            classes=meta["classes"], img_size=meta["img_size"],
+            checkpoints=[
+                {k: tensors[f"checkpoint{i}.{k}"] for k in ("weight", "bias")} for i in range(meta["n_checkpoints"])
+            ],
+            classes=meta["classes"],
+            img_size=meta["img_size"],
         )
 
     def tracer(self, method: str) -> TracInCPFast:
@@ -190,9 +210,15 @@ class InfluenceIndex:
             net[0].load_state_dict(state)
             return rate
 
-        return TracInCPFast(model, model[0], TensorDataset(self.features, self.labels), checkpoints,
-                            checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                            batch_size=config.INFLUENCE_TRAIN_CHUNK)
+        return TracInCPFast(
+            model,
+            model[0],
+            TensorDataset(self.features, self.labels),
+            checkpoints,
+            checkpoints_load_func=load_checkpoint,
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            batch_size=config.INFLUENCE_TRAIN_CHUNK,
+        )
 
     def self_influence(self, method: str = "tracin") -> torch.Tensor:
         """Per training image, Σ_t η_t ‖g(t)‖² (TracIn) or ‖g‖² at the final model (grad_dot): high = suspicious."""
@@ -217,12 +243,14 @@ class InfluenceIndex:
         states, rate = self._trajectory(method)
         if method not in self._train_residuals:
             self._train_residuals[method] = [_residuals(s, self.features, self.labels) for s in states]
-        products = sum(_residuals(s, features, labels) @ train.T
-                       for s, train in zip(states, self._train_residuals[method]))
+        products = sum(
+            _residuals(s, features, labels) @ train.T for s, train in zip(states, self._train_residuals[method])
+        )
         return rate * products * (features @ self.features.T)
 
-    def top_k(self, features: torch.Tensor, labels: torch.Tensor, k: int,
-              method: str = "tracin") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def top_k(
+        self, features: torch.Tensor, labels: torch.Tensor, k: int, method: str = "tracin"
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """For each query (features, label), the k most helpful and most harmful training images.
 
         Scores follow Koh & Liang's sign: the estimated change of the query's loss when the training image is
@@ -237,13 +265,21 @@ class InfluenceIndex:
         """Refuse an index built for another model: its features and checkpoints would be meaningless."""
         weights = {k: v.detach().float() for k, v in last_linear(model).state_dict().items()}
         if _fingerprint(weights) != _fingerprint(self.final_head):
-            raise WbcError("the influence index was built for another model: rebuild it with `wbc trust influence "
-                           "--model <this model>`")
+            raise WbcError(
+                "the influence index was built for another model: rebuild it with `wbc trust influence "
+                "--model <this model>`"
+            )
 
 
-def build_index(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, paths: Sequence[str],
-                classes: Sequence[str], img_size: int,
-                checkpoints: list[dict[str, torch.Tensor]] | None = None) -> InfluenceIndex:
+def build_index(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    paths: Sequence[str],
+    classes: Sequence[str],
+    img_size: int,
+    checkpoints: list[dict[str, torch.Tensor]] | None = None,
+) -> InfluenceIndex:
     """One forward pass over the training images (no backward, no augmentation), then TracIn's checkpoints: the
     model's own last layer after each training epoch when ``wbc train`` stored them in the model file
     (``modelfile.head_checkpoints``: influence then explains the model's real training), else a few seconds of
@@ -252,13 +288,24 @@ def build_index(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pa
     final = {k: v.detach().float().clone() for k, v in last_linear(model).state_dict().items()}
     if not checkpoints:
         checkpoints = replay_head(features, labels.long(), len(classes))
-    return InfluenceIndex(paths=list(paths), labels=labels.long(), features=features, final_head=final,
-                          checkpoints=[{k: v.float() for k, v in c.items()} for c in checkpoints],
-                          classes=list(classes), img_size=img_size)
+    return InfluenceIndex(
+        paths=list(paths),
+        labels=labels.long(),
+        features=features,
+        final_head=final,
+        checkpoints=[{k: v.float() for k, v in c.items()} for c in checkpoints],
+        classes=list(classes),
+        img_size=img_size,
+    )
 
 
-def influential_training_images(model: nn.Module, image: torch.Tensor, index: InfluenceIndex,
-                                k: int = config.INFLUENCE_TOP_K, method: str = "tracin") -> dict:
+def influential_training_images(
+    model: nn.Module,
+    image: torch.Tensor,
+    index: InfluenceIndex,
+    k: int = config.INFLUENCE_TOP_K,
+    method: str = "tracin",
+) -> dict:
     """For one uint8 image (3×S×S, as ``Predictor.to_tensor`` gives it): the k training images that most supported
     and most opposed the model's answer. The image has no label, so influence is measured on the predicted class.
 
@@ -268,13 +315,17 @@ def influential_training_images(model: nn.Module, image: torch.Tensor, index: In
     features = extract_features(model, image[None])
     prediction = _fresh_head(index.final_head)(features).argmax(1)
     found = index.top_k(features, prediction, k, method)
-    return {"prediction": index.classes[int(prediction)],
-            **{kind: _described(index, idx[0], scores[0]) for kind, (idx, scores) in found.items()}}
+    return {
+        "prediction": index.classes[int(prediction)],
+        **{kind: _described(index, idx[0], scores[0]) for kind, (idx, scores) in found.items()},
+    }
 
 
 def _described(index: InfluenceIndex, idx: torch.Tensor, scores: torch.Tensor) -> list[dict]:
-    return [{"path": index.paths[int(i)], "label": index.classes[int(index.labels[i])], "score": float(s)}
-            for i, s in zip(idx, scores)]
+    return [
+        {"path": index.paths[int(i)], "label": index.classes[int(index.labels[i])], "score": float(s)}
+        for i, s in zip(idx, scores)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,8 +371,15 @@ def found_in_top(scores: np.ndarray, flagged: np.ndarray, fraction: float = 0.1)
     return float(flagged[top].mean())
 
 
-def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data: Path, max_train: int | None = None,
-                  max_test: int | None = None) -> dict:
+def run_influence(
+    model_path: Path | None,
+    data: Path,
+    out: Path,
+    *,
+    train_data: Path,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> dict:
     """Rank the training images of ``train_data`` by self-influence and explain each test image of ``data`` by its
     most helpful and harmful training images. Writes train_influence.csv, test_influence.json, influence_curve.png,
     influence_harmful.png and the reusable influence_index.safetensors into ``out``; returns a summary."""
@@ -330,8 +388,11 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
     classes, size = meta["classes"], meta["img_size"]
     train_index = find_dataset(train_data, require_all_classes=False)
     train = load_images(_subsample(training_records(train_index, meta), max_train), size, desc="training images")
-    test = load_images(_subsample(choose_records(find_dataset(data, require_all_classes=False), meta).records,
-                                  max_test), size, desc="test images")
+    test = load_images(
+        _subsample(choose_records(find_dataset(data, require_all_classes=False), meta).records, max_test),
+        size,
+        desc="test images",
+    )
     if not train.records or not test.records:
         raise WbcError(f"no readable images in {train_data if not train.records else data}: pass labelled folders")
     train_labels = torch.from_numpy(model_labels(train.records, classes))
@@ -356,22 +417,33 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
     started = time.perf_counter()
     explained = _explain_tests(index, test.records, test_features, test_labels, head)
     query_seconds = (time.perf_counter() - started) / len(test.records)
-    write_json(out / "test_influence.json", {
-        "method": "TracInCP (captum TracInCPFast) over the replayed last-layer checkpoints; grad_dot_* = "
-                  "−g_train·g_test at the final model",
-        "score": "estimated change of the test image's loss if the training image were up-weighted: "
-                 "negative = helpful, positive = harmful",
-        "images": explained,
-    })
+    write_json(
+        out / "test_influence.json",
+        {
+            "method": "TracInCP (captum TracInCPFast) over the replayed last-layer checkpoints; grad_dot_* = "
+            "−g_train·g_test at the final model",
+            "score": "estimated change of the test image's loss if the training image were up-weighted: "
+            "negative = helpful, positive = harmful",
+            "images": explained,
+        },
+    )
 
     # On real data nobody knows which labels are wrong; the training images the model itself disagrees with are the
     # best available stand-in for "should be inspected".
     flagged = (predictions != train_labels).numpy()
-    curves = {name: found_curve(s, flagged) for name, s in
-              (("TracInCP self-influence", scores["tracin"]), ("‖g‖² at the final model", scores["grad_dot"]),
-               ("loss", loss))}
-    plots.influence_curve(curves, out / "influence_curve.png",
-                          title=f"{int(flagged.sum())} of {len(flagged)} training images disagree with the model")
+    curves = {
+        name: found_curve(s, flagged)
+        for name, s in (
+            ("TracInCP self-influence", scores["tracin"]),
+            ("‖g‖² at the final model", scores["grad_dot"]),
+            ("loss", loss),
+        )
+    }
+    plots.influence_curve(
+        curves,
+        out / "influence_curve.png",
+        title=f"{int(flagged.sum())} of {len(flagged)} training images disagree with the model",
+    )
     _harmful_gallery(index, train.images, scores["tracin"], predictions, out / "influence_harmful.png")
     order = np.argsort(-scores["tracin"], kind="stable")
     return {
@@ -379,39 +451,63 @@ def run_influence(model_path: Path | None, data: Path, out: Path, *, train_data:
         "n_train": len(train.records),
         "n_test": len(test.records),
         "n_checkpoints": len(index.checkpoints),
-        "checkpoints": ("the model's last layer after each training epoch" if trained_heads
-                        else "replayed: the model file stores no training checkpoints"),
+        "checkpoints": (
+            "the model's last layer after each training epoch"
+            if trained_heads
+            else "replayed: the model file stores no training checkpoints"
+        ),
         "index_build_seconds": round(build_seconds, 2),
         "seconds_per_query": round(query_seconds, 4),
         "n_disagreeing_train": int(flagged.sum()),
-        "disagreeing_in_top_10pct": {"tracin": found_in_top(scores["tracin"], flagged),
-                                     "grad_dot": found_in_top(scores["grad_dot"], flagged),
-                                     "loss": found_in_top(loss, flagged)} if flagged.any() else None,
-        "most_harmful": [index.paths[i] for i in order[:config.INFLUENCE_GALLERY]],
+        "disagreeing_in_top_10pct": {
+            "tracin": found_in_top(scores["tracin"], flagged),
+            "grad_dot": found_in_top(scores["grad_dot"], flagged),
+            "loss": found_in_top(loss, flagged),
+        }
+        if flagged.any()
+        else None,
+        "most_harmful": [index.paths[i] for i in order[: config.INFLUENCE_GALLERY]],
         "unreadable": [str(p) for p, _ in train.unreadable + test.unreadable],
     }
 
 
-def _write_train_csv(path: Path, index: InfluenceIndex, scores: dict[str, np.ndarray], predictions: torch.Tensor) -> None:
-    write_csv(path, ([index.paths[i], index.classes[int(index.labels[i])], f"{scores['tracin'][i]:.6g}",
-                      index.classes[int(predictions[i])], f"{scores['grad_dot'][i]:.6g}"]
-                     for i in np.argsort(-scores["tracin"], kind="stable")),
-              ["path", "label", "score", "prediction", "grad_dot_self_influence"])
+def _write_train_csv(
+    path: Path, index: InfluenceIndex, scores: dict[str, np.ndarray], predictions: torch.Tensor
+) -> None:
+    write_csv(
+        path,
+        (
+            [
+                index.paths[i],
+                index.classes[int(index.labels[i])],
+                f"{scores['tracin'][i]:.6g}",
+                index.classes[int(predictions[i])],
+                f"{scores['grad_dot'][i]:.6g}",
+            ]
+            for i in np.argsort(-scores["tracin"], kind="stable")
+        ),
+        ["path", "label", "score", "prediction", "grad_dot_self_influence"],
+    )
 
 
-def _explain_tests(index: InfluenceIndex, records: Sequence[Record], features: torch.Tensor, labels: torch.Tensor,
-                   head: nn.Linear) -> list[dict]:
+def _explain_tests(
+    index: InfluenceIndex, records: Sequence[Record], features: torch.Tensor, labels: torch.Tensor, head: nn.Linear
+) -> list[dict]:
     """Top-k helpful and harmful training images per test image, by both methods."""
     with torch.no_grad():
         predictions = head(features).argmax(1)
     explained = []
-    for start in tqdm(range(0, len(records), config.INFLUENCE_BATCH_SIZE), desc="explaining test images",
-                      unit="batch", leave=False):
+    for start in tqdm(
+        range(0, len(records), config.INFLUENCE_BATCH_SIZE), desc="explaining test images", unit="batch", leave=False
+    ):
         stop = start + config.INFLUENCE_BATCH_SIZE
         found = {m: index.top_k(features[start:stop], labels[start:stop], config.INFLUENCE_TOP_K, m) for m in METHODS}
         for j, record in enumerate(records[start:stop]):
-            row = {"path": str(record.path), "label": index.classes[int(labels[start + j])],
-                   "prediction": index.classes[int(predictions[start + j])]}
+            row = {
+                "path": str(record.path),
+                "label": index.classes[int(labels[start + j])],
+                "prediction": index.classes[int(predictions[start + j])],
+            }
             for method, by_kind in found.items():
                 prefix = "" if method == "tracin" else f"{method}_"
                 for kind, (idx, scores) in by_kind.items():
@@ -420,12 +516,17 @@ def _explain_tests(index: InfluenceIndex, records: Sequence[Record], features: t
     return explained
 
 
-def _harmful_gallery(index: InfluenceIndex, images: torch.Tensor, scores: np.ndarray, predictions: torch.Tensor,
-                     path: Path) -> None:
+def _harmful_gallery(
+    index: InfluenceIndex, images: torch.Tensor, scores: np.ndarray, predictions: torch.Tensor, path: Path
+) -> None:
     top = np.argsort(-scores, kind="stable")[: config.INFLUENCE_GALLERY]
     plots.image_gallery(
         [images[i].permute(1, 2, 0).numpy() for i in top],
-        [f"{Path(index.paths[i]).name}\nlabel {index.classes[int(index.labels[i])]}, "
-         f"model {index.classes[int(predictions[i])]}\nself-influence {scores[i]:.3g}" for i in top],
-        path, title="Training images with the highest TracIn self-influence (most likely mislabelled or atypical)",
+        [
+            f"{Path(index.paths[i]).name}\nlabel {index.classes[int(index.labels[i])]}, "
+            f"model {index.classes[int(predictions[i])]}\nself-influence {scores[i]:.3g}"
+            for i in top
+        ],
+        path,
+        title="Training images with the highest TracIn self-influence (most likely mislabelled or atypical)",
     )

@@ -31,8 +31,12 @@ class Input:
 
 #: Every input a trust method may take, by the keyword its run function receives.
 INPUTS: dict[str, Input] = {
-    "data": Input(Path, "labelled images (the model's held-out test split if it is its own training folder)",
-                  required=True, data="test"),
+    "data": Input(
+        Path,
+        "labelled images (the model's held-out test split if it is its own training folder)",
+        required=True,
+        data="test",
+    ),
     "train_data": Input(Path, "the labelled folder the model was trained on", required=True, data="training"),
     "ood_data": Input(Path, "images that are not white cells: adds the OOD AUROC and ood_scores.png", data="ood"),
     "max_images": Input(int, "use a stratified subset of at most this many images"),
@@ -75,8 +79,9 @@ class TrustMethod:
 
     def missing(self, values: Mapping[str, object]) -> list[str]:
         """The required inputs that ``values`` lacks, as ``--option`` names."""
-        return ["--" + name.replace("_", "-") for name in self.inputs
-                if INPUTS[name].required and values.get(name) is None]
+        return [
+            "--" + name.replace("_", "-") for name in self.inputs if INPUTS[name].required and values.get(name) is None
+        ]
 
     def __call__(self, model: Path | None | list[Path | None], out: Path, values: Mapping[str, object]) -> dict:
         """Run the method on ``model`` with the inputs it takes from ``values`` (other keys are ignored)."""
@@ -97,49 +102,74 @@ def run_audit_of_training_data(model: Path | None, out: Path, train_data: Path) 
 #: Every trust method, in the report's order.
 TRUST_METHODS: tuple[TrustMethod, ...] = (
     TrustMethod(
-        "audit", "Data-quality audit",
+        "audit",
+        "Data-quality audit",
         "Unreadable files, exact and near duplicates (with conflicting labels), class balance of the training data.",
         "Check the training folder: unreadable files, duplicates, near-duplicates, balance.",
-        "wbc_trust.trust.methods:run_audit_of_training_data", ("train_data",), ("audit.json", "class_balance.png"),
-        command=False),
+        "wbc_trust.trust.methods:run_audit_of_training_data",
+        ("train_data",),
+        ("audit.json", "class_balance.png"),
+        command=False,
+    ),
     TrustMethod(
-        "calibration", "Calibration, prediction sets, out-of-distribution",
+        "calibration",
+        "Calibration, prediction sets, out-of-distribution",
         "Does a confidence of 90 % mean right 9 times in 10 (ECE, reliability diagram)? Do the prediction sets hold "
         "the true class as often as promised?",
         "ECE before/after temperature scaling, prediction-set coverage and size, out-of-distribution flags.",
-        "wbc_trust.trust.calibration:run_calibration", ("data", "ood_data"),
-        ("calibration.json", "reliability_diagram.png", "set_sizes.png", "ood_scores.png")),
+        "wbc_trust.trust.calibration:run_calibration",
+        ("data", "ood_data"),
+        ("calibration.json", "reliability_diagram.png", "set_sizes.png", "ood_scores.png"),
+    ),
     TrustMethod(
-        "robustness", "Robustness",
+        "robustness",
+        "Robustness",
         "Accuracy as the images get worse (severity 0 = clean … 5) and under FGSM/PGD attacks whose budget ε is in "
         "grey levels of 255.",
         "Accuracy under noise, blur, brightness, contrast, JPEG and stain shift (severities 1-5) and FGSM/PGD attacks.",
-        "wbc_trust.trust.robustness:run_robustness", ("data", "max_images"),
-        ("robustness.json", "robustness_accuracy.png", "robustness_examples.png"), many_models=True,
+        "wbc_trust.trust.robustness:run_robustness",
+        ("data", "max_images"),
+        ("robustness.json", "robustness_accuracy.png", "robustness_examples.png"),
+        many_models=True,
         table="comparison",
-        table_title="accuracy: clean, mean over corruptions and severities, under attack (ε in grey levels)"),
+        table_title="accuracy: clean, mean over corruptions and severities, under attack (ε in grey levels)",
+    ),
     TrustMethod(
-        "gradcam", "Grad-CAM",
+        "gradcam",
+        "Grad-CAM",
         "Where the model looked (map of the predicted class). Faithfulness: ROAD score against a random map. Sanity: "
         "the maps of a randomised model must differ (low Spearman correlation).",
         "Grad-CAM / Grad-CAM++ galleries of right and wrong answers, ROAD faithfulness, randomisation sanity check.",
-        "wbc_trust.trust.gradcam:run_gradcam", ("data", "max_images"),
-        ("gradcam_correct.png", "gradcam_wrong.png", "gradcam.json")),
+        "wbc_trust.trust.gradcam:run_gradcam",
+        ("data", "max_images"),
+        ("gradcam_correct.png", "gradcam_wrong.png", "gradcam.json"),
+    ),
     TrustMethod(
-        "fisher", "Fisher sensitivity",
+        "fisher",
+        "Fisher sensitivity",
         "Per image: ‖softmax − onehot‖², the squared EL2N score of Paul et al. 2021, and the per-sample gradient "
         "norm²; their mean is the empirical Fisher trace. AUROC: how well each score picks out the wrong predictions.",
         "Per-image sensitivity: ‖softmax − onehot‖² (squared EL2N) and the per-sample gradient norm².",
-        "wbc_trust.trust.fisher:run_fisher", ("data", "max_images"),
-        ("fisher.csv", "fisher.json", "fisher_scores.png", "fisher_top.png")),
+        "wbc_trust.trust.fisher:run_fisher",
+        ("data", "max_images"),
+        ("fisher.csv", "fisher.json", "fisher_scores.png", "fisher_top.png"),
+    ),
     TrustMethod(
-        "influence", "Influence",
+        "influence",
+        "Influence",
         "Which training images helped or hurt each test answer; training images ranked by self-influence (likely "
         "mislabelled first).",
         "Rank training images by TracIn self-influence (likely mislabelled first) and list, per test image, the "
         "training images that helped and hurt it most.",
-        "wbc_trust.trust.influence:run_influence", ("train_data", "data", "max_train", "max_test"),
-        ("train_influence.csv", "test_influence.json", "influence_curve.png", "influence_harmful.png",
-         "influence_index.safetensors"), hide=("most_harmful",)),
+        "wbc_trust.trust.influence:run_influence",
+        ("train_data", "data", "max_train", "max_test"),
+        (
+            "train_influence.csv",
+            "test_influence.json",
+            "influence_curve.png",
+            "influence_harmful.png",
+            "influence_index.safetensors",
+        ),
+        hide=("most_harmful",),
+    ),
 )
-

@@ -17,8 +17,8 @@ from markupsafe import Markup
 
 from wbc_trust import config
 from wbc_trust.data import find_dataset
-from wbc_trust.io import atomic_write_text
 from wbc_trust.errors import WbcError
+from wbc_trust.io import atomic_write_text
 from wbc_trust.modelfile import read_metadata
 from wbc_trust.trust.methods import TRUST_METHODS, TrustMethod
 
@@ -54,8 +54,15 @@ def tables_html(summary: dict) -> str:
     every list of records as a table of its own (records flattened the same way)."""
     flat = pd.json_normalize(summary, sep=" › ").iloc[0].to_dict() if summary else {}
     scalars = {k: v for k, v in flat.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
-    parts = [pd.DataFrame({"value": [_format(v) for v in scalars.values()]}, index=list(scalars)).to_html(
-        header=False, border=0, classes="kv")] if scalars else []
+    parts = (
+        [
+            pd.DataFrame({"value": [_format(v) for v in scalars.values()]}, index=list(scalars)).to_html(
+                header=False, border=0, classes="kv"
+            )
+        ]
+        if scalars
+        else []
+    )
     for key, rows in flat.items():
         if key in scalars:
             continue
@@ -71,7 +78,8 @@ def _png_data(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-_TEMPLATE = jinja2.Template("""<!doctype html>
+_TEMPLATE = jinja2.Template(
+    """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wbc-trust report: {{ model }}</title>
 <style>
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -103,7 +111,9 @@ Each method's files (JSON, CSV, PNG) are beside this report.</p>
 {{ tables(metadata) }}
 <p>{{ credit }}</p>
 </body></html>
-""", autoescape=True)
+""",
+    autoescape=True,
+)
 
 
 def _run_section(method: TrustMethod, out: Path, model_path: Path | None, values: dict) -> Section:
@@ -125,8 +135,9 @@ def _run_section(method: TrustMethod, out: Path, model_path: Path | None, values
     return section
 
 
-def run_report(model_path: Path | None, data: Path, train_data: Path | None, out: Path,
-               max_images: int | None = None) -> Path:
+def run_report(
+    model_path: Path | None, data: Path, train_data: Path | None, out: Path, max_images: int | None = None
+) -> Path:
     """Run every method of ``TRUST_METHODS`` into ``out`` and write ``out/report.html``; returns its path.
     ``max_images`` caps the images of the slow methods (robustness, Grad-CAM, Fisher, and influence's training and
     test images); ``train_data`` None leaves out the methods that need it (audit, influence)."""
@@ -134,13 +145,25 @@ def run_report(model_path: Path | None, data: Path, train_data: Path | None, out
     out.mkdir(parents=True, exist_ok=True)
     metadata = read_metadata(model_path or config.DEFAULT_MODEL_PATH)
     find_dataset(data, require_all_classes=False)  # a wrong --data fails here, before minutes of work
-    values = {"data": data, "train_data": train_data, "max_images": max_images, "max_train": max_images,
-              "max_test": max_images}
+    values = {
+        "data": data,
+        "train_data": train_data,
+        "max_images": max_images,
+        "max_train": max_images,
+        "max_test": max_images,
+    }
     sections = [_run_section(method, out, model_path, values) for method in TRUST_METHODS]
     page = _TEMPLATE.render(
-        model=str(model_path) if model_path else "default (shipped)", data=str(data), train_data=train_data,
-        max_images=max_images, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), sections=sections,
-        metadata=metadata, credit=config.PBC_CREDIT, png=_png_data, tables=lambda summary: Markup(tables_html(summary)),
+        model=str(model_path) if model_path else "default (shipped)",
+        data=str(data),
+        train_data=train_data,
+        max_images=max_images,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        sections=sections,
+        metadata=metadata,
+        credit=config.PBC_CREDIT,
+        png=_png_data,
+        tables=lambda summary: Markup(tables_html(summary)),
     )
     path = out / "report.html"
     atomic_write_text(path, page)

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from wbc_trust import config, plots
 from wbc_trust.data import to_unit
+from wbc_trust.evaluate import LabelledImages, load_test_images
 from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
 from wbc_trust.models import WbcClassifier, predict_probs, prepare_for_cpu
-from wbc_trust.evaluate import LabelledImages, load_test_images
 
 _BATCH = 128
 _ATTACK_BATCH = 64
@@ -82,8 +82,9 @@ def corrupt(images: torch.Tensor, name: str | None, severity: int, seed: int = c
     return CORRUPTION_FUNCTIONS[name](x, config.CORRUPTIONS[name][severity - 1], seed)
 
 
-def corrupted_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, name: str | None,
-                       severity: int) -> float:
+def corrupted_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: np.ndarray, name: str | None, severity: int
+) -> float:
     """Accuracy on the images with one corruption applied (in batches, so memory stays small)."""
     correct = 0
     for start in range(0, len(images), _BATCH):
@@ -100,26 +101,35 @@ def attack_logits(model: WbcClassifier, x: torch.Tensor) -> torch.Tensor:
     return model.predict(x.contiguous(memory_format=torch.channels_last))[0].float()
 
 
-def adversarial_images(model: WbcClassifier, x: torch.Tensor, labels: torch.Tensor, attack: str, epsilon: float,
-                       seed: int = config.SEED) -> torch.Tensor:
+def adversarial_images(
+    model: WbcClassifier, x: torch.Tensor, labels: torch.Tensor, attack: str, epsilon: float, seed: int = config.SEED
+) -> torch.Tensor:
     """Untargeted L∞ attack of float images ``x`` in [0, 1]: FGSM (one step of ε), or PGD (Madry et al. 2018) from a
     random start in the ε-ball, ``config.PGD_STEPS`` steps of 2.5·ε/steps; the result stays within ε of ``x`` and in
     [0, 1]. ``seed`` fixes PGD's random start (same numbers every run, the caller's random state untouched)."""
     loss = nn.CrossEntropyLoss(reduction="none")  # captum's default loss expects probabilities; the model gives logits
-    attacker = (FGSM if attack == "fgsm" else PGD)(partial(attack_logits, model), loss_func=loss,
-                                                   lower_bound=0.0, upper_bound=1.0)
+    attacker = (FGSM if attack == "fgsm" else PGD)(
+        partial(attack_logits, model), loss_func=loss, lower_bound=0.0, upper_bound=1.0
+    )
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # captum says it set requires_grad on the (copied) inputs: as it should
         warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
         torch.manual_seed(seed)
         if attack == "fgsm":
             return attacker.perturb(x, epsilon=epsilon, target=labels).detach()
-        return attacker.perturb(x, radius=epsilon, step_size=2.5 * epsilon / config.PGD_STEPS,
-                                step_num=config.PGD_STEPS, target=labels, random_start=True).detach()
+        return attacker.perturb(
+            x,
+            radius=epsilon,
+            step_size=2.5 * epsilon / config.PGD_STEPS,
+            step_num=config.PGD_STEPS,
+            target=labels,
+            random_start=True,
+        ).detach()
 
 
-def adversarial_accuracy(model: WbcClassifier, images: torch.Tensor, labels: np.ndarray, attack: str,
-                         epsilon: float) -> float:
+def adversarial_accuracy(
+    model: WbcClassifier, images: torch.Tensor, labels: np.ndarray, attack: str, epsilon: float
+) -> float:
     """Accuracy under ``adversarial_images`` (uint8 images, in batches so memory stays small)."""
     correct = 0
     for start in range(0, len(images), _ATTACK_BATCH):
@@ -143,8 +153,10 @@ def robustness_of(model: WbcClassifier, test: LabelledImages, progress_label: st
     steps = [(name, s) for name in config.CORRUPTIONS for s in range(1, 6)]
     steps += [(attack, eps) for attack in ("fgsm", "pgd") for eps in config.ATTACK_EPSILONS]
     clean = corrupted_accuracy(model, test.images, test.labels, None, 0)
-    corruptions = {name: {"severity": list(range(6)), "parameter": [None, *params], "accuracy": [clean]}
-                   for name, params in config.CORRUPTIONS.items()}
+    corruptions = {
+        name: {"severity": list(range(6)), "parameter": [None, *params], "accuracy": [clean]}
+        for name, params in config.CORRUPTIONS.items()
+    }
     attacks = {attack: {"epsilon": [0.0, *config.ATTACK_EPSILONS], "accuracy": [clean]} for attack in ("fgsm", "pgd")}
     for name, level in tqdm(steps, desc=f"robustness {progress_label}", unit="test"):
         if name in corruptions:
@@ -164,10 +176,15 @@ def robustness_of(model: WbcClassifier, test: LabelledImages, progress_label: st
 
 def comparison_row(result: dict) -> dict:
     """One line of the model-comparison table."""
-    row = {"model": result["model"], "arch": result["arch"], "n_images": result["n_images"],
-           "clean": result["clean_accuracy"], "mean_corruption": result["mean_corruption_accuracy"],
-           "worst_corruption": f"{result['worst_corruption']['name']} "
-                               f"({result['worst_corruption']['accuracy_at_severity_5']:.1%} at severity 5)"}
+    row = {
+        "model": result["model"],
+        "arch": result["arch"],
+        "n_images": result["n_images"],
+        "clean": result["clean_accuracy"],
+        "mean_corruption": result["mean_corruption_accuracy"],
+        "worst_corruption": f"{result['worst_corruption']['name']} "
+        f"({result['worst_corruption']['accuracy_at_severity_5']:.1%} at severity 5)",
+    }
     for attack, values in result["attacks"].items():
         for eps, acc in zip(values["epsilon"][1:], values["accuracy"][1:]):
             row[f"{attack}_eps{eps * 255:g}/255"] = acc
@@ -187,15 +204,27 @@ def run_robustness(model_paths: list[Path | None], data: Path, out: Path, max_im
         test = load_test_images(meta, data, max_images)
         print(test.description)
         label = model_label(model_path)
-        result = {"model": label, "model_path": str(model_path) if model_path else "default", "arch": meta["arch"],
-                  "img_size": meta["img_size"], "n_images": len(test.labels), "data": test.description}
+        result = {
+            "model": label,
+            "model_path": str(model_path) if model_path else "default",
+            "arch": meta["arch"],
+            "img_size": meta["img_size"],
+            "n_images": len(test.labels),
+            "data": test.description,
+        }
         result.update(robustness_of(model, test, label))
         results.append(result)
     summary = {
         "corruption_parameters": {name: list(values) for name, values in config.CORRUPTIONS.items()},
-        "attack": {"norm": "Linf", "input_range": [0, 1], "pgd_steps": config.PGD_STEPS,
-                   "pgd_step_size": "2.5*epsilon/steps", "pgd_random_start": True, "precision": "fp32",
-                   "library": "captum.robust"},
+        "attack": {
+            "norm": "Linf",
+            "input_range": [0, 1],
+            "pgd_steps": config.PGD_STEPS,
+            "pgd_step_size": "2.5*epsilon/steps",
+            "pgd_random_start": True,
+            "precision": "fp32",
+            "library": "captum.robust",
+        },
         "models": results,
         "comparison": [comparison_row(r) for r in results],
     }
@@ -204,6 +233,7 @@ def run_robustness(model_paths: list[Path | None], data: Path, out: Path, max_im
     example = test.images[:1]
     images = [corrupt(example, name, s)[0].permute(1, 2, 0).numpy() for name in config.CORRUPTIONS for s in range(6)]
     captions = [f"{name} {s}" if s else f"{name}: clean" for name in config.CORRUPTIONS for s in range(6)]
-    plots.image_gallery(images, captions, out / "robustness_examples.png", columns=6,
-                        title="Corruptions at severities 0 (clean) to 5")
+    plots.image_gallery(
+        images, captions, out / "robustness_examples.png", columns=6, title="Corruptions at severities 0 (clean) to 5"
+    )
     return summary
