@@ -181,6 +181,67 @@ def _draw(image: Image.Image, cells: Sequence[Cell], rows: Sequence[dict]) -> Im
     return picture
 
 
+def cell_columns(classes: Sequence[str]) -> list[str]:
+    """The columns of ``cells.csv``: the image, the cell's number and box, then ``wbc predict``'s columns."""
+    return [
+        "image",
+        "cell",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "prediction",
+        "confidence",
+        *[f"p_{c}" for c in classes],
+        "flag",
+        "prediction_set",
+        "ood_score",
+    ]
+
+
+@dataclass
+class ImageCount:
+    """One image's white cells (reading order), their ``cells.csv`` rows, the crops the model saw, and the image's
+    flag (no white cell, too many cells; empty when fine)."""
+
+    cells: list[Cell]
+    rows: list[dict]
+    crops: list[Image.Image]
+    flag: str
+
+
+def count_image(image: Image.Image, name: str, finder: CellFinder, predictor) -> ImageCount:
+    """Find and classify the white cells of one image (``wbc count``'s step per file, also the app's): each row is a
+    ``cells.csv`` row with ``image = name``; a cell cut by the image edge is flagged (``FLAG_EDGE``)."""
+    cells = finder.find(image).cells
+    flag = ""
+    if not cells:
+        flag = "no white cell found"
+    elif len(cells) > config.COUNT_MAX_CELLS:
+        flag = (
+            f"{len(cells)} white cells found: only the {config.COUNT_MAX_CELLS} most confident are "
+            "classified (is this a white-cell concentrate or a very large scan? tile it)"
+        )
+        cells = cells[: config.COUNT_MAX_CELLS]
+    cells = sorted(cells, key=lambda c: (c.box[1], c.box[0]))  # reading order: top to bottom, left to right
+    rows, crops = [], []
+    classes = list(predictor.classes)
+    for number, cell in enumerate(cells, 1):
+        crop = crop_cell(image, cell.box, size=predictor.img_size)
+        answer = predictor.predict_bytes(_lossless_bytes(crop), f"{name}#{number}")
+        edge = _touches_edge(cell.box, image.size)
+        row = {
+            "image": name,
+            "cell": number,
+            **{k: f"{v:.1f}" for k, v in zip(("x0", "y0", "x1", "y1"), cell.box)},
+            **{k: v for k, v in answer.as_row(classes).items() if k != "path"},
+        }
+        row["flag"] = "; ".join(f for f in (answer.flag, FLAG_EDGE if edge else "") if f)
+        rows.append(row)
+        crops.append(crop)
+    return ImageCount(cells, rows, crops, flag)
+
+
 def run_count(
     paths: Sequence[str | Path],
     out: Path,
@@ -199,21 +260,7 @@ def run_count(
     finder = finder or CellFinder()
     predictor = predictor or Predictor(model_path)
     classes = list(predictor.classes)
-    cell_columns = [
-        "image",
-        "cell",
-        "x0",
-        "y0",
-        "x1",
-        "y1",
-        "prediction",
-        "confidence",
-        *[f"p_{c}" for c in classes],
-        "flag",
-        "prediction_set",
-        "ood_score",
-    ]
-    cells_csv = _CsvStream(out / "cells.csv", cell_columns)
+    cells_csv = _CsvStream(out / "cells.csv", cell_columns(classes))
     images_csv = _CsvStream(out / "images.csv", ["image", "n_cells", "flag"])
     counted: list[str] = []
     n_flagged = n_unreadable = 0
@@ -228,46 +275,22 @@ def run_count(
                 images_csv.write({"image": str(path), "n_cells": 0, "flag": f"unreadable: {exc}"})
                 n_unreadable += 1
                 continue
-            result = finder.find(image)
-            cells = result.cells
-            image_flag = ""
-            if not cells:
-                image_flag = "no white cell found"
-            elif len(cells) > config.COUNT_MAX_CELLS:
-                image_flag = (
-                    f"{len(cells)} white cells found: only the {config.COUNT_MAX_CELLS} most confident are "
-                    "classified (is this a white-cell concentrate or a very large scan? tile it)"
-                )
-                cells = cells[: config.COUNT_MAX_CELLS]
-            cells = sorted(cells, key=lambda c: (c.box[1], c.box[0]))  # reading order: top to bottom, left to right
-            rows = []
-            for number, cell in enumerate(cells, 1):
-                crop = crop_cell(image, cell.box, size=predictor.img_size)
-                answer = predictor.predict_bytes(_lossless_bytes(crop), f"{name}#{number}")
-                edge = _touches_edge(cell.box, image.size)
-                flag = "; ".join(f for f in (answer.flag, FLAG_EDGE if edge else "") if f)
-                row = {
-                    "image": str(path),
-                    "cell": number,
-                    **{k: f"{v:.1f}" for k, v in zip(("x0", "y0", "x1", "y1"), cell.box)},
-                    **{k: v for k, v in answer.as_row(classes).items() if k != "path"},
-                }
-                row["flag"] = flag
+            found = count_image(image, str(path), finder, predictor)
+            for row, crop in zip(found.rows, found.crops):
                 cells_csv.write(row)
-                rows.append(row)
-                group = "flagged" if flag else row["prediction"]
-                if flag:
+                group = "flagged" if row["flag"] else row["prediction"]
+                if row["flag"]:
                     n_flagged += 1
                 else:
                     counted.append(row["prediction"])
-                thumb = out / "gallery" / group / f"{name}_{number}.jpg"
+                thumb = out / "gallery" / group / f"{name}_{row['cell']}.jpg"
                 thumb.parent.mkdir(parents=True, exist_ok=True)
                 crop.resize((config.COUNT_THUMB_PX,) * 2).save(thumb, quality=90)
                 gallery.setdefault(group, []).append(thumb)
-            images_csv.write({"image": str(path), "n_cells": len(cells), "flag": image_flag})
+            images_csv.write({"image": str(path), "n_cells": len(found.cells), "flag": found.flag})
             picture = out / "annotated" / f"{name}.jpg"
             picture.parent.mkdir(parents=True, exist_ok=True)
-            _draw(image, cells, rows).save(picture, quality=88)
+            _draw(image, found.cells, found.rows).save(picture, quality=88)
             pictures.append((str(path), picture))
     except BaseException:
         cells_csv.close(keep=False)
