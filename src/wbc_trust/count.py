@@ -155,7 +155,7 @@ class _CsvStream:
             Path(self.tmp).unlink(missing_ok=True)
 
 
-def _draw(image: Image.Image, cells: Sequence[Cell], rows: Sequence[dict]) -> Image.Image:
+def draw_cells(image: Image.Image, cells: Sequence[Cell], rows: Sequence[dict]) -> Image.Image:
     """The image (at most COUNT_ANNOTATED_PX wide) with one box per cell, coloured by class, flagged ones dashed."""
     scale = min(1.0, config.COUNT_ANNOTATED_PX / max(image.size))
     picture = (
@@ -290,7 +290,7 @@ def run_count(
             images_csv.write({"image": str(path), "n_cells": len(found.cells), "flag": found.flag})
             picture = out / "annotated" / f"{name}.jpg"
             picture.parent.mkdir(parents=True, exist_ok=True)
-            _draw(image, found.cells, found.rows).save(picture, quality=88)
+            draw_cells(image, found.cells, found.rows).save(picture, quality=88)
             pictures.append((str(path), picture))
     except BaseException:
         cells_csv.close(keep=False)
