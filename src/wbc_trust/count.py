@@ -242,6 +242,129 @@ def count_image(image: Image.Image, name: str, finder: CellFinder, predictor) ->
     return ImageCount(cells, rows, crops, flag)
 
 
+@dataclass
+class CountedImage:
+    """One input file's part of a count's output folder: its ``cells.csv`` rows, its ``images.csv`` cell count and
+    flag, and its annotated picture and gallery crops already encoded as JPEG bytes (``picture`` None: unreadable).
+
+    Encoded where the image was counted, so that it is small plain data (a few hundred kB for a field): a Ray actor
+    sends it to the driver as it is, and the driver writes files without ever holding or re-reading an image."""
+
+    rows: list[dict]
+    n_cells: int
+    flag: str
+    picture: bytes | None
+    thumbs: list[bytes]
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def count_file(path: Path, finder: CellFinder, predictor) -> CountedImage:
+    """Read, count and encode one file (``wbc count``'s step, in this process or in a Ray actor); an unreadable file
+    gives no rows and ``unreadable: <reason>`` as its flag."""
+    try:
+        image = read_image(path)
+    except UnreadableImage as exc:
+        return CountedImage([], 0, f"unreadable: {exc}", None, [])
+    found = count_image(image, str(path), finder, predictor)
+    picture = _jpeg(draw_cells(image, found.cells, found.rows), quality=88)
+    thumbs = [_jpeg(crop.resize((config.COUNT_THUMB_PX,) * 2), quality=90) for crop in found.crops]
+    return CountedImage(found.rows, len(found.cells), found.flag, picture, thumbs)
+
+
+class CountWriter:
+    """Writes a count's output folder from one ``CountedImage`` per input file, added in input order: the CSV rows,
+    gallery crops and annotated picture as each file comes (only file paths are kept, for the report), then ``finish``
+    writes the differential and report.html. The local loop and the Ray driver both feed it, so their folders are the
+    same; use it as a context manager, so that a run that fails leaves no half-written CSV."""
+
+    def __init__(self, out: Path, classes: Sequence[str], files: Sequence[Path]) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.classes = list(classes)
+        self.files = list(files)
+        self.names = _unique_names(self.files)
+        self.cells_csv = _CsvStream(self.out / "cells.csv", cell_columns(self.classes))
+        self.images_csv = _CsvStream(self.out / "images.csv", ["image", "n_cells", "flag"])
+        self.open = True
+        self.added = 0
+        self.counted: list[str] = []
+        self.n_flagged = self.n_unreadable = 0
+        self.pictures: list[tuple[str, Path]] = []
+        self.gallery: dict[str, list[Path]] = {}
+
+    def __enter__(self) -> CountWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and self.open:
+            self.cells_csv.close(keep=False)
+            self.images_csv.close(keep=False)
+            self.open = False
+
+    def add(self, counted: CountedImage) -> None:
+        """The next input file's part."""
+        path, name = self.files[self.added], self.names[self.added]
+        self.added += 1
+        if counted.picture is None:
+            self.images_csv.write({"image": str(path), "n_cells": 0, "flag": counted.flag})
+            self.n_unreadable += 1
+            return
+        for row, thumb_bytes in zip(counted.rows, counted.thumbs):
+            self.cells_csv.write(row)
+            group = "flagged" if row["flag"] else row["prediction"]
+            if row["flag"]:
+                self.n_flagged += 1
+            else:
+                self.counted.append(row["prediction"])
+            thumb = self.out / "gallery" / group / f"{name}_{row['cell']}.jpg"
+            thumb.parent.mkdir(parents=True, exist_ok=True)
+            thumb.write_bytes(thumb_bytes)
+            self.gallery.setdefault(group, []).append(thumb)
+        self.images_csv.write({"image": str(path), "n_cells": counted.n_cells, "flag": counted.flag})
+        picture = self.out / "annotated" / f"{name}.jpg"
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        picture.write_bytes(counted.picture)
+        self.pictures.append((str(path), picture))
+
+    def finish(self, start: float) -> CountSummary:
+        """Close the CSVs, write the differential and report.html; the summary (``start``: the run's
+        ``time.perf_counter()`` when it began). Raises WbcError when no file could be read (the files still written)."""
+        self.cells_csv.close()
+        self.images_csv.close()
+        self.open = False
+        counted, n_flagged, n_files = self.counted, self.n_flagged, len(self.files)
+        table = differential(self.classes, counted, n_flagged)
+        _write_differential(self.out, table, len(counted), n_flagged)
+        _write_report(
+            self.out,
+            table,
+            len(counted),
+            n_flagged,
+            n_files,
+            self.n_unreadable,
+            self.pictures,
+            self.gallery,
+            self.classes,
+        )
+        summary = CountSummary(
+            self.out,
+            n_files,
+            self.n_unreadable,
+            len(counted) + n_flagged,
+            n_flagged,
+            table,
+            time.perf_counter() - start,
+        )
+        if self.n_unreadable == n_files:
+            raise WbcError(f"none of the {n_files} files could be read as images (see {self.out / 'images.csv'})")
+        return summary
+
+
 def run_count(
     paths: Sequence[str | Path],
     out: Path,
@@ -255,58 +378,12 @@ def run_count(
 
     start = time.perf_counter()
     files = find_unlabelled(paths)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     finder = finder or CellFinder()
     predictor = predictor or Predictor(model_path)
-    classes = list(predictor.classes)
-    cells_csv = _CsvStream(out / "cells.csv", cell_columns(classes))
-    images_csv = _CsvStream(out / "images.csv", ["image", "n_cells", "flag"])
-    counted: list[str] = []
-    n_flagged = n_unreadable = 0
-    pictures: list[tuple[str, Path]] = []
-    gallery: dict[str, list[Path]] = {}
-    names = _unique_names(files)
-    try:
-        for path, name in tqdm(list(zip(files, names)), desc="counting", unit="image", disable=not progress):
-            try:
-                image = read_image(path)
-            except UnreadableImage as exc:
-                images_csv.write({"image": str(path), "n_cells": 0, "flag": f"unreadable: {exc}"})
-                n_unreadable += 1
-                continue
-            found = count_image(image, str(path), finder, predictor)
-            for row, crop in zip(found.rows, found.crops):
-                cells_csv.write(row)
-                group = "flagged" if row["flag"] else row["prediction"]
-                if row["flag"]:
-                    n_flagged += 1
-                else:
-                    counted.append(row["prediction"])
-                thumb = out / "gallery" / group / f"{name}_{row['cell']}.jpg"
-                thumb.parent.mkdir(parents=True, exist_ok=True)
-                crop.resize((config.COUNT_THUMB_PX,) * 2).save(thumb, quality=90)
-                gallery.setdefault(group, []).append(thumb)
-            images_csv.write({"image": str(path), "n_cells": len(found.cells), "flag": found.flag})
-            picture = out / "annotated" / f"{name}.jpg"
-            picture.parent.mkdir(parents=True, exist_ok=True)
-            draw_cells(image, found.cells, found.rows).save(picture, quality=88)
-            pictures.append((str(path), picture))
-    except BaseException:
-        cells_csv.close(keep=False)
-        images_csv.close(keep=False)
-        raise
-    cells_csv.close()
-    images_csv.close()
-    table = differential(classes, counted, n_flagged)
-    _write_differential(out, table, len(counted), n_flagged)
-    _write_report(out, table, len(counted), n_flagged, len(files), n_unreadable, pictures, gallery, classes)
-    summary = CountSummary(
-        out, len(files), n_unreadable, len(counted) + n_flagged, n_flagged, table, time.perf_counter() - start
-    )
-    if n_unreadable == len(files):
-        raise WbcError(f"none of the {len(files)} files could be read as images (see {out / 'images.csv'})")
-    return summary
+    with CountWriter(out, predictor.classes, files) as writer:
+        for path in tqdm(files, desc="counting", unit="image", disable=not progress):
+            writer.add(count_file(path, finder, predictor))
+        return writer.finish(start)
 
 
 def _touches_edge(box: Sequence[float], size: tuple[int, int]) -> bool:
