@@ -52,6 +52,18 @@ def _log_to_stdout() -> None:
         logger.setLevel(logging.INFO)
 
 
+RayOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        help="run on Ray Data: 'local' starts a Ray cluster on this "
+        "machine, an ADDRESS (host:port) joins one whose nodes see the same "
+        "files; needs pip install 'wbc-trust\\[ray]'",
+    ),
+]
+RayActorsOption = Annotated[int, typer.Option(help="with --ray: actors that each load the model once")]
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -210,18 +222,8 @@ def predict(
     backend: Annotated[
         str, typer.Option(help="torch | onnx (onnxruntime; the ONNX graph is exported once per model file and cached)")
     ] = "torch",
-    ray: Annotated[
-        Optional[str],
-        typer.Option(
-            "--ray",
-            help="run on Ray Data: 'local' starts a Ray cluster on this "
-            "machine, an ADDRESS (host:port) joins one whose nodes see the same "
-            "files; needs pip install 'wbc-trust\\[ray]'",
-        ),
-    ] = None,
-    ray_actors: Annotated[
-        int, typer.Option(help="with --ray: actors that each load the model once")
-    ] = config.RAY_ACTORS,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = config.RAY_ACTORS,
 ) -> None:
     """Classify images; unreadable files are flagged and skipped; exits non-zero only if nothing could be read."""
     from wbc_trust.data import find_unlabelled
@@ -386,11 +388,18 @@ def count(
     paths: Annotated[list[Path], typer.Argument(help="smear images (fields or crops) and/or folders (recursive)")],
     out: Annotated[Path, typer.Option(help="folder for cells.csv, images.csv, differential.csv/.json, report.html")],
     model: ModelOption = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = config.RAY_ACTORS,
 ) -> None:
     """Find every white cell, classify it, and count a differential with 95 % intervals (flagged cells apart)."""
-    from wbc_trust.count import run_count
+    if ray:
+        from wbc_trust.distributed_predict import count_on_ray
 
-    summary = run_count(paths, out, model)
+        summary = count_on_ray(paths, out, ray, ray_actors, model)
+    else:
+        from wbc_trust.count import run_count
+
+        summary = run_count(paths, out, model)
     table = Table(
         title=f"{summary.n_cells} white cells in {summary.n_images} image(s), {summary.n_flagged} flagged "
         f"(counted apart), {summary.n_unreadable} unreadable image(s)"

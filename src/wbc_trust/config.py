@@ -90,6 +90,9 @@ DEFAULT_MODEL_PATH: Path = PACKAGE_DIR / "assets" / "default_model.safetensors"
 SAMPLE_DATA_DIR: Path = PACKAGE_DIR / "assets" / "sample"
 #: ``wbc predict --ray``: actors in the Ray Data pool; each loads the model once and gets an equal share of the CPUs.
 RAY_ACTORS: int = 2
+#: ``wbc count --ray``: fields per Ray Data batch (a field takes about a second; small batches keep every actor busy
+#: and the driver's buffer of finished fields short).
+COUNT_RAY_BATCH: int = 4
 
 PBC_CREDIT: str = (
     "Trained on the PBC dataset: Acevedo A. et al., 'A dataset of microscopic peripheral blood cell images "

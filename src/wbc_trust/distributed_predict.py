@@ -1,4 +1,5 @@
-"""Batch prediction on a Ray cluster (``wbc predict --ray ADDRESS|local``): the same ``Predictor``, run by Ray Data.
+"""Batch prediction and counting on a Ray cluster (``wbc predict|count --ray ADDRESS|local``): the same ``Predictor``
+(and ``CellFinder``), run by Ray Data.
 
 Only file *paths* travel: the driver builds a Ray dataset of ``(index, path)`` rows, an actor pool maps it batch by
 batch (each actor loads the model once and reads its files itself, so no process ever holds all images), and the
@@ -6,8 +7,10 @@ driver puts the returned rows back in input order by their index. Unreadable fil
 ``Predictor.predict_files``, exactly as in a local run, so the CSV is the same row for row.
 
 The Ray plumbing (cluster, actor sizing, batching, ordering) lives in ``map_files`` and knows nothing about
-prediction: another per-file job (a ``wbc count --ray``) subclasses ``FileBatchWorker`` with its own ``rows`` and calls
-``map_files`` the same way. Ray is an optional extra; only this module imports it, and only when it is used.
+prediction: each per-file job subclasses ``FileBatchWorker`` with its own ``rows`` (``PredictWorker``, ``CountWorker``).
+``map_files`` yields the rows in input order as they come, so that ``wbc count --ray`` writes each field's files
+(``count.CountWriter``) and lets it go instead of holding all of them. Ray is an optional extra; only this module
+imports it, and only when it is used.
 
 On another cluster (an ADDRESS), every node needs wbc-trust installed and must see the model file and the images
 under the same paths as the driver (a shared filesystem): the workers open them, not the driver.
@@ -15,12 +18,14 @@ under the same paths as the driver (a shared filesystem): the workers open them,
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from wbc_trust import config
+from wbc_trust.count import CountedImage, CountSummary, CountWriter, count_file
+from wbc_trust.data import find_unlabelled
 from wbc_trust.errors import WbcError
+from wbc_trust.finder import CellFinder
+from wbc_trust.modelfile import read_metadata
 from wbc_trust.predict import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -118,6 +127,34 @@ class PredictWorker(FileBatchWorker):
         return [asdict(p) for p in self.predictor.predict_files(paths, progress=False)]
 
 
+class CountWorker(FileBatchWorker):
+    """``count.count_file`` on a batch of paths, the finder and the model loaded once per actor. The annotated picture
+    and the gallery crops travel as base64 text in the JSON row (FileBatchWorker's transport): JPEG bytes, a few
+    hundred kB per field, so the driver writes the files without re-reading the image."""
+
+    def __init__(self, model_path: str | None) -> None:
+        self.finder = CellFinder()
+        self.predictor = Predictor(None if model_path is None else Path(model_path))
+
+    def rows(self, paths: list[Path]) -> list[dict[str, Any]]:
+        return [_counted_to_json(count_file(p, self.finder, self.predictor)) for p in paths]
+
+
+def _counted_to_json(counted: CountedImage) -> dict[str, Any]:
+    def text(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    row = asdict(counted)
+    row["picture"] = None if counted.picture is None else text(counted.picture)
+    row["thumbs"] = [text(t) for t in counted.thumbs]
+    return row
+
+
+def _counted_from_json(row: dict[str, Any]) -> CountedImage:
+    picture = None if row["picture"] is None else base64.b64decode(row["picture"])
+    return CountedImage(**{**row, "picture": picture, "thumbs": [base64.b64decode(t) for t in row["thumbs"]]})
+
+
 def map_files(
     paths: Sequence[Path],
     worker: type[FileBatchWorker],
@@ -128,16 +165,18 @@ def map_files(
     num_cpus: int | None = None,
     progress: bool = True,
     desc: str = "files",
-) -> list[dict[str, Any]]:
-    """Run ``worker`` over ``paths`` on a pool of ``actors`` Ray actors; its rows, in the order of ``paths``.
+) -> Iterator[dict[str, Any]]:
+    """Run ``worker`` over ``paths`` on a pool of ``actors`` Ray actors; its rows, yielded in the order of ``paths``
+    as soon as the batches before them are back (a batch that comes early waits in a buffer till then).
 
     Batches hold at most ``max_batch`` files, fewer for small jobs so that every actor gets work. ``num_cpus`` only
-    matters for ``address="local"``.
+    matters for ``address="local"``. Close the generator (``contextlib.closing``) when not iterating to the end: that
+    stops the local cluster.
     """
     if actors < 1:
         raise WbcError(f"--ray-actors must be at least 1, not {actors}")
     if not paths:
-        return []
+        return
     batch_size = max(1, min(max_batch, math.ceil(len(paths) / actors)))
     with ray_cluster(address, num_cpus) as ray:
         ray.data.DataContext.get_current().enable_progress_bars = False  # one tqdm bar below instead of Ray's
@@ -152,12 +191,16 @@ def map_files(
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus,
         )
-        rows: dict[int, dict[str, Any]] = {}
+        waiting: dict[int, dict[str, Any]] = {}
+        next_index = 0
         try:
             with tqdm(total=len(paths), desc=desc, unit="file", leave=False, disable=not progress) as bar:
                 for batch in mapped.iter_batches(batch_format="numpy", batch_size=None):
-                    rows.update((int(i), json.loads(r)) for i, r in zip(batch["index"], batch["row"]))
+                    waiting.update((int(i), json.loads(r)) for i, r in zip(batch["index"], batch["row"]))
                     bar.update(len(batch["index"]))
+                    while next_index in waiting:
+                        yield waiting.pop(next_index)
+                        next_index += 1
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, WbcError):
@@ -166,7 +209,6 @@ def map_files(
                 f"the Ray job failed ({str(cause).strip().splitlines()[-1]}): every node needs wbc-trust "
                 "installed and must see the model file and the images under the driver's paths"
             ) from None
-    return [rows[i] for i in range(len(paths))]
 
 
 def predict_on_ray(
@@ -190,7 +232,7 @@ def predict_on_ray(
         "batch_size": batch_size,
     }
     # Workers open absolute paths (their working folder is not the driver's); the rows keep the paths as given.
-    rows = map_files(
+    rows = map_files(  # a generator: zip below stops before its end, so close it (that stops the local cluster)
         [Path(p).absolute() for p in paths],
         PredictWorker,
         kwargs,
@@ -201,4 +243,42 @@ def predict_on_ray(
         progress,
         desc="predicting",
     )
-    return [Prediction(**{**row, "path": str(path)}) for path, row in zip(paths, rows)]
+    with closing(rows):
+        return [Prediction(**{**row, "path": str(path)}) for path, row in zip(paths, rows)]
+
+
+def count_on_ray(
+    paths: Sequence[str | Path],
+    out: Path,
+    address: str,
+    actors: int = config.RAY_ACTORS,
+    model_path: Path | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> CountSummary:
+    """``count.run_count(paths, out, model_path)``, the images counted by ``actors`` Ray actors: the same output
+    folder, written here by the same ``CountWriter`` as each field's part comes back, in input order."""
+    start = time.perf_counter()
+    import_ray()  # no Ray: say so before the output folder is made
+    files = find_unlabelled(paths)
+    # the classes (cells.csv's columns) from the metadata alone: the driver loads no model, the actors do
+    classes = read_metadata(config.DEFAULT_MODEL_PATH if model_path is None else Path(model_path))["classes"]
+    kwargs = {"model_path": None if model_path is None else str(Path(model_path).resolve())}
+    rows = map_files(  # closed below, as in predict_on_ray
+        [p.absolute() for p in files],
+        CountWorker,
+        kwargs,
+        address,
+        actors,
+        config.COUNT_RAY_BATCH,
+        num_cpus,
+        progress,
+        desc="counting",
+    )
+    with CountWriter(out, classes, files) as writer, closing(rows):
+        for path, row in zip(files, rows):
+            counted = _counted_from_json(row)
+            for cell in counted.rows:  # the actors counted absolute paths; the rows keep the paths as given
+                cell["image"] = str(path)
+            writer.add(counted)
+        return writer.finish(start)
