@@ -1,8 +1,14 @@
-"""The web app: upload white-cell images and see, for each, the class, how far to trust it, and where the model looked.
+"""The web app: upload white-cell images and see, for each, the class, how far to trust it, and where the model looked;
+or upload smear fields and review their white-cell count (every cell found, boxed, counted into a differential with
+its intervals, shown in a gallery per class for a person to reclassify, the corrections downloadable as a labelled
+folder that ``wbc adapt`` and ``wbc train`` read; the review's logic is ``corrections.py``).
 
 Start it with ``streamlit run app_streamlit.py`` or ``wbc app`` (see ``serve.py``). Streamlit re-runs this script top
 to bottom on every interaction, so everything slow is cached: the model once per model file (``st.cache_resource``),
 each image's analysis once per (model, file content) (``st.cache_data``).
+
+Corrections are the page's own widget state (one select box per cell, keyed by the field's content hash and the
+cell's number), read back into a ``corrections.Review`` at the top of every re-run, before anything is drawn.
 
 Safety (the Docker image listens on every interface, so any visitor of the page is a user):
 
@@ -33,8 +39,10 @@ import torch
 
 from wbc_trust import config
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC, FLAG_OOD, FLAG_UNCERTAIN
+from wbc_trust.corrections import NOT_WBC_FOLDER, ZIP_ROOT, CountedField, Review, count_field
 from wbc_trust.data import read_image
 from wbc_trust.errors import WbcError
+from wbc_trust.finder import CellFinder
 from wbc_trust.io import atomic_write
 from wbc_trust.models import WbcClassifier
 from wbc_trust.predict import Prediction, Predictor
@@ -43,6 +51,10 @@ from wbc_trust.trust.influence import InfluenceIndex, influential_training_image
 
 UPLOAD_TYPES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE = "shipped default", "a file in a folder", "upload a model file"
+CELLS_MODE, FIELDS_MODE = "Classify single cells", "Count smear fields"
+#: A flagged cell's first choice: left as the model flagged it, counted apart.
+UNREVIEWED = "flagged: not counted"
+GALLERY_COLUMNS = 6  # crops per gallery row
 PREDICTION_SET_HELP = (
     "The classes the calibration cannot rule out: the true class is in this set for the chosen "
     "share of images of every class (99 % by default). One class = a confident answer."
@@ -221,6 +233,20 @@ def cached_analysis(model_path: str, index_path: str | None, name: str, data: by
     return analyse(load(model_path), name, data, load_index(index_path, model_path) if index_path else None)
 
 
+@st.cache_resource(show_spinner="loading the cell finder…")
+def load_finder() -> CellFinder:
+    """Load the cell finder once for all sessions."""
+    return CellFinder()
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def cached_field(model_path: str, name: str, data: bytes) -> CountedField:
+    """``corrections.count_field`` once per model and file content."""
+    model = load(model_path)
+    with model.lock:
+        return count_field(name, data, load_finder(), model.predictor)
+
+
 def _arguments() -> argparse.Namespace:
     """Options after ``--`` on the ``streamlit run`` line (``wbc app`` fills them in)."""
     parser = argparse.ArgumentParser(prog="app_streamlit.py")
@@ -368,24 +394,8 @@ def show_analysis(item: Analysis, classes: Sequence[str]) -> None:
                 )
 
 
-def main() -> None:
-    """The page: model picker, uploads, per-image results, batch table and CSV download."""
-    st.set_page_config(page_title="wbc-trust", page_icon="🔬", layout="wide")
-    args = _arguments()
-    st.title("wbc-trust: white blood cell classifier")
-    st.caption(
-        "Upload microscope images of single stained white blood cells. For each one you get the class, how far "
-        "to trust it, and where the model looked. For research, not for diagnosis."
-    )
-    model_path = choose_model(args)
-    try:
-        model = load(str(model_path))
-    except WbcError as exc:
-        model_uploads().discard(model_path)  # an uploaded file that is no model does not stay on the server
-        st.error(f"This model cannot be used: {exc}")
-        st.stop()
-    show_model(model)
-    index_path = choose_index(args, str(model_path))
+def show_cells(model: LoadedModel, model_path: Path, index_path: str | None) -> None:
+    """Single-cell mode: uploads, per-image results, batch table and CSV download."""
     uploads = st.file_uploader(
         "Cell images (JPG, PNG, BMP, TIFF)",
         type=list(UPLOAD_TYPES),
@@ -395,9 +405,7 @@ def main() -> None:
     if not uploads:
         st.info("Drop one or many cell images above.")
         return
-    if len(uploads) > config.APP_MAX_FILES:
-        st.warning(f"{len(uploads)} files uploaded: only the first {config.APP_MAX_FILES} are analysed.")
-        uploads = uploads[: config.APP_MAX_FILES]
+    uploads = _capped(uploads)
     progress = st.progress(0.0, text="analysing…")
     analyses = []
     for i, upload in enumerate(uploads):
@@ -413,6 +421,194 @@ def main() -> None:
     )
     for item in analyses:
         show_analysis(item, classes)
+
+
+def _capped(uploads: list) -> list:
+    if len(uploads) > config.APP_MAX_FILES:
+        st.warning(f"{len(uploads)} files uploaded: only the first {config.APP_MAX_FILES} are analysed.")
+        return uploads[: config.APP_MAX_FILES]
+    return uploads
+
+
+def _choice_key(counted: CountedField, row: dict) -> str:
+    """The select box of one cell: the field's content hash and the cell's number."""
+    return f"fix-{counted.key}-{row['cell']}"
+
+
+def _default_choice(row: dict) -> str:
+    return UNREVIEWED if row["flag"] else row["prediction"]
+
+
+def read_corrections(review: Review) -> None:
+    """The people's choices in the cells' select boxes (this session's widget state) into ``review``: a choice
+    other than the box's default is a correction."""
+    for counted in review.fields:
+        for row in counted.count.rows:
+            choice = st.session_state.get(_choice_key(counted, row))
+            fixed = None if choice in (None, UNREVIEWED, _default_choice(row)) else choice
+            review.correct(counted.key, int(row["cell"]), fixed)
+
+
+def differential_table(review: Review) -> pd.DataFrame:
+    """The differential after the review, formatted for the page (no number where there is none: an empty count's
+    interval, the flagged row's)."""
+
+    def number(value: float | None) -> str:
+        return "" if value is None or np.isnan(value) else f"{value:.1f}"
+
+    return pd.DataFrame(
+        [
+            {
+                "class": r["class"],
+                "count": r["count"],
+                "%": number(r["percent"]),
+                "95 % interval": number(r["ci_low"]) and f"{number(r['ci_low'])}–{number(r['ci_high'])}",
+            }
+            for r in review.differential()
+        ]
+    )
+
+
+def show_differential(review: Review) -> None:
+    """The differential over all uploaded fields, with the downloads."""
+    table = review.differential()
+    counted = sum(r["count"] for r in table[:-1])
+    st.header("Differential", anchor=False)
+    st.markdown(
+        f"**{counted}** white cells counted in {len(review.fields)} field(s); **{table[-1]['count']}** flagged and "
+        f"counted apart (classify them in the gallery to count them); **{review.n_not_wbc()}** marked not a white "
+        "cell. Intervals: 95 % Wilson score (the binomial intervals of the Rümke table)."
+    )
+    st.table(differential_table(review).set_index("class"))
+    zip_column, csv_column = st.columns(2)
+    zip_column.download_button(
+        "Download corrections (zip)",
+        review.zip_bytes(),
+        file_name=f"{ZIP_ROOT}.zip",
+        mime="application/zip",
+        on_click="ignore",
+        help=f"Unzip it and train on it: `wbc adapt --data {ZIP_ROOT}` (or `wbc train --data {ZIP_ROOT}`). One "
+        f"folder per class of the crops the model saw; cells marked not a white cell in {NOT_WBC_FOLDER}/ (left out "
+        "of training); flagged cells nobody classified are left out; cells.csv lists every cell.",
+    )
+    csv_column.download_button(
+        "Download cells CSV (original and corrected class)",
+        review.csv_text(),
+        file_name="wbc_corrections.csv",
+        mime="text/csv",
+        on_click="ignore",
+    )
+
+
+def show_field(review: Review, counted: CountedField, data: bytes) -> None:
+    """One uploaded field with its boxes after the review, or why it has none."""
+    with st.container(border=True):
+        st.subheader(display_name(counted.name), anchor=False)
+        if counted.flag.startswith("unreadable"):
+            st.error(
+                f"This file could not be read as an image: {counted.flag.removeprefix('unreadable: ')}. "
+                "Upload a JPG, PNG, BMP or TIFF picture of a stained blood smear."
+            )
+            return
+        if counted.flag:
+            st.warning(counted.flag)
+        picture = review.picture(counted, read_image(data))
+        st.image(
+            picture,
+            caption=f"{len(counted.count.cells)} white cell(s) found: boxes coloured by class, dashed and marked ? "
+            "when flagged",
+        )
+
+
+def show_gallery(review: Review) -> None:
+    """The cells sorted as the model sorted them, one gallery per class and one of the flagged cells, each with a
+    select box to reclassify it or mark it not a white cell."""
+    st.header("Gallery", anchor=False)
+    st.caption(
+        "Cells as the model sorted them. Pick another class to reclassify a cell; cells left as they are count as "
+        "the model said, flagged cells only once a person picks their class."
+    )
+    groups: dict[str, list[tuple[CountedField, dict, bytes]]] = {}
+    for counted in review.fields:
+        for row, png in zip(counted.count.rows, counted.pngs):
+            groups.setdefault("flagged" if row["flag"] else row["prediction"], []).append((counted, row, png))
+    for group in [*review.classes, "flagged"]:
+        members = groups.get(group, [])
+        st.subheader(f"{group}: {len(members)}", anchor=False)
+        for start in range(0, len(members), GALLERY_COLUMNS):
+            for column, (counted, row, png) in zip(
+                st.columns(GALLERY_COLUMNS), members[start : start + GALLERY_COLUMNS]
+            ):
+                with column:
+                    st.image(png, width=config.APP_DISPLAY_PX // 2)
+                    options = [UNREVIEWED, *review.choices] if row["flag"] else review.choices
+                    st.selectbox(
+                        f"{display_name(counted.name)} · cell {row['cell']}: {row['prediction']} "
+                        f"{float(row['confidence']):.0%}",
+                        options,
+                        index=options.index(_default_choice(row)),
+                        key=_choice_key(counted, row),
+                        help=row["flag"] or None,
+                    )
+
+
+def show_fields(model: LoadedModel, model_path: Path) -> None:
+    """Field mode: uploads, the differential over all of them, each field with its boxes, the galleries."""
+    uploads = st.file_uploader(
+        "Smear-field images (JPG, PNG, BMP, TIFF)",
+        type=list(UPLOAD_TYPES),
+        accept_multiple_files=True,
+        max_upload_size=config.APP_MAX_UPLOAD_MB,
+        key="field-uploads",
+    )
+    if not uploads:
+        st.info("Drop one or many smear-field images above: every white cell in them is found, classified and counted.")
+        return
+    uploads = _capped(uploads)
+    progress = st.progress(0.0, text="counting…")
+    fields: list[tuple[CountedField, bytes]] = []
+    for i, upload in enumerate(uploads):
+        data = upload.getvalue()
+        counted = cached_field(str(model_path), upload.name, data)
+        if any(counted.key == other.key for other, _ in fields):
+            st.warning(f"{display_name(upload.name)} is the same file as an earlier upload: counted once.")
+        else:
+            fields.append((counted, data))
+        progress.progress((i + 1) / len(uploads), text=f"counted {i + 1} of {len(uploads)}")
+    progress.empty()
+    review = Review([counted for counted, _ in fields], model.predictor.classes)
+    read_corrections(review)
+    show_differential(review)
+    st.header("Fields", anchor=False)
+    for counted, data in fields:
+        show_field(review, counted, data)
+    show_gallery(review)
+
+
+def main() -> None:
+    """The page: model picker, then single cells (class, trust, Grad-CAM) or smear fields (count and review)."""
+    st.set_page_config(page_title="wbc-trust", page_icon="🔬", layout="wide")
+    args = _arguments()
+    st.title("wbc-trust: white blood cell classifier")
+    st.caption(
+        "Upload microscope images of single stained white blood cells: for each one you get the class, how far "
+        "to trust it, and where the model looked. Or upload smear fields: every white cell is found, counted into a "
+        "differential, and shown for you to confirm or reclassify. For research, not for diagnosis."
+    )
+    model_path = choose_model(args)
+    try:
+        model = load(str(model_path))
+    except WbcError as exc:
+        model_uploads().discard(model_path)  # an uploaded file that is no model does not stay on the server
+        st.error(f"This model cannot be used: {exc}")
+        st.stop()
+    show_model(model)
+    index_path = choose_index(args, str(model_path))
+    mode = st.radio("Mode", [CELLS_MODE, FIELDS_MODE], horizontal=True, label_visibility="collapsed")
+    if mode == FIELDS_MODE:
+        show_fields(model, model_path)
+    else:
+        show_cells(model, model_path, index_path)
 
 
 if __name__ == "__main__":
