@@ -16,7 +16,8 @@ from PIL import Image
 
 from wbc_trust import config
 from wbc_trust.cli import app
-from wbc_trust.count import crop_cell
+from wbc_trust.crop import CropPolicy
+from wbc_trust.finder import Cell
 
 require_shared()  # real fields and crops from ../shared/datasets
 FIELDS = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:3]
@@ -140,10 +141,15 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "images.csv").exists()  # the reason is still written down
 
 
-def test_crop_is_centred_with_the_cell_at_the_training_share() -> None:
+def test_a_cell_window_is_centred_and_filled_with_the_background() -> None:
     image = Image.open(FIELDS[0]).convert("RGB")
-    crop = crop_cell(image, (600, 400, 640, 480), share=0.5)  # at the corner: the window leaves the image
+    cell = Cell((600, 400, 640, 480), 1.0)
+    crop = CropPolicy("frame", 160).cell_view(image, None, cell)  # at the corner: the window leaves the image
     assert crop.size == (160, 160)
     corner = np.asarray(crop)[-10:, -10:].reshape(-1, 3)
     assert corner.mean() > 120  # filled with the smear's background colour, not black
-    assert crop_cell(image, (100, 100, 200, 150), share=0.375, size=96).size == (96, 96)
+    # a frame model's window: the cell's box over the share a PBC cell covers; the cell's centre is the window's
+    side = 80 / config.COUNT_CELL_SHARE
+    expected = image.crop((int(620 - side / 2), int(440 - side / 2), int(620 + side / 2), int(440 + side / 2)))
+    top_left = np.asarray(expected.resize((160, 160)))[:40, :40].astype(float)
+    assert np.abs(np.asarray(crop)[:40, :40].astype(float) - top_left).mean() < 12

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.calibration import Calibration, calibration_error, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
     LoadedImages,
     Record,
@@ -71,8 +72,8 @@ _CALIBRATION_TENSORS = ("conformal.", "ood.")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_lab_cells(data: Path, img_size: int) -> LoadedImages:
-    """The lab's labelled cells, decoded at the model's input size; a folder that is not labelled is refused."""
+def read_lab_cells(data: Path, crop: CropPolicy) -> LoadedImages:
+    """The lab's labelled cells, as the model sees them (its crop policy); a folder that is not labelled is refused."""
     try:
         index = find_dataset(data, require_all_classes=False)
     except WbcError as exc:
@@ -82,7 +83,7 @@ def read_lab_cells(data: Path, img_size: int) -> LoadedImages:
             "layout); for images without labels use --unlabelled DIR"
         ) from exc
     records = [r for rs in index.splits.values() for r in rs]
-    loaded = load_images(records, img_size, desc="decoding the lab's cells")
+    loaded = load_images(records, crop, desc="decoding the lab's cells")
     for path, reason in loaded.unreadable:
         log.warning(f"skipped unreadable file {path}: {reason}")
     return loaded
@@ -115,7 +116,7 @@ def replay_features(model: WbcClassifier, base_sha256: str, replay: LoadedImages
 
 
 def replay_cells(
-    meta: dict, img_size: int, per_class: int = config.ADAPT_REPLAY_PER_CLASS, seed: int = config.SEED
+    meta: dict, crop: CropPolicy, per_class: int = config.ADAPT_REPLAY_PER_CLASS, seed: int = config.SEED
 ) -> tuple[LoadedImages | None, str]:
     """Up to ``per_class`` images per class of the base model's training data (never its held-out test files), else
     the shipped sample of PBC images, else none; and a sentence saying which."""
@@ -143,7 +144,7 @@ def replay_cells(
     for k in range(len(config.CLASSES)):
         of_class = [r for r in records if r.label == k]
         chosen += [of_class[i] for i in sorted(generator.permutation(len(of_class))[:per_class])]
-    return load_images(chosen, img_size, desc="decoding replay images"), source
+    return load_images(chosen, crop, desc="decoding replay images"), source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,8 +408,8 @@ def adapt(
     base_path = Path(model_path) if model_path is not None else config.DEFAULT_MODEL_PATH
     model, meta = load_model(base_path)
     model = prepare_for_cpu(model)
-    size, classes = meta["img_size"], meta["classes"]
-    cells = read_lab_cells(Path(data), size) if data is not None else None
+    crop, classes = CropPolicy.from_meta(meta), meta["classes"]
+    cells = read_lab_cells(Path(data), crop) if data is not None else None
     provenance: dict = {
         "base_model": str(base_path),
         "base_model_sha256": file_digest(base_path),
@@ -418,7 +419,7 @@ def adapt(
 
     if unlabelled is not None:
         files = find_unlabelled([unlabelled])
-        pool = load_images([Record(p, None) for p in files], size, desc="decoding the lab's unlabelled images")
+        pool = load_images([Record(p, None) for p in files], crop, desc="decoding the lab's unlabelled images")
         if cells is not None:
             pool = LoadedImages(
                 pool.records + cells.records, torch.cat([pool.images, cells.images]), pool.digests + cells.digests, []
@@ -470,7 +471,7 @@ def adapt(
     log.info(f"features of {len(cells.records)} lab cells")
     logits, features = logits_and_features(model, cells.images, progress=True)
     check_head_reads_features(model, logits, features)
-    replay, replay_source = replay_cells(meta, size, seed=seed)
+    replay, replay_source = replay_cells(meta, crop, seed=seed)
     head_data = HeadData(features.float(), labels)
     if replay is not None:
         log.info(f"replay: {len(replay.records)} images of {replay_source}")

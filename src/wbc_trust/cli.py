@@ -134,6 +134,13 @@ def train(
             "jitter: for images from other labs)"
         ),
     ] = _TRAIN["augment"],
+    crop: Annotated[
+        str,
+        typer.Option(
+            help="frame (the whole image resized) | cell (the cell finder's most central white cell, cut at one "
+            "physical scale: the view other labs' images and smear fields need)"
+        ),
+    ] = _TRAIN["crop"],
     device: Annotated[str, typer.Option(help="auto (CUDA when there is a GPU) | cpu | cuda")] = _TRAIN["device"],
 ) -> None:
     """Train a model; the best-on-validation weights go to OUT/model.safetensors.
@@ -165,6 +172,7 @@ def train(
         "max_images": max_images,
         "test_views": tuple(v.strip() for v in test_views.split(",") if v.strip()),
         "augment": augment,
+        "crop": crop,
         "device": device,
     }
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name != "DEFAULT"}

@@ -234,6 +234,20 @@ COUNT_THUMB_PX: int = 96
 COUNT_REPORT_IMAGES: int = 40
 COUNT_REPORT_GALLERY: int = 60
 
+# --- one view for the model (crop.py; measured by python bench/crop_scale.py) --------------------------------------
+
+#: The crop window's side in µm: PBC's frames (360 px) at the red-cell ruler's median of 10.9 px/µm, so that a PBC
+#: image's view is about the image itself. A crop whose found cell's long side is at least CROP_TIGHT_SHARE of the
+#: image's short side is tight (the cell fills it: BCCD's crops), and its cell is taken to be CROP_CELL_UM across (the
+#: median of PBC's found cells, 144 px at 10.9 px/µm).
+CROP_WINDOW_UM: float = 33.0
+#: The default crop policy of wbc train (crop.KINDS).
+CROP: str = "frame"
+CROP_TIGHT_SHARE: float = 0.6
+CROP_CELL_UM: float = 13.2
+#: Found boxes closer than this share of their size are one cell (the lobes of a neutrophil in a close-up crop).
+CROP_MERGE_MARGIN: float = 0.05
+
 # --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
 
 #: The lab statistic (lab.py): share of the calibration images its cross-fitted threshold accepts, and when a batch

@@ -1,9 +1,10 @@
 """``wbc count``: every white cell of every image found, classified, counted into a differential with its uncertainty.
 
 What a hematology lab gets from a CellaVision DM96 or a Scopio X100, from plain image files: the finder
-(``finder.CellFinder``) gives each white cell's box, each cell is cropped centred in a square window in which it
-covers the share of the frame that the PBC training crops have (``config.COUNT_CELL_SHARE``), and the model
-(``predict.Predictor``) classifies the crop with its calibrated confidence, prediction set, OOD score and flag.
+(``finder.CellFinder``) gives each white cell's box, each cell is cut as the model's crop policy says
+(``crop.CropPolicy.cell_view``: a window of fixed µm at the field's red-cell scale, or for models of whole PBC frames
+the share of the frame a PBC cell covers), and the model (``predict.Predictor``) classifies the crops with their
+calibrated confidence, prediction set, OOD score and flag.
 
 Output folder:
 - ``cells.csv``: one row per white cell (``image, cell, x0, y0, x1, y1, prediction, confidence, p_<class>…, flag,
@@ -34,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from statsmodels.stats.proportion import proportion_confint
 from tqdm import tqdm
 
 from wbc_trust import config
-from wbc_trust.data import UnreadableImage, find_unlabelled, read_image
+from wbc_trust.data import UnreadableImage, find_unlabelled, image_to_tensor, read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import Cell, CellFinder
 from wbc_trust.io import atomic_write_text, write_json
@@ -68,37 +70,6 @@ class CountSummary:
     n_flagged: int
     differential: list[dict]
     seconds: float
-
-
-def crop_cell(
-    image: Image.Image, box: Sequence[float], share: float = config.COUNT_CELL_SHARE, size: int | None = None
-) -> Image.Image:
-    """A square window centred on the cell, ``max(box width, height) / share`` pixels wide, so that the cell covers the
-    same share of the frame as in the PBC crops the model was trained on (``share``); where the window leaves the
-    image it is filled with the image's median colour (the smear's background, not black), then resized to ``size``."""
-    x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0) / share
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = round(cx - side / 2), round(cy - side / 2)
-    side_px = max(1, round(side))
-    window = image.crop((left, top, left + side_px, top + side_px))  # PIL fills outside with black ...
-    inside = (max(0, -left), max(0, -top), min(side_px, image.width - left), min(side_px, image.height - top))
-    if inside != (0, 0, side_px, side_px):  # ... so paint the background colour, then the part that is inside
-        fill = tuple(int(v) for v in np.median(np.asarray(image.resize((32, 32))).reshape(-1, 3), axis=0))
-        canvas = Image.new("RGB", (side_px, side_px), fill)
-        canvas.paste(window.crop(inside), inside[:2])
-        window = canvas
-    if size is not None:
-        window = window.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return window
-
-
-def _lossless_bytes(image: Image.Image) -> bytes:
-    """The crop as BMP bytes for ``Predictor.predict_bytes`` (its in-memory entry point): lossless and the fastest
-    format to write and read back."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="BMP")
-    return buffer.getvalue()
 
 
 def differential(classes: Sequence[str], predictions: Sequence[str], n_flagged: int) -> list[dict]:
@@ -213,7 +184,8 @@ class ImageCount:
 def count_image(image: Image.Image, name: str, finder: CellFinder, predictor) -> ImageCount:
     """Find and classify the white cells of one image (``wbc count``'s step per file, also the app's): each row is a
     ``cells.csv`` row with ``image = name``; a cell cut by the image edge is flagged (``FLAG_EDGE``)."""
-    cells = finder.find(image).cells
+    found = finder.find(image)
+    cells = found.cells
     flag = ""
     if not cells:
         flag = "no white cell found"
@@ -224,11 +196,12 @@ def count_image(image: Image.Image, name: str, finder: CellFinder, predictor) ->
         )
         cells = cells[: config.COUNT_MAX_CELLS]
     cells = sorted(cells, key=lambda c: (c.box[1], c.box[0]))  # reading order: top to bottom, left to right
-    rows, crops = [], []
+    crops = [predictor.crop.cell_view(image, found, cell) for cell in cells]
+    names = [f"{name}#{number}" for number in range(1, len(cells) + 1)]
+    answers = predictor.predict_views(names, torch.stack([image_to_tensor(c) for c in crops])) if cells else []
     classes = list(predictor.classes)
-    for number, cell in enumerate(cells, 1):
-        crop = crop_cell(image, cell.box, size=predictor.img_size)
-        answer = predictor.predict_bytes(_lossless_bytes(crop), f"{name}#{number}")
+    rows = []
+    for number, (cell, answer) in enumerate(zip(cells, answers), 1):
         edge = _touches_edge(cell.box, image.size)
         row = {
             "image": name,
@@ -238,7 +211,6 @@ def count_image(image: Image.Image, name: str, finder: CellFinder, predictor) ->
         }
         row["flag"] = "; ".join(f for f in (answer.flag, FLAG_EDGE if edge else "") if f)
         rows.append(row)
-        crops.append(crop)
     return ImageCount(cells, rows, crops, flag)
 
 

@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from wbc_trust import config
+from wbc_trust.crop import CropPolicy, CropResult
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
 
@@ -418,20 +419,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WBC_CACHE_DIR", Path.home() / ".cache" / "wbc-trust"))
 
 
-def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, str, str | None]:
+def _decode(path: Path, crop: CropPolicy) -> tuple[torch.Tensor | None, str, str | None]:
     try:
         data = _read_bytes(path)
     except UnreadableImage as exc:
         return None, "", str(exc)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return image_to_tensor(read_image(data, size)), digest, None
+        return image_to_tensor(view_image(data, crop).image), digest, None
     except UnreadableImage as exc:
         return None, digest, str(exc)
 
 
-def _cache_key(paths: Sequence[Path], size: int) -> str:
-    h = hashlib.sha256(f"v1|{size}".encode())
+def view_image(source: Path | bytes, crop: CropPolicy) -> CropResult:
+    """One file (or its bytes) as the model sees it: read and checked (``read_image``), then cut by the model's crop
+    policy (``crop.py``). Raises ``UnreadableImage``."""
+    # a frame view decodes JPEGs at reduced scale (draft mode); the finder needs the full picture
+    return crop.apply(read_image(source, crop.size if crop.kind == "frame" else None))
+
+
+def as_policy(crop: CropPolicy | int) -> CropPolicy:
+    """A crop policy, or an input size for a whole-frame view (the views of model files from before the finder)."""
+    return crop if isinstance(crop, CropPolicy) else CropPolicy("frame", int(crop))
+
+
+def _cache_key(paths: Sequence[Path], crop: CropPolicy) -> str:
+    h = hashlib.sha256(f"v1|{crop.size}".encode() if crop.kind == "frame" else f"v2|{crop.key}".encode())
     for p in paths:
         st = p.stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -439,14 +452,17 @@ def _cache_key(paths: Sequence[Path], size: int) -> str:
 
 
 def load_images(
-    records: Sequence[Record], size: int, desc: str = "decoding images", cache: bool = True
+    records: Sequence[Record], crop: CropPolicy | int, desc: str = "decoding images", cache: bool = True
 ) -> LoadedImages:
-    """Decode and resize every image once (threads; JPEG draft mode), caching the result on disk for the next run.
+    """Decode every image once and cut the model's view of it (``crop``: the model's policy, or an input size for a
+    whole-frame view; threads), caching the result on disk for the next run.
 
     Unreadable files are reported (path and reason) and left out, never trained or evaluated on.
     """
     records = list(records)
-    key_file = cache_dir() / f"{_cache_key([r.path for r in records], size)}.pt" if cache else None
+    crop = as_policy(crop)
+    size = crop.size
+    key_file = cache_dir() / f"{_cache_key([r.path for r in records], crop)}.pt" if cache else None
     if key_file is not None and key_file.exists():
         try:
             blob = torch.load(key_file, weights_only=True)
@@ -467,7 +483,7 @@ def load_images(
     digests: list[str] = []
     unreadable: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        decoded = pool.map(lambda r: _decode(r.path, size), records)
+        decoded = pool.map(lambda r: _decode(r.path, crop), records)
         for i, (tensor, digest, why) in enumerate(
             tqdm(decoded, total=len(records), desc=desc, unit="img", leave=False, disable=len(records) < 50)
         ):
@@ -532,7 +548,7 @@ def match_training_data(index: DatasetIndex, meta: dict) -> TrainingDataMatch:
             digests = list(threads.map(file_digest, [r.path for r in pool]))
         same = _fingerprint(pool, digests) == trained["fingerprint"]
         if not same:  # files training could not read are not in the fingerprint
-            loaded = load_images(pool, meta["img_size"], desc="comparing with the model's training data")
+            loaded = load_images(pool, CropPolicy.from_meta(meta), desc="comparing with the model's training data")
             same = bool(loaded.unreadable) and data_fingerprint(loaded) == trained["fingerprint"]
     if same:
         return TrainingDataMatch(
@@ -559,7 +575,7 @@ def model_split(index: DatasetIndex, meta: dict, purpose: str) -> tuple[LoadedIm
     """
     trained = meta.get("data", {})
     pool, fractions, _ = split_plan(index)
-    loaded = load_images(pool, meta["img_size"], desc="reading images")
+    loaded = load_images(pool, CropPolicy.from_meta(meta), desc="reading images")
     parts = split_records(
         loaded.records,
         loaded.digests,
@@ -597,7 +613,7 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
         )
     if not match.same:
         records = [r for rs in index.splits.values() for r in rs]
-        return load_images(records, meta["img_size"], desc="reading images"), f"all images of {index.root}"
+        return load_images(records, CropPolicy.from_meta(meta), desc="reading images"), f"all images of {index.root}"
     loaded, parts = model_split(index, meta, separate)
     name = "calib" if "calib" in parts else "val"  # models from before the calibration split: their validation split
     return loaded.select(parts[name]), (

@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from wbc_trust import config, plots
 from wbc_trust.calibration import Calibration
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import DatasetIndex, Record, find_dataset, load_images, match_training_data, model_labels
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write_text, write_csv, write_json
@@ -137,7 +138,7 @@ def load_test_images(meta: dict, data: Path, max_images: int | None = None) -> L
             "pass data with the model's classes only"
         )
     records = stratified_subset(target.records, max_images)
-    loaded = load_images(records, meta["img_size"], desc="reading images")
+    loaded = load_images(records, CropPolicy.from_meta(meta), desc="reading images")
     for path, reason in loaded.unreadable:
         print(f"skipped unreadable file {path}: {reason}")
     if not loaded.records:

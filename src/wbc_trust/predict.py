@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from wbc_trust.calibration import FLAG_NEW_LAB, Calibration
 from wbc_trust.conformal import check_coverage
-from wbc_trust.data import UnreadableImage, image_to_tensor, read_image
+from wbc_trust.crop import CropPolicy, CropResult
+from wbc_trust.data import UnreadableImage, image_to_tensor, view_image
 from wbc_trust.errors import WbcError
 from wbc_trust.io import write_csv
 from wbc_trust.lab import batch_notice
@@ -78,13 +79,19 @@ class Predictor:
             extra = load_extra(model_path)
         self.classes: list[str] = self.meta["classes"]
         self.img_size: int = self.meta["img_size"]
+        self.crop = CropPolicy.from_meta(self.meta)
         self.batch_size = batch_size
         self.calibration = Calibration.from_model(self.meta, extra)
         self.coverage = coverage if coverage is None else check_coverage(coverage)  # None: the calibrated one
 
+    def view(self, source: Path | bytes) -> CropResult:
+        """Read one file (or its bytes) and cut the model's view of it (its crop policy, ``crop.py``), with the view's
+        flag (several white cells, none found). Raises ``UnreadableImage``."""
+        return view_image(source, self.crop)
+
     def to_tensor(self, source: Path | bytes) -> torch.Tensor:
-        """Read one file (or its bytes) as the model sees it: uint8 3×S×S. Raises ``UnreadableImage``."""
-        return image_to_tensor(read_image(source, self.img_size))
+        """One file (or its bytes) as the model sees it: uint8 3×S×S. Raises ``UnreadableImage``."""
+        return image_to_tensor(self.view(source).image)
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and pooled features (for the OOD score) of a batch of uint8 (or [0, 1] float) images."""
@@ -97,20 +104,25 @@ class Predictor:
         logits, _ = self._forward(images)
         return torch.softmax(logits / (self.calibration.temperature if self.calibration else 1.0), 1)
 
-    def _answers(self, paths: Sequence[str], images: torch.Tensor) -> list[Prediction]:
+    def predict_views(
+        self, paths: Sequence[str], images: torch.Tensor, view_flags: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Answers for a batch of views already cut (uint8 N×3×S×S, ``view``), named by ``paths``; each view's flag
+        (several white cells, none found) comes first in the answer's flag."""
         logits, features = self._forward(images)
         if self.calibration is None:
             probs, sets, scores, flags = torch.softmax(logits, 1), None, None, [""] * len(paths)
         else:
             trusted = self.calibration.apply(logits, features, self.coverage, images)
             probs, sets, scores, flags = trusted.probs, trusted.sets, trusted.ood_scores.tolist(), trusted.flags
+        view_flags = view_flags or [""] * len(paths)
         return [
             Prediction(
                 path=path,
                 prediction=self.classes[int(p.argmax())],
                 confidence=float(p.max()),
                 probabilities={c: float(v) for c, v in zip(self.classes, p)},
-                flag=flags[i],
+                flag="; ".join(f for f in (view_flags[i], flags[i]) if f),
                 prediction_set=None if sets is None else [c for c, member in zip(self.classes, sets[i]) if member],
                 ood_score=None if scores is None else scores[i],
             )
@@ -120,10 +132,10 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         """Classify one in-memory image (the app's uploads)."""
         try:
-            tensor = self.to_tensor(data)
+            view = self.view(data)
         except UnreadableImage as exc:
             return Prediction(name, None, None, flag=f"unreadable: {exc}")
-        return self._answers([name], tensor[None])[0]
+        return self.predict_views([name], image_to_tensor(view.image)[None], [view.flag])[0]
 
     def predict_files(self, paths: Sequence[Path], progress: bool = True) -> list[Prediction]:
         """Classify many files in batches; unreadable ones get a flagged row, in input order."""
@@ -132,15 +144,19 @@ class Predictor:
         for chunk in tqdm(
             chunks, desc="predicting", unit="batch", leave=False, disable=not progress or len(chunks) < 2
         ):
-            tensors, positions = [], []
+            tensors, positions, view_flags = [], [], []
             for i, path in chunk:
                 try:
-                    tensors.append(self.to_tensor(Path(path)))
-                    positions.append(i)
+                    view = self.view(Path(path))
                 except UnreadableImage as exc:
                     results[i] = Prediction(str(path), None, None, flag=f"unreadable: {exc}")
+                    continue
+                tensors.append(image_to_tensor(view.image))
+                positions.append(i)
+                view_flags.append(view.flag)
             if tensors:
-                results.update(zip(positions, self._answers([str(paths[i]) for i in positions], torch.stack(tensors))))
+                names = [str(paths[i]) for i in positions]
+                results.update(zip(positions, self.predict_views(names, torch.stack(tensors), view_flags)))
         return [results[i] for i in range(len(paths))]
 
     def batch_notice(self, predictions: Sequence[Prediction]) -> str | None:

@@ -46,6 +46,7 @@ class TrainConfig:
     bf16: bool | None = None  # None → autocast where it pays: CPUs with native bf16, every CUDA GPU (bf16 or fp16)
     test_views: tuple[str, ...] = config.TEST_VIEWS  # what the saved model's predictions average over
     augment: str = "seed"  # or "cross-lab" (config.AUGMENTS)
+    crop: str = config.CROP  # "frame" (the whole image resized) or "cell" (the cell finder's view, crop.py)
     device: str = "auto"  # auto | cpu | cuda (auto: CUDA when PyTorch sees a GPU)
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from wbc_trust import config, distributed, plots
 from wbc_trust.calibration import Calibration, calibrate_loaded
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
     ImageTensorDataset,
     LoadedImages,
@@ -65,6 +66,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     weights (ImageNet for the default architecture) and the stages kept at them."""
     get_arch(cfg.arch)  # an unknown --arch fails now, listing the registered ones
     train_transform(cfg.augment)  # an unknown --augment fails now
+    CropPolicy(cfg.crop, 1)  # an unknown --crop fails now
     unknown = [v for v in cfg.test_views if v not in VIEWS]
     if unknown or not cfg.test_views:
         raise WbcError(
@@ -108,7 +110,7 @@ class Splits:
 
 
 def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple[Splits, dict]:
-    """Find the data, decode it once, split it (duplicates kept on one side; ``calib`` carved out of ``val``) and
+    """Find the data, decode it once (each image cut by the crop policy ``cfg.crop``), split it (duplicates kept on one side; ``calib`` carved out of ``val``) and
     write ``split.json`` (unless ``write`` is False: the other processes of a torchrun job)."""
     index = find_dataset(cfg.data, require_all_classes=True)
     if index.ignored_classes:
@@ -117,7 +119,8 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
             + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items())
         )
     pool, fractions, fixed = split_plan(index)
-    loaded_pool = load_images(pool, img_size, desc="decoding training images")
+    crop = CropPolicy(cfg.crop, img_size)
+    loaded_pool = load_images(pool, crop, desc="decoding training images")
     for path, reason in loaded_pool.unreadable:
         log.info(f"skipped unreadable file {path}: {reason}")
     parts = split_records(
@@ -131,7 +134,7 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
             idx = idx[:: max(1, len(idx) // cfg.max_images)][: cfg.max_images]
         loaded[name] = loaded_pool.subset(idx)
     for name, records in fixed.items():
-        loaded[name] = load_images(records, img_size, desc=f"decoding {name} images")
+        loaded[name] = load_images(records, crop, desc=f"decoding {name} images")
     split_file = {
         "data_root": str(index.root),
         "layout": index.layout,
@@ -634,7 +637,9 @@ def _metadata(
         "img_size": cfg.img_size,
         "mean": list(config.IMAGENET_MEAN),
         "std": list(config.IMAGENET_STD),
-        "input": "RGB in [0, 1], whole image resized to img_size × img_size; normalisation is inside the model",
+        "input": "RGB in [0, 1], the crop policy's view (crop.py) at img_size × img_size; normalisation is inside the "
+        "model",
+        "crop": CropPolicy(cfg.crop, cfg.img_size).to_meta(),
         "data": {
             **data_summary,
             "seed": cfg.seed,

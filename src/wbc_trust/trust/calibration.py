@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from wbc_trust import config, plots
 from wbc_trust.calibration import FLAG_OOD, FLAG_UNCERTAIN, Calibration, Trusted, calibration_error
 from wbc_trust.conformal import check_coverage
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import choose_records
@@ -23,12 +24,12 @@ from wbc_trust.modelfile import load_extra, load_model
 from wbc_trust.models import logits_and_features
 
 
-def _ood_images(ood_data: Path, img_size: int) -> torch.Tensor:
+def _ood_images(ood_data: Path, crop: CropPolicy) -> torch.Tensor:
     """Every image below ``ood_data`` (any folder layout: these are not white cells and have no class)."""
     files = list_files(Path(ood_data))
     if not files:
         raise WbcError(f"no image files in {ood_data}: pass a folder of images that are not white cells (--ood-data)")
-    return load_images([Record(p, None) for p in files], img_size, desc="reading non-white-cell images").images
+    return load_images([Record(p, None) for p in files], crop, desc="reading non-white-cell images").images
 
 
 def run_calibration(
@@ -44,7 +45,7 @@ def run_calibration(
     calibration = Calibration.from_model(meta, load_extra(model_path))
     target = choose_records(find_dataset(data, require_all_classes=False), meta)
     print(target.description)
-    loaded = load_images(target.records, meta["img_size"], desc="reading images")
+    loaded = load_images(target.records, CropPolicy.from_meta(meta), desc="reading images")
     if not loaded.records:
         raise WbcError(f"none of the files in {data} could be read as images")
     labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
@@ -84,7 +85,7 @@ def run_calibration(
         ).values.numpy()
         if ood_data is not None:
             ood_logits, ood_features = logits_and_features(
-                model, _ood_images(ood_data, meta["img_size"]), progress=True
+                model, _ood_images(ood_data, CropPolicy.from_meta(meta)), progress=True
             )
             ood_scores = calibration.ood.score(ood_logits, ood_features)
             truth = np.r_[np.zeros(len(labels)), np.ones(len(ood_scores))]

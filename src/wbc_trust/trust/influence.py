@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from wbc_trust import config, plots
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
     DatasetIndex,
     Record,
@@ -385,7 +386,7 @@ def run_influence(
     influence_harmful.png and the reusable influence_index.safetensors into ``out``; returns a summary."""
     out = Path(out)
     model, meta = load_model(model_path)
-    classes, size = meta["classes"], meta["img_size"]
+    classes, size = meta["classes"], CropPolicy.from_meta(meta)
     train_index = find_dataset(train_data, require_all_classes=False)
     train = load_images(_subsample(training_records(train_index, meta), max_train), size, desc="training images")
     test = load_images(

@@ -1,0 +1,162 @@
+"""One view for the model: every image the classifier reads (train, evaluate, predict, calibrate, adapt, the trust
+methods, the app, ONNX through the same Predictor) is cut here, by the crop policy stored in its model file.
+
+``CropPolicy("cell")``: the cell finder (``finder.CellFinder``) finds the white cells, the most central one is taken,
+and a square window of ``window_um`` µm centred on it is cut and resized to the model's input size. Scale is set by
+magnification, never by the cell's own size where anything else tells it, because size is information (a lymphocyte is
+small, a monocyte large): the red cells are the ruler (about 7.5 µm across in every smear, ``FinderResult.px_per_um``)
+when the image shows enough of them and is not a tight crop; a crop without a ruler is taken to be framed like the
+training crops (its short side ``window_um`` µm); a tight crop (the cell fills the frame, as in BCCD's crops) gives
+only the cell, which is then taken to be ``config.CROP_CELL_UM`` across (the median white cell of PBC). Where the
+window leaves the image it is filled with the image's median colour (the smear's background). The constants are
+measured by ``python bench/crop_scale.py``.
+
+``CropPolicy("frame")``: the whole image resized, what model files from before the finder do (they have no ``crop``
+entry in their metadata and keep predicting exactly as before).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from wbc_trust import config
+from wbc_trust.errors import WbcError
+from wbc_trust.finder import Cell, CellFinder, FinderResult
+
+FLAG_SEVERAL = "several white cells: use wbc count"
+FLAG_NONE = "no white cell found"
+KINDS = ("frame", "cell")
+
+
+@lru_cache(maxsize=1)
+def shared_finder() -> CellFinder:
+    """The shipped finder, loaded once per process (its trees are read-only, so threads may share it)."""
+    return CellFinder()
+
+
+@dataclass(frozen=True)
+class CropResult:
+    """One image's view: the model's input (``size``×``size`` RGB), the flag for the answer (several white cells, none
+    found; empty when one), the cell used (None for a frame view or when none was found), the scale in pixels per µm
+    and where it came from (``red cells``, ``crop``, ``cell``; empty for a frame view)."""
+
+    image: Image.Image
+    flag: str = ""
+    cell: Cell | None = None
+    px_per_um: float | None = None
+    scale_from: str = ""
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """How an image becomes the model's input (see the module docstring); stored as ``meta["crop"]``."""
+
+    kind: str
+    size: int
+    window_um: float = config.CROP_WINDOW_UM
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise WbcError(f"unknown crop policy {self.kind!r}: choose one of {', '.join(KINDS)}")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> CropPolicy:
+        """The policy a model file was trained with; files without one (before the finder) read whole frames."""
+        crop = meta.get("crop") or {"kind": "frame"}
+        return cls(crop["kind"], meta["img_size"], float(crop.get("window_um", config.CROP_WINDOW_UM)))
+
+    def to_meta(self) -> dict:
+        return {"kind": self.kind, "window_um": self.window_um}
+
+    @property
+    def key(self) -> str:
+        """What the decoded-image cache must tell apart (and the finder's weights, which change the crops)."""
+        if self.kind == "frame":
+            return f"frame|{self.size}"
+        return f"cell|{self.size}|{self.window_um}|{config.CROP_CELL_UM}|{config.CROP_TIGHT_SHARE}|finder-v1"
+
+    def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
+        """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""
+        long_side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
+        tight = long_side >= config.CROP_TIGHT_SHARE * min(image.size)
+        ruler = result.px_per_um
+        # a ruler is believed only where the white cell is 1-3.5 red cells across, as white cells are (9-20 µm): in
+        # a close-up a few cut red cells read far too small
+        if not tight and ruler is not None and 1.0 <= long_side / (ruler * config.RED_CELL_DIAMETER_UM) <= 3.5:
+            return ruler, "red cells"
+        if not tight:
+            return min(image.size) / self.window_um, "crop"
+        return long_side / config.CROP_CELL_UM, "cell"
+
+    def cut(self, image: Image.Image, cell: Cell, px_per_um: float) -> Image.Image:
+        """The square window of ``window_um`` µm centred on ``cell``, resized to ``size``; the part outside the
+        image filled with its median colour (PIL would fill it black, which no smear is)."""
+        side = max(1, round(self.window_um * px_per_um))
+        cx, cy = cell.centre
+        left, top = round(cx - side / 2), round(cy - side / 2)
+        window = image.crop((left, top, left + side, top + side))
+        inside = (max(0, -left), max(0, -top), min(side, image.width - left), min(side, image.height - top))
+        if inside != (0, 0, side, side):
+            canvas = Image.new("RGB", (side, side), background_colour(image))
+            canvas.paste(window.crop(inside), inside[:2])
+            window = canvas
+        return window.resize((self.size, self.size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+    def cell_view(self, image: Image.Image, result: FinderResult, cell: Cell) -> Image.Image:
+        """The view of one found cell of a field (``wbc count``, the app). A frame policy's model was trained on whole
+        PBC crops: its window is the cell's box over ``config.COUNT_CELL_SHARE``, the share of the frame a PBC cell
+        covers; a cell policy cuts its physical window at the field's scale."""
+        if self.kind == "frame":
+            side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1]) / config.COUNT_CELL_SHARE
+            return self.cut(image, cell, side / self.window_um)
+        return self.cut(image, cell, self.scale(image, result, cell)[0])
+
+    def apply(self, image: Image.Image, finder: CellFinder | None = None) -> CropResult:
+        """One image → the model's input. Several white cells: the most central one, flagged ``FLAG_SEVERAL``;
+        none: the whole frame, flagged ``FLAG_NONE`` (its answer is not about a found cell)."""
+        if self.kind == "frame":
+            return CropResult(image.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None))
+        result = (finder or shared_finder()).find(image)
+        if not result.cells:
+            frame = image.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None)
+            return CropResult(frame, FLAG_NONE)
+        cell, others = central_cell(result.cells, image.size)
+        px_per_um, source = self.scale(image, result, cell)
+        return CropResult(self.cut(image, cell, px_per_um), FLAG_SEVERAL if others else "", cell, px_per_um, source)
+
+
+def central_cell(cells: list[Cell], size: tuple[int, int]) -> tuple[Cell, int]:
+    """The white cell a crop is about, and how many others the image shows. The finder's verifier was fitted on whole
+    fields: in a close-up crop it may box the lobes of one neutrophil apart, so boxes that touch (each grown by
+    CROP_MERGE_MARGIN of its size) are one cell, boxed by their union; the cell is the group nearest the centre."""
+    groups: list[list[Cell]] = []
+    for cell in cells:
+        touching = [g for g in groups if any(_touch(cell.box, other.box) for other in g)]
+        merged = [cell] + [c for g in touching for c in g]
+        groups = [g for g in groups if g not in touching] + [merged]
+    boxes = [tuple(f(c.box[i] for c in g) for i, f in enumerate((min, min, max, max))) for g in groups]
+    cx, cy = size[0] / 2, size[1] / 2
+    best = min(
+        range(len(groups)),
+        key=lambda i: math.hypot((boxes[i][0] + boxes[i][2]) / 2 - cx, (boxes[i][1] + boxes[i][3]) / 2 - cy),
+    )
+    top = max(groups[best], key=lambda c: c.score)
+    return Cell(boxes[best], top.score, top.nucleus), len(groups) - 1
+
+
+def _touch(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    grow_a = config.CROP_MERGE_MARGIN * max(a[2] - a[0], a[3] - a[1])
+    grow_b = config.CROP_MERGE_MARGIN * max(b[2] - b[0], b[3] - b[1])
+    grow = grow_a + grow_b
+    return a[0] - grow <= b[2] and b[0] - grow <= a[2] and a[1] - grow <= b[3] and b[1] - grow <= a[3]
+
+
+def background_colour(image: Image.Image) -> tuple[int, int, int]:
+    """The image's median colour: in a smear, the background between the cells."""
+    pixels = np.asarray(image.resize((32, 32))).reshape(-1, 3)
+    return tuple(int(v) for v in np.median(pixels, axis=0))
