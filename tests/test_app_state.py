@@ -1,6 +1,7 @@
 """The web app's sidebar and its server-side files, run by Streamlit's AppTest (the real page script, in-process, no
 browser): the validation accuracy the model file stores is shown; server folders and index paths are typed only with
-``--allow-server-paths``; uploaded model files are capped in number and size and removed."""
+``--allow-server-paths``; uploaded model files are capped in number and size and removed; a real field's cells are
+counted in the field mode and a person's corrections move them between the differential's rows."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED, require_shared
 from streamlit.testing.v1 import AppTest
 
 from wbc_trust import config
-from wbc_trust.app import DEFAULT_CHOICE, FOLDER_CHOICE, UPLOAD_CHOICE, ModelUploads, model_uploads
+from wbc_trust.app import (
+    DEFAULT_CHOICE,
+    FIELDS_MODE,
+    FOLDER_CHOICE,
+    UNREVIEWED,
+    UPLOAD_CHOICE,
+    ModelUploads,
+    model_uploads,
+)
+from wbc_trust.corrections import NOT_WBC
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import read_metadata
 from wbc_trust.serve import streamlit_command
@@ -91,3 +102,32 @@ def test_an_uploaded_file_that_is_no_model_is_removed(monkeypatch: pytest.Monkey
     assert any("cannot be used" in e.value for e in app.error), [e.value for e in app.error]
     assert model_uploads().files() == kept, "the rejected upload stayed on the server"
     assert config.APP_MAX_MODEL_UPLOAD_MB * 2**20 > Path(config.DEFAULT_MODEL_PATH).stat().st_size
+
+
+def test_field_mode_counts_a_real_field_and_takes_corrections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real BCCD field in the field mode: its cells in the differential (flagged ones apart) and the gallery; a
+    person's choice in a cell's select box moves the cell into its class's count."""
+    require_shared()
+    field = SHARED / "bccd-fields" / "JPEGImages" / "BloodImage_00040.jpg"
+    app = run_app(monkeypatch)
+    app.radio[0].set_value(FIELDS_MODE).run()
+    app.file_uploader[0].set_value([(field.name, field.read_bytes(), "image/jpeg")]).run()
+    assert not app.exception, app.exception
+
+    def counts() -> dict[str, int]:
+        return app.table[0].value["count"].to_dict()
+
+    boxes = app.selectbox
+    assert len(boxes) >= 2, "the field's white cells are not in the gallery"
+    before = counts()
+    assert sum(before.values()) == len(boxes)  # every cell found is counted, or flagged and counted apart
+    original = boxes[0].value
+    pick = next(c for c in config.CLASSES if c != original)
+    boxes[0].set_value(pick).run()
+    after = counts()
+    assert after[pick] == before[pick] + 1
+    moved_from = "flagged (not counted)" if original == UNREVIEWED else original
+    assert after[moved_from] == before[moved_from] - 1
+    app.selectbox[1].set_value(NOT_WBC).run()
+    assert sum(counts().values()) == len(boxes) - 1, "a cell marked not a white cell is still counted"
+    assert any("1** marked not a white cell" in m.value for m in app.markdown)
