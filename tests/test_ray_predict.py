@@ -1,27 +1,32 @@
-"""``wbc predict --ray local``: a real local Ray cluster (two actors) gives the local CSV byte for byte, unreadable
-file and input order included; without Ray, ``--ray`` says how to install it."""
+"""``wbc predict --ray local`` and ``wbc count --ray local``: a real local Ray cluster (two actors) gives the local
+CSV (and count folder) byte for byte, unreadable file and input order included; without Ray, ``--ray`` says how to
+install it."""
 
 from __future__ import annotations
 
 import csv
+import filecmp
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CORRUPT_FILE, pbc_files
+from conftest import CORRUPT_FILE, SHARED, pbc_files
 from test_cli import wbc
 
 from wbc_trust.cli import main
+from wbc_trust.count import run_count
 from wbc_trust.distributed_predict import cpus_per_actor
 from wbc_trust.errors import WbcError
 from wbc_trust.predict import Predictor
 
-
-@pytest.mark.skipif(
+needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
     reason="ray is not installed (pip install 'wbc-trust[ray]', also part of the dev extra)",
 )
+
+
+@needs_ray
 def test_ray_local_gives_the_local_csv_row_for_row(tmp_path: Path) -> None:
     # Classes interleaved and the broken file in the middle: sorting by path or by class would change the order,
     # and 9 files over 2 actors are two batches, so the rows come back from two processes.
@@ -39,6 +44,29 @@ def test_ray_local_gives_the_local_csv_row_for_row(tmp_path: Path) -> None:
     assert [r["prediction"] for r in rows if r["prediction"]] == ["neutrophil", "basophil"] * 4
 
 
+@needs_ray
+def test_ray_count_gives_the_local_count_folder(tmp_path: Path) -> None:
+    # Real smear fields, not in sorted order, the broken file second: 4 files over 2 actors are two batches.
+    fields = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:3]
+    files = [fields[2], CORRUPT_FILE, fields[0], fields[1]]
+    on_ray = wbc("count", *map(str, files), "--out", str(tmp_path / "ray"), "--ray", "local", "--ray-actors", "2")
+    assert on_ray.returncode == 0, on_ray.stderr
+    run_count(files, tmp_path / "local", progress=False)  # what `wbc count FILES --out` (no --ray) writes
+    for name in ("cells.csv", "images.csv", "differential.csv"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text(), name
+    images = list(csv.DictReader((tmp_path / "ray" / "images.csv").open()))
+    assert [r["image"] for r in images] == list(map(str, files))
+    assert images[1]["flag"].startswith("unreadable") and images[1]["n_cells"] == "0"
+    cells = list(csv.DictReader((tmp_path / "ray" / "cells.csv").open()))
+    assert len(cells) == sum(int(r["n_cells"]) for r in images) > 0
+    # the rest of the folder too: the annotated fields, the gallery crops and the report, byte for byte
+    ray_files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    local_files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert ray_files == local_files and len(list((tmp_path / "ray" / "annotated").iterdir())) == 3
+    _, differ, errors = filecmp.cmpfiles(tmp_path / "ray", tmp_path / "local", map(str, ray_files), shallow=False)
+    assert not differ and not errors, (differ, errors)
+
+
 def test_ray_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails exactly as on a machine without Ray
     monkeypatch.setattr(sys, "argv", ["wbc", "predict", "--ray", "local", str(pbc_files("monocyte", 1)[0])])
@@ -48,6 +76,19 @@ def test_ray_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, cap
     assert exit_.value.code == 2, err
     assert err.startswith("error: --ray needs Ray Data"), err
     assert err.rstrip().endswith("pip install 'wbc-trust[ray]'"), err  # the brackets survive Rich
+
+
+def test_count_without_ray_says_so_before_writing_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    field = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[0]
+    monkeypatch.setattr(sys, "argv", ["wbc", "count", "--ray", "local", str(field), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: --ray needs Ray Data"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_actors_get_an_equal_share_that_fits_on_the_nodes() -> None:
