@@ -1,5 +1,5 @@
-"""Scaling out on this machine: ``wbc predict`` in one process against ``wbc predict --ray local`` (an actor pool), and
-``wbc train`` under ``torchrun`` with 1 against 2 processes.
+"""Scaling out on this machine: ``wbc predict`` in one process against ``wbc predict --ray local`` (an actor pool),
+``wbc train`` under ``torchrun`` with 1 against 2 processes, and (optional) ``wbc count`` against ``wbc count --ray``.
 
 Each run is a fresh ``wbc predict FILES --csv OUT`` subprocess, as a user runs it, so the times include starting
 Python, loading the model and (with ``--ray``) starting a Ray cluster and its actors. Each is run on a small and a
@@ -12,7 +12,12 @@ Training: ``torchrun --standalone --nproc-per-node N -m wbc_trust.cli train`` (g
 2 epochs on a small real tree (``--train-per-class`` PBC images per class), N = 1 and 2. The rate is the second
 epoch's: training images / (its seconds, validation by rank 0 included), from ``history.json``.
 
+Counting (``--count-fields N``, off by default): ``wbc count FIELDS --out OUT`` on the first N real bccd-fields, in
+one process and with ``--ray local``, each also on the first ``--count-small`` fields for the fixed cost; fields/s,
+and the two cells.csv/images.csv/differential.csv must be identical.
+
     python bench/scale_out.py [--images 500] [--small 10] [--actors 2] [--train-per-class 60]  # ~6 min on 2 cores
+    python bench/scale_out.py --images 0 --train-per-class 0 --count-fields 40  # the count part alone, ~4 min
 
 On 2 cores, 2 actors (or processes) of one thread each do the same work as one process with two threads: expect
 overhead (Ray's start, one model per actor, rows through the object store; DDP's gradient all-reduce), not a speed-up.
@@ -38,7 +43,9 @@ from wbc_trust import config
 from wbc_trust.modelfile import read_metadata
 from wbc_trust.predict import Predictor
 
-SHARED = Path(os.environ.get("WBC_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets" / "pbc-wbc"
+DATASETS = Path(os.environ.get("WBC_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets"
+SHARED = DATASETS / "pbc-wbc"
+FIELDS = DATASETS / "bccd-fields" / "JPEGImages"
 
 
 def pbc_images(n: int) -> list[Path]:
@@ -50,6 +57,16 @@ def pbc_images(n: int) -> list[Path]:
 def run_predict(files: list[Path], csv: Path, ray_actors: int | None) -> float:
     """Wall seconds of one ``wbc predict`` subprocess (with ``--ray local`` when ``ray_actors`` is given)."""
     command = [sys.executable, "-m", "wbc_trust.cli", "predict", *map(str, files), "--csv", str(csv)]
+    if ray_actors:
+        command += ["--ray", "local", "--ray-actors", str(ray_actors)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def run_count(fields: list[Path], out: Path, ray_actors: int | None) -> float:
+    """Wall seconds of one ``wbc count`` subprocess (with ``--ray local`` when ``ray_actors`` is given)."""
+    command = [sys.executable, "-m", "wbc_trust.cli", "count", *map(str, fields), "--out", str(out)]
     if ray_actors:
         command += ["--ray", "local", "--ray-actors", str(ray_actors)]
     start = time.perf_counter()
@@ -139,6 +156,10 @@ def main() -> None:
     parser.add_argument(
         "--train-per-class", type=int, default=60, help="images per class of the training tree (0: skip training)"
     )
+    parser.add_argument(
+        "--count-fields", type=int, default=0, help="bccd fields of the large wbc count run (0: skip counting)"
+    )
+    parser.add_argument("--count-small", type=int, default=4, help="fields of the small wbc count run (fixed costs)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/scale_out"), help="folder for results.json")
     args = parser.parse_args()
     command = f"python {shlex.join(sys.argv)}"
@@ -150,10 +171,14 @@ def main() -> None:
         predict_part(args, report)
     if args.train_per_class:
         train_part(args, report)
+    if args.count_fields:
+        count_part(args, report)
     print(f"load average at the end (the machine is shared): {os.getloadavg()[0]:.1f}")
     print(f"command: {command}")
     if args.images and not report["same_csv"]:
         sys.exit("the --ray CSV differs from the local one")
+    if args.count_fields and not report["count"]["same_files"]:
+        sys.exit("the wbc count --ray CSVs differ from the local ones")
 
 
 def predict_part(args: argparse.Namespace, report: dict) -> None:
@@ -220,6 +245,45 @@ def train_part(args: argparse.Namespace, report: dict) -> None:
             f"{name:<18}{r['world_size']:>6}{r['wall_seconds']:>9.1f}{r['epoch2_seconds']:>11.1f}"
             f"{r['images_per_s']:>10.1f}"
         )
+
+
+def count_part(args: argparse.Namespace, report: dict) -> None:
+    """``wbc count`` in 1 process against Ray: wall times, fields/s, identical CSVs; into ``report`` and results.json."""
+    fields = sorted(FIELDS.glob("*.jpg"))
+    large, small = fields[: args.count_fields], fields[: args.count_small]
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, actors in (("1 process", None), (f"Ray, {args.actors} actors", args.actors)):
+            t_small = run_count(small, Path(tmp) / "small", actors)
+            t_large = run_count(large, Path(tmp) / f"ray{bool(actors)}", actors)
+            results[name] = {
+                "seconds_small": t_small,
+                "seconds_large": t_large,
+                "fields_per_s": len(large) / t_large,
+                "marginal_fields_per_s": (len(large) - len(small)) / (t_large - t_small),
+            }
+        same = all(
+            (Path(tmp) / "rayFalse" / f).read_text() == (Path(tmp) / "rayTrue" / f).read_text()
+            for f in ("cells.csv", "images.csv", "differential.csv")
+        )
+    report["count"] = {
+        "fields": len(large),
+        "small": len(small),
+        **results,
+        "same_files": same,
+        "command": report["command"],
+    }
+    save(report, args.out)
+    print(f"wbc count on {len(large)} (and {len(small)}) real bccd fields, {os.cpu_count()} CPUs; fresh subprocesses")
+    print(
+        f"{'':<18}{'s (' + str(len(small)) + ')':>10}{'s (' + str(len(large)) + ')':>10}{'fields/s':>10}{'marginal':>10}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<18}{r['seconds_small']:>10.1f}{r['seconds_large']:>10.1f}{r['fields_per_s']:>10.2f}"
+            f"{r['marginal_fields_per_s']:>10.2f}"
+        )
+    print(f"cells.csv, images.csv, differential.csv of --ray identical to the local ones: {same}", flush=True)
 
 
 if __name__ == "__main__":
