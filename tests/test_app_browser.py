@@ -1,16 +1,21 @@
 """The web app driven in a real headless Chromium (Debian's, through Playwright): a real cell image gets its class and a
-Grad-CAM picture; a file that is not an image gets a message, and the app keeps working afterwards."""
+Grad-CAM picture; a file that is not an image gets a message, and the app keeps working afterwards; a real smear field
+gets its boxes and differential, a person reclassifies a cell and downloads the corrections."""
 
 from __future__ import annotations
 
+import csv
+import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import pbc_files
+from conftest import SHARED, pbc_files, require_shared
 
 from wbc_trust import config
-from wbc_trust.app import display_name
+from wbc_trust.app import FIELDS_MODE, display_name
+from wbc_trust.corrections import ZIP_ROOT
 from wbc_trust.serve import CHROMIUM, CHROMIUM_ARGS, free_port, serving, streamlit_command
 
 #: Seconds to wait for the server and for each result (the first one includes loading the model).
@@ -83,6 +88,44 @@ def test_non_image_gets_a_message_and_the_app_keeps_working(app_url: str, browse
     upload(page, pbc_files("lymphocyte", 1))
     page.get_by_text("Predicted class:").wait_for()
     assert page.get_by_text("could not be read as an image").count() == 0
+
+
+def test_field_shows_boxes_and_differential_and_takes_a_correction(app_url: str, browser, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    require_shared()
+    field = SHARED / "bccd-fields" / "JPEGImages" / "BloodImage_00040.jpg"  # two white cells, one cut by the edge
+    page = open_app(browser, app_url)
+    page.get_by_text(FIELDS_MODE).click()
+    page.get_by_text("Drop one or many smear-field images").wait_for()
+    upload(page, [field])
+    boxes = page.get_by_test_id("stImage").filter(has_text="white cell(s) found").locator("img")
+    boxes.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=boxes.element_handle())
+    table = page.get_by_test_id("stTable")
+    table.get_by_text("flagged (not counted)").wait_for()
+
+    def count(row: str):
+        return table.locator("tr", has=page.get_by_role("rowheader", name=row, exact=True)).locator("td").first
+
+    before = int(count("lymphocyte").inner_text())
+    page.get_by_test_id("stSelectbox").first.get_by_role("combobox").click()
+    page.keyboard.press("ArrowDown")  # opens the list of choices (a click only focuses the box in headless Chromium)
+    page.get_by_role("option", name="lymphocyte", exact=True).click()
+    expect(count("lymphocyte")).to_have_text(str(before + 1))
+    # the re-run has drawn the table; the download button (with the corrected zip) comes after it in the same run
+    page.locator("[data-testid=stApp][data-test-script-state=notRunning]").wait_for()
+    assert page.get_by_test_id("stException").count() == 0
+    page.screenshot(path=tmp_path / "field.png", full_page=True)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download corrections (zip)").click()
+    download.value.save_as(tmp_path / "corrections.zip")
+    with zipfile.ZipFile(tmp_path / "corrections.zip") as archive:
+        assert f"{ZIP_ROOT}/lymphocyte/{field.stem}_1.png" in archive.namelist()
+        rows = list(csv.DictReader(io.TextIOWrapper(archive.open(f"{ZIP_ROOT}/cells.csv"), encoding="utf-8")))
+    first = next(r for r in rows if r["cell"] == "1")
+    assert first["corrected"] == "lymphocyte" and first["changed_by_person"] == "yes"
+    assert first["image"] == field.name and len(rows) >= 2
 
 
 def test_streamlit_config_file_matches_wbc_app() -> None:
