@@ -1,5 +1,5 @@
 """``wbc predict --ray local`` and ``wbc count --ray local``: a real local Ray cluster (two actors) gives the local
-CSV (and count folder) byte for byte, unreadable file and input order included; without Ray, ``--ray`` says how to
+CSV (and count folder) row for row, unreadable file and input order included; without Ray, ``--ray`` says how to
 install it."""
 
 from __future__ import annotations
@@ -52,18 +52,24 @@ def test_ray_count_gives_the_local_count_folder(tmp_path: Path) -> None:
     on_ray = wbc("count", *map(str, files), "--out", str(tmp_path / "ray"), "--ray", "local", "--ray-actors", "2")
     assert on_ray.returncode == 0, on_ray.stderr
     run_count(files, tmp_path / "local", progress=False)  # what `wbc count FILES --out` (no --ray) writes
-    for name in ("cells.csv", "images.csv", "differential.csv"):
-        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text(), name
     images = list(csv.DictReader((tmp_path / "ray" / "images.csv").open()))
     assert [r["image"] for r in images] == list(map(str, files))
     assert images[1]["flag"].startswith("unreadable") and images[1]["n_cells"] == "0"
     cells = list(csv.DictReader((tmp_path / "ray" / "cells.csv").open()))
-    assert len(cells) == sum(int(r["n_cells"]) for r in images) > 0
-    # the rest of the folder too: the annotated fields, the gallery crops and the report, byte for byte
+    local_cells = list(csv.DictReader((tmp_path / "local" / "cells.csv").open()))
+    assert len(cells) == len(local_cells) == sum(int(r["n_cells"]) for r in images) > 0
+    for ray_row, local_row in zip(cells, local_cells):
+        # ood_score (~1e4, printed to 0.01: 7 digits) is at float32's precision: an actor's torch runs with fewer
+        # threads than this process, which sums in another order and can move its last printed digit (measured on 40
+        # fields: at most 8e-7 relative); every other column and file must be the same byte for byte
+        assert {**ray_row, "ood_score": ""} == {**local_row, "ood_score": ""}
+        assert float(ray_row["ood_score"]) == pytest.approx(float(local_row["ood_score"]), rel=1e-5, abs=0.011)
+    # the rest of the folder: images.csv, the differential, the annotated fields, the gallery crops and the report
     ray_files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
     local_files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
     assert ray_files == local_files and len(list((tmp_path / "ray" / "annotated").iterdir())) == 3
-    _, differ, errors = filecmp.cmpfiles(tmp_path / "ray", tmp_path / "local", map(str, ray_files), shallow=False)
+    rest = [str(p) for p in ray_files if p.name != "cells.csv"]
+    _, differ, errors = filecmp.cmpfiles(tmp_path / "ray", tmp_path / "local", rest, shallow=False)
     assert not differ and not errors, (differ, errors)
 
 
