@@ -17,7 +17,7 @@ from statsmodels.stats.proportion import proportion_confint
 from typer.testing import CliRunner
 
 from wbc_trust.cli import app
-from wbc_trust.corrections import NOT_WBC, NOT_WBC_FOLDER, ZIP_ROOT, CountedField, Review, count_field
+from wbc_trust.corrections import FLAGGED, NOT_WBC, NOT_WBC_FOLDER, ZIP_ROOT, CountedField, Review, count_field
 from wbc_trust.data import find_dataset
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import CellFinder
@@ -72,7 +72,15 @@ def test_corrections_change_the_differential(fields: list[CountedField], predict
         **{c: model_counted.get(c, 0) for c in classes},
         "flagged (not counted)": sum(bool(r["flag"]) for r in rows),
     }
+    galleries = before.galleries()
+    assert {g: len(m) for g, m in galleries.items()} == {
+        **{c: model_counted.get(c, 0) for c in classes},
+        FLAGGED: sum(bool(r["flag"]) for r in rows),
+    }
     review, expected = reviewed(fields, classes)
+    assert {g: len(m) for g, m in review.galleries().items()} == {g: len(m) for g, m in galleries.items()}, (
+        "a corrected cell left the gallery the person found it in"
+    )
     assert Counter(expected.values())[NOT_WBC] >= 1, "no field has a second cell to mark"
     counts = Counter(v for v in expected.values() if v in classes)
     n = sum(counts.values())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import re
 import sys
 import tempfile
@@ -39,7 +40,8 @@ import torch
 
 from wbc_trust import config
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC, FLAG_OOD, FLAG_UNCERTAIN
-from wbc_trust.corrections import NOT_WBC_FOLDER, ZIP_ROOT, CountedField, Review, count_field
+from wbc_trust.corrections import NOT_WBC, NOT_WBC_FOLDER, ZIP_ROOT, CountedField, Review, count_field
+from wbc_trust.count import CLASS_COLOURS
 from wbc_trust.data import read_image
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import CellFinder
@@ -55,6 +57,7 @@ CELLS_MODE, FIELDS_MODE = "Classify single cells", "Count smear fields"
 #: A flagged cell's first choice: left as the model flagged it, counted apart.
 UNREVIEWED = "flagged: not counted"
 GALLERY_COLUMNS = 6  # crops per gallery row
+FIELD_COLUMNS = 2  # fields per row
 PREDICTION_SET_HELP = (
     "The classes the calibration cannot rule out: the true class is in this set for the chosen "
     "share of images of every class (99 % by default). One class = a confident answer."
@@ -503,7 +506,7 @@ def show_differential(review: Review) -> None:
 def show_field(review: Review, counted: CountedField, data: bytes) -> None:
     """One uploaded field with its boxes after the review, or why it has none."""
     with st.container(border=True):
-        st.subheader(display_name(counted.name), anchor=False)
+        st.markdown(f"**{display_name(counted.name)}**")
         if counted.flag.startswith("unreadable"):
             st.error(
                 f"This file could not be read as an image: {counted.flag.removeprefix('unreadable: ')}. "
@@ -512,44 +515,50 @@ def show_field(review: Review, counted: CountedField, data: bytes) -> None:
             return
         if counted.flag:
             st.warning(counted.flag)
-        picture = review.picture(counted, read_image(data))
         st.image(
-            picture,
-            caption=f"{len(counted.count.cells)} white cell(s) found: boxes coloured by class, dashed and marked ? "
-            "when flagged",
+            review.picture(counted, read_image(data)),
+            caption=f"{len(counted.count.cells)} white cell(s) found",
+            width="stretch",
         )
 
 
+def colour_legend(classes: Sequence[str]) -> str:
+    """The box colours (``count.CLASS_COLOURS``) as one line of HTML; class names escaped (an uploaded model file
+    names its classes)."""
+    swatches = ", ".join(
+        f"<span style='color:{CLASS_COLOURS.get(c, '#000000')}'>■ {html.escape(c)}</span>" for c in classes
+    )
+    return f"Box colours: {swatches}, ■ {html.escape(NOT_WBC)}; dashed boxes marked ? are flagged."
+
+
 def show_gallery(review: Review) -> None:
-    """The cells sorted as the model sorted them, one gallery per class and one of the flagged cells, each with a
-    select box to reclassify it or mark it not a white cell."""
+    """The cells as the model sorted them, one gallery per class and one of the flagged cells, each with a select
+    box to reclassify it or mark it not a white cell."""
     st.header("Gallery", anchor=False)
     st.caption(
         "Cells as the model sorted them. Pick another class to reclassify a cell; cells left as they are count as "
         "the model said, flagged cells only once a person picks their class."
     )
-    groups: dict[str, list[tuple[CountedField, dict, bytes]]] = {}
-    for counted in review.fields:
-        for row, png in zip(counted.count.rows, counted.pngs):
-            groups.setdefault("flagged" if row["flag"] else row["prediction"], []).append((counted, row, png))
-    for group in [*review.classes, "flagged"]:
-        members = groups.get(group, [])
+    galleries = review.galleries()
+    empty = [group for group, members in galleries.items() if not members]
+    for group, members in galleries.items():
+        if not members:
+            continue
         st.subheader(f"{group}: {len(members)}", anchor=False)
         for start in range(0, len(members), GALLERY_COLUMNS):
-            for column, (counted, row, png) in zip(
-                st.columns(GALLERY_COLUMNS), members[start : start + GALLERY_COLUMNS]
-            ):
-                with column:
-                    st.image(png, width=config.APP_DISPLAY_PX // 2)
-                    options = [UNREVIEWED, *review.choices] if row["flag"] else review.choices
-                    st.selectbox(
-                        f"{display_name(counted.name)} · cell {row['cell']}: {row['prediction']} "
-                        f"{float(row['confidence']):.0%}",
-                        options,
-                        index=options.index(_default_choice(row)),
-                        key=_choice_key(counted, row),
-                        help=row["flag"] or None,
-                    )
+            for column, cell in zip(st.columns(GALLERY_COLUMNS), members[start : start + GALLERY_COLUMNS]):
+                row = cell.row
+                options = [UNREVIEWED, *review.choices] if row["flag"] else review.choices
+                column.image(cell.png, caption=display_name(cell.field.name), width="stretch")
+                column.selectbox(
+                    f"cell {row['cell']} · {row['prediction']} {float(row['confidence']):.0%}",
+                    options,
+                    index=options.index(_default_choice(row)),
+                    key=_choice_key(cell.field, row),
+                    help=row["flag"] or None,
+                )
+    if empty:
+        st.caption(f"No cells: {', '.join(empty)}.")
 
 
 def show_fields(model: LoadedModel, model_path: Path) -> None:
@@ -580,8 +589,11 @@ def show_fields(model: LoadedModel, model_path: Path) -> None:
     read_corrections(review)
     show_differential(review)
     st.header("Fields", anchor=False)
-    for counted, data in fields:
-        show_field(review, counted, data)
+    st.markdown(colour_legend(review.classes), unsafe_allow_html=True)
+    for start in range(0, len(fields), FIELD_COLUMNS):
+        for column, (counted, data) in zip(st.columns(FIELD_COLUMNS), fields[start : start + FIELD_COLUMNS]):
+            with column:
+                show_field(review, counted, data)
     show_gallery(review)
 
 

@@ -34,6 +34,8 @@ from wbc_trust.finder import CellFinder
 NOT_WBC = "not a white cell"
 #: Its folder in the zip: not a class name, so ``wbc train`` and ``wbc adapt`` leave it out (and say so).
 NOT_WBC_FOLDER = "not_a_white_cell"
+#: The gallery of the cells the model flagged (the CellaVision view keeps them apart).
+FLAGGED = "flagged"
 #: The folder inside the zip that ``--data`` names after unzipping.
 ZIP_ROOT = "wbc_corrections"
 #: The columns of the corrections CSV: the cell and what the model said (``cells.csv``'s), then what the person
@@ -125,6 +127,14 @@ class Review:
                     yield ReviewedCell(counted, row, png, fixed, True)
                 else:
                     yield ReviewedCell(counted, row, png, None if row["flag"] else row["prediction"], False)
+
+    def galleries(self) -> dict[str, list[ReviewedCell]]:
+        """The cells as the model sorted them: one gallery per class, then the flagged ones (``FLAGGED``). Sorted by
+        the model's answer, not the person's, so that a cell stays where the person found it while reclassifying."""
+        galleries: dict[str, list[ReviewedCell]] = {group: [] for group in [*self.classes, FLAGGED]}
+        for c in self.cells():
+            galleries[FLAGGED if c.row["flag"] else c.row["prediction"]].append(c)
+        return galleries
 
     def differential(self) -> list[dict]:
         """``count.differential`` over the cells after the review: classified cells counted, flagged ones nobody
