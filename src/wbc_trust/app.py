@@ -443,12 +443,12 @@ def _default_choice(row: dict) -> str:
 
 
 def read_corrections(review: Review) -> None:
-    """The people's choices in the cells' select boxes (this session's widget state) into ``review``: a choice
-    other than the box's default is a correction."""
+    """A person's choices in the cells' select boxes (this session's widget state) into ``review``: a choice other
+    than the box's default is a correction (one left from a model with other classes is not)."""
     for counted in review.fields:
         for row in counted.count.rows:
             choice = st.session_state.get(_choice_key(counted, row))
-            fixed = None if choice in (None, UNREVIEWED, _default_choice(row)) else choice
+            fixed = choice if choice in review.choices and choice != _default_choice(row) else None
             review.correct(counted.key, int(row["cell"]), fixed)
 
 
