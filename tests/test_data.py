@@ -5,13 +5,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
 
 from wbc_trust import config
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
+    RandomTightCrop,
     Record,
+    StainAugment,
     UnreadableImage,
     file_digest,
     find_dataset,
@@ -151,3 +155,34 @@ def test_augmentation_changes_training_images_only() -> None:
     augmented = [train_transform()(image) for _ in range(4)]
     assert all(a.shape == image.shape and a.dtype == torch.uint8 for a in augmented)
     assert sum(not torch.equal(a, image) for a in augmented) >= 3
+
+
+def test_travel_augmentation_is_seeded_keeps_the_cell_and_varies_the_stain() -> None:
+    """``--augment travel`` on a real cell view: the same seed gives the same image; a tight crop keeps the centred
+    cell and pads the rest with one colour; the stain jitter changes colours but not the picture's structure."""
+    view = CropPolicy("cell", 96).apply(read_image(pbc_files("neutrophil", 1)[0])).image
+    travel = train_transform("travel")
+    torch.manual_seed(3)
+    first = np.asarray(travel(view))
+    torch.manual_seed(3)
+    assert np.array_equal(first, np.asarray(travel(view)))
+
+    tight = np.asarray(RandomTightCrop((0.5, 0.5))(view))
+    assert np.array_equal(tight[24:72, 24:72], np.asarray(view)[24:72, 24:72])
+    border = np.concatenate([tight[:20].reshape(-1, 3), tight[-20:].reshape(-1, 3)])
+    assert (border == border[0]).all()
+
+    original = np.asarray(view).astype(float)
+    torch.manual_seed(0)
+    stained = [np.asarray(StainAugment(0.3, 0.02)(view)).astype(float) for _ in range(8)]
+    channel_means = np.array([s.reshape(-1, 3).mean(0) for s in stained])
+    assert channel_means.std(0).max() > 3  # colours vary from draw to draw ...
+    grey = original.mean(2).ravel()
+    assert all(np.corrcoef(grey, s.mean(2).ravel())[0, 1] > 0.85 for s in stained)  # ... the cell stays the cell
+
+
+def test_too_few_images_to_split_is_a_clear_error(tmp_path: Path) -> None:
+    index = find_dataset(make_tree(tmp_path, 3))
+    loaded = load_images(index.splits["all"], 32, cache=False)
+    with pytest.raises(WbcError, match="too few images to split .* wbc adapt"):
+        split_records(loaded.records, loaded.digests, {"val": 0.15, "test": 0.15})

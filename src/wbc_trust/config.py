@@ -42,11 +42,25 @@ AUG_BRIGHTNESS: float = 0.2
 #: ``--augment cross-lab``: for images from other microscopes, stains and crops. Zoom up to 3× (other labs crop cells
 #: tighter: BCCD's fill the frame), Gaussian blur on half the images, colour jitter for stain and camera. On the default
 #: recipe it took BCCD accuracy from 8.8 % to 74.6 % and PBC's from 99.54 % to 99.01 % (README, cross-lab).
-AUGMENTS: tuple[str, ...] = ("seed", "cross-lab")
+AUGMENTS: tuple[str, ...] = ("seed", "cross-lab", "travel")
 CROSS_LAB_ZOOM: tuple[float, float] = (0.8, 3.0)
 CROSS_LAB_BLUR_SIGMA: tuple[float, float] = (0.5, 3.0)
 CROSS_LAB_BLUR_P: float = 0.5
 CROSS_LAB_JITTER: dict[str, float] = {"brightness": 0.25, "contrast": 0.3, "saturation": 0.3, "hue": 0.04}
+#: ``--augment travel`` (data.train_transform), for the cell view: zoom (the view's scale is set by magnification; this
+#: covers the ruler's spread, p10-p90 9.1-11.8 px/µm on PBC), tight crops (the share of the view kept, as another
+#: lab's tight crop padded to the window: a BCCD crop, about 1.15 cells of CROP_CELL_UM across, covers 0.46), HED
+#: stain jitter, colour jitter, blur, JPEG.
+TRAVEL_ZOOM: tuple[float, float] = (0.85, 1.15)
+TRAVEL_TIGHT_SHARE: tuple[float, float] = (0.45, 0.75)
+TRAVEL_TIGHT_P: float = 0.4
+TRAVEL_STAIN: tuple[float, float] = (0.3, 0.02)  # HED jitter: scale ±, shift ± of each stain's density
+TRAVEL_STAIN_P: float = 0.7
+TRAVEL_JITTER: dict[str, float] = {"brightness": 0.25, "contrast": 0.3, "saturation": 0.3, "hue": 0.05}
+TRAVEL_BLUR_SIGMA: tuple[float, float] = (0.5, 2.5)
+TRAVEL_BLUR_P: float = 0.4
+TRAVEL_JPEG_QUALITY: tuple[int, int] = (40, 95)
+TRAVEL_JPEG_P: float = 0.3
 
 #: Split fractions (the rest is training) and the default seed.
 VAL_FRACTION: float = 0.15

@@ -1,0 +1,117 @@
+"""One view for the model (crop.py) on real images: PBC crops, BCCD's tight crops and BCCD smear fields are all cut
+to one physical window around the most central white cell, sizes stay information, and `wbc predict` says when an
+image shows several white cells or none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED, require_shared
+from PIL import Image
+
+from wbc_trust import config
+from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, shared_finder
+from wbc_trust.data import read_image, view_image
+from wbc_trust.finder import read_voc
+from wbc_trust.modelfile import load_extra, load_model, save_model
+from wbc_trust.predict import Predictor
+
+require_shared()
+PBC = SHARED / "pbc-wbc"
+CELL = CropPolicy("cell", 160)
+
+
+def _files(folder: Path, n: int) -> list[Path]:
+    return sorted(p for p in folder.glob("*.jpg") if not p.name.startswith("."))[:n]
+
+
+def test_a_frame_policy_is_the_whole_image_resized() -> None:
+    path = _files(PBC / "monocyte", 1)[0]
+    view = view_image(path, CropPolicy("frame", 96))
+    assert not view.flag and view.cell is None
+    assert np.array_equal(np.asarray(view.image), np.asarray(read_image(path, 96)))
+
+
+def test_pbc_views_are_centred_and_at_the_red_cell_scale() -> None:
+    scales = []
+    for path in _files(PBC / "neutrophil", 8):
+        image = read_image(path)
+        view = CELL.apply(image)
+        assert view.image.size == (160, 160) and view.cell is not None
+        cx, cy = view.cell.centre
+        assert abs(cx - image.width / 2) < image.width / 4 and abs(cy - image.height / 2) < image.height / 4
+        assert view.scale_from in ("red cells", "crop")
+        scales.append(view.px_per_um)
+    # PBC's scanner: about 10.9 px/µm (360 px ≈ 33 µm); each image's ruler reads it within its spread
+    assert 9.5 < np.median(scales) < 12.0
+    assert all(0.6 < s / np.median(scales) < 1.5 for s in scales), scales
+
+
+def test_sizes_survive_the_view_lymphocytes_stay_smaller_than_monocytes() -> None:
+    """Scale comes from magnification, not from the cell: the cell's box in µm keeps the classes' size difference."""
+
+    def size_um(cls: str) -> float:
+        sizes = []
+        for path in _files(PBC / cls, 12):
+            view = CELL.apply(read_image(path))
+            sizes.append(max(view.cell.box[2] - view.cell.box[0], view.cell.box[3] - view.cell.box[1]) / view.px_per_um)
+        return float(np.median(sizes))
+
+    assert size_um("lymphocyte") < 0.85 * size_um("monocyte")
+
+
+def test_a_tight_crop_is_padded_out_to_the_window() -> None:
+    """BCCD's crops: the cell fills the frame, so the cell sets the scale and the view shows it at PBC's size."""
+    seen = 0
+    for path in _files(SHARED / "bccd-wbc" / "Neutrophil", 8):
+        image = read_image(path)
+        view = CELL.apply(image)
+        if view.scale_from != "cell":
+            continue
+        seen += 1
+        long_side = max(view.cell.box[2] - view.cell.box[0], view.cell.box[3] - view.cell.box[1])
+        assert view.px_per_um == pytest.approx(long_side / config.CROP_CELL_UM)
+        corner = np.asarray(view.image)[:8, :8].reshape(-1, 3).astype(int)
+        assert np.ptp(corner, axis=0).max() <= 2  # the padding: one flat background colour, not black
+        assert corner.mean() > 100
+    assert seen >= 5
+
+
+def test_a_field_is_cut_around_its_white_cell_at_its_own_scale() -> None:
+    path = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[0]
+    truth = read_voc(SHARED / "bccd-fields" / "Annotations" / f"{path.stem}.xml")
+    view = CELL.apply(read_image(path))
+    assert view.scale_from == "red cells" and 11 < view.px_per_um < 18  # BCCD's red cells: ~101 px ≈ 13.5 px/µm
+    x, y = view.cell.centre
+    assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in truth)
+
+
+@pytest.fixture(scope="module")
+def cell_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped network and calibration in a model file whose crop policy is the cell view."""
+    model, meta = load_model()
+    path = tmp_path_factory.mktemp("model") / "cell.safetensors"
+    save_model(path, model, {**meta, "crop": CELL.to_meta()}, load_extra())
+    return path
+
+
+def test_predict_flags_several_white_cells_and_none(cell_model: Path, tmp_path: Path) -> None:
+    fields = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:2]
+    left, right = (Image.open(f).convert("RGB") for f in fields)
+    two = Image.new("RGB", (left.width + right.width, left.height))
+    two.paste(left, (0, 0))
+    two.paste(right, (left.width, 0))
+    two.save(tmp_path / "two_fields.png")
+    # a corner of a real field far from its annotated white cell: red cells only
+    truth = read_voc(SHARED / "bccd-fields" / "Annotations" / f"{fields[0].stem}.xml")[0]
+    corner = (0, 0, 200, 200) if truth[0] > 260 or truth[1] > 260 else (440, 280, 640, 480)
+    left.crop(corner).save(tmp_path / "no_cell.png")
+    assert not shared_finder().find(left.crop(corner)).cells
+    predictor = Predictor(cell_model)
+    assert predictor.crop == CELL
+    answers = {Path(a.path).name: a for a in predictor.predict_files(sorted(tmp_path.glob("*.png")))}
+    assert answers["two_fields.png"].flag.startswith(FLAG_SEVERAL)
+    assert answers["no_cell.png"].flag.startswith(FLAG_NONE)
+    assert answers["two_fields.png"].prediction in predictor.classes
