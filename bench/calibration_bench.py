@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from wbc_trust import config
 from wbc_trust.calibration import fit_temperature
 from wbc_trust.conformal import SCORES, MondrianConformal, SplitConformal
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels, validation_split
 from wbc_trust.evaluate import choose_records
 from wbc_trust.io import write_json
@@ -44,8 +45,8 @@ def logit_score_aurocs(model_path: Path | None, pbc: Path, non_wbc: Path) -> dic
     """AUROC of the energy score (-logsumexp of the logits) and of 1 - max softmax (``ood.OOD_SCORES``) on the same
     two image sets."""
     model, meta = load_model(model_path)
-    white = load_images(choose_records(find_dataset(pbc), meta).records, meta["img_size"]).images
-    other = load_images([Record(p, None) for p in list_files(non_wbc)], meta["img_size"]).images
+    white = load_images(choose_records(find_dataset(pbc), meta).records, CropPolicy.from_meta(meta)).images
+    other = load_images([Record(p, None) for p in list_files(non_wbc)], CropPolicy.from_meta(meta)).images
     logits = [logits_and_features(model, images, progress=True)[0] for images in (white, other)]
     truth = np.r_[np.zeros(len(white)), np.ones(len(other))]
     scores = {name: [OOD_SCORES[name]().score(x, None) for x in logits] for name in ("energy", "max_softmax")}

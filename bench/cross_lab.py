@@ -36,6 +36,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from wbc_trust import config  # noqa: E402
 from wbc_trust.adapt import HeadData, adapt, fit_on_features, reestimate_batchnorm, replay_cells  # noqa: E402
 from wbc_trust.calibration import Calibration, calibration_error  # noqa: E402
+from wbc_trust.crop import CropPolicy  # noqa: E402
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels  # noqa: E402
 from wbc_trust.evaluate import compute_metrics  # noqa: E402
 from wbc_trust.lab import add_lab_statistic  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
 
     model, meta = load_model(args.model)
     model = prepare_for_cpu(model)
-    classes, size = meta["classes"], meta["img_size"]
+    classes, size = meta["classes"], CropPolicy.from_meta(meta)
     base = Calibration.from_model(meta, load_extra(args.model))
     bccd_records = [r for rs in find_dataset(args.bccd, require_all_classes=False).splits.values() for r in rs]
     bccd = load_images(bccd_records, size)

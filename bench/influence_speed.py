@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wbc_trust import config
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import find_dataset, load_images
 from wbc_trust.modelfile import load_model
 from wbc_trust.train import TrainConfig, train
@@ -77,7 +78,7 @@ def main() -> None:
             [r for r in find_dataset(folder).splits["all"] if str(r.path.relative_to(folder.resolve())) in held_out][
                 : args.queries
             ],
-            meta["img_size"],
+            CropPolicy.from_meta(meta),
         )
         influential_training_images(model, test.images[0], index)  # first call: one-off set-up
         times = []
