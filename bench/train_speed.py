@@ -1,21 +1,28 @@
 """Training images/s of wbc's own training step against a naive fp32 eager PyTorch loop, same run, same images.
 
     python bench/train_speed.py [--data ../shared/datasets/pbc-wbc] [--archs cnn resnet50 efficientnet_lite0]
-                                [--per-class 48] [--batches 3] [--profile]
+                                [--per-class 48] [--epochs 1] [--frozen-stages N] [--profile]
+                                [--workers N] [--depthwise fp32|bf16]   # wbc's settings, to measure each one
 
-Both sides train the same model (same initial weights), batch size (config.BATCH_SIZE), augmentation, loss and
-optimiser on the same real PBC images, at the architecture's default size (config.DEFAULT_IMG_SIZE):
+Both sides train the same model (same initial weights, same frozen stages: by default the default recipe's,
+config.DEFAULT_FROZEN_STAGES, i.e. EfficientNet-Lite0's first 4 stages), batch size (config.BATCH_SIZE),
+augmentation, loss and optimiser on the same real PBC images, at the architecture's default size
+(config.DEFAULT_IMG_SIZE):
 
 * naive: torchvision ``ImageFolder`` + ``transforms`` (every batch decodes its JPEGs with PIL again), fp32, eager,
   default (channels-first) memory layout: the textbook loop.
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
-  ``train.train_loader`` (uint8 cache + ``train_transform``) and ``train.train_step`` (channels_last, bf16 autocast
-  where the CPU supports it).
+  ``train.train_loader`` (uint8 cache + ``train_transform`` in config.TRAIN_LOADER_WORKERS worker processes) and
+  ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, trained depthwise convolutions in
+  fp32 there).
 
-Batches of the two loops are interleaved (naive, wbc, naive, ...), so background load on a shared machine hits both
-alike: only the ratios of one run are meaningful. Each batch is timed in two parts, ``data`` (fetching the augmented
-batch) and ``step`` (forward, backward, optimiser), so the table shows what the decode-once cache gives and what
-bf16 + channels_last give. The one-time decode of the wbc side is timed too (it is cached on disk for later runs).
+Whole epochs of the two loops alternate (naive, wbc, naive, ...), so background load on a shared machine hits both
+alike: only the ratios of one run are meaningful. Each epoch starts a fresh iterator and ends it before the other
+loop runs, so wbc's worker never augments during the naive loop's time; its start and its first, not overlapped
+batch are charged to wbc in every epoch (in ``wbc train``, once per ~125 batches). Each batch is timed in two parts,
+``data`` (waiting for the augmented batch) and ``step`` (forward, backward, optimiser), so the table shows what the
+decode-once cache and the worker give and what the step's settings give. The one-time decode of the wbc side is timed
+too (it is cached on disk for later runs).
 ``--profile`` prints torch.profiler's top operators for one wbc step per architecture.
 """
 
@@ -28,9 +35,12 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+# isort: off
+import wbc_trust  # noqa: F401  (before torch: it sets OpenMP's wait policy, config.OMP_WAIT_POLICY)
+
+# isort: on
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -89,30 +99,32 @@ def naive_step(
     optimizer.step()
 
 
-def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches forever, reshuffled every epoch."""
-    return itertools.chain.from_iterable(itertools.repeat(loader))
-
-
 class Side:
     """One training loop under test: its batches, its step, and the time spent in each."""
 
-    def __init__(self, batches: Iterator, step) -> None:
-        self.batches, self.step = batches, step
+    def __init__(self, loader: DataLoader, step) -> None:
+        self.loader, self.step = loader, step
         self.data_s = self.step_s = 0.0
         self.images = self.n_batches = 0
 
-    def run_batch(self, timed: bool) -> None:
+    def run_epoch(self, timed: bool, max_batches: int | None = None) -> None:
+        """One epoch (or its first ``max_batches``) from a fresh iterator, ended (workers stopped) before returning;
+        starting and ending it count as data time."""
         t0 = time.perf_counter()
-        images, labels = next(self.batches)
-        t1 = time.perf_counter()
-        self.step(images, labels)
-        t2 = time.perf_counter()
+        batches = iter(self.loader)
+        for images, labels in itertools.islice(batches, max_batches):
+            t1 = time.perf_counter()
+            self.step(images, labels)
+            t2 = time.perf_counter()
+            if timed:
+                self.data_s += t1 - t0
+                self.step_s += t2 - t1
+                self.images += len(labels)
+                self.n_batches += 1
+            t0 = time.perf_counter()
+        del batches  # stops the workers
         if timed:
-            self.data_s += t1 - t0
-            self.step_s += t2 - t1
-            self.images += len(labels)
-            self.n_batches += 1
+            self.data_s += time.perf_counter() - t0
 
     @property
     def images_per_s(self) -> float:
@@ -130,35 +142,44 @@ def bench_arch(
     """Time interleaved batches of the naive loop and wbc's loop for one architecture."""
     use_bf16 = bf16_supported()
     torch.manual_seed(config.SEED)
-    naive_model = build_model(arch)  # random init: weights do not change the speed
+    # random init (weights do not change the speed), the recipe's frozen stages (they do: no backward through them)
+    naive_model = build_model(arch, frozen_stages=frozen_stages(arch, args))
     wbc_model = prepare_for_cpu(copy.deepcopy(naive_model))
     criterion = nn.CrossEntropyLoss(
         weight=class_weights(loaded.labels, len(config.CLASSES)), label_smoothing=config.LABEL_SMOOTHING
     )
 
     def optimiser(model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trained, lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
 
     naive_opt, wbc_opt = optimiser(naive_model), optimiser(wbc_model)
     naive_model.train()
     wbc_model.train()
     naive = Side(
-        endless(naive_loader(records, size, config.BATCH_SIZE, config.SEED, folder)),
+        naive_loader(records, size, config.BATCH_SIZE, config.SEED, folder),
         lambda x, y: naive_step(naive_model, x, y, criterion, naive_opt),
     )
     wbc = Side(
-        endless(train_loader(loaded, config.BATCH_SIZE, config.SEED)),
+        train_loader(loaded, config.BATCH_SIZE, config.SEED),
         lambda x, y: train_step(wbc_model, x, y, criterion, wbc_opt, use_bf16),
     )
-    for i in range(args.warmup + args.batches):  # the first batch builds oneDNN's kernels: not timed
-        naive.run_batch(timed=i >= args.warmup)
-        wbc.run_batch(timed=i >= args.warmup)
+    for side in (naive, wbc):  # the first batches build oneDNN's kernels: not timed
+        side.run_epoch(timed=False, max_batches=args.warmup)
+    for _ in range(args.epochs):
+        naive.run_epoch(timed=True)
+        wbc.run_epoch(timed=True)
     if args.profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            wbc.run_batch(timed=False)
+            wbc.run_epoch(timed=False, max_batches=1)
         print(f"\n{arch}: one wbc training step, top operators by own CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return naive, wbc
+
+
+def frozen_stages(arch: str, args: argparse.Namespace) -> int:
+    """``--frozen-stages``, by default the default recipe's for this architecture."""
+    return config.DEFAULT_FROZEN_STAGES.get(arch, 0) if args.frozen_stages is None else args.frozen_stages
 
 
 def machine() -> str:
@@ -176,7 +197,7 @@ def machine() -> str:
         )
     return (
         f"{model}, {os.cpu_count()} CPU threads, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"native bf16: {bf16_supported()}"
+        f"native bf16: {bf16_supported()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(OpenMP default)')}"
     )
 
 
@@ -185,10 +206,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
     parser.add_argument("--archs", nargs="+", default=["cnn", "resnet50", "efficientnet_lite0"])
     parser.add_argument("--per-class", type=int, default=48, help="images per class (default 48: 240 images)")
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per loop and architecture")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per loop and architecture (default 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel creation)")
+    parser.add_argument(
+        "--frozen-stages", type=int, help="stages kept fixed on both sides (default: the default recipe's per arch)"
+    )
     parser.add_argument("--profile", action="store_true", help="print the top operators of one wbc step per arch")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=config.TRAIN_LOADER_WORKERS,
+        help="wbc loader workers (config.TRAIN_LOADER_WORKERS)",
+    )
+    parser.add_argument(
+        "--depthwise",
+        choices=("fp32", "bf16"),
+        default="fp32" if config.CPU_DEPTHWISE_FP32 else "bf16",
+        help="wbc's trained depthwise convolutions under bf16 autocast (config.CPU_DEPTHWISE_FP32)",
+    )
     args = parser.parse_args()
+    config.TRAIN_LOADER_WORKERS, config.CPU_DEPTHWISE_FP32 = args.workers, args.depthwise == "fp32"
 
     print(f"machine: {machine()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute speeds)")
@@ -205,11 +242,12 @@ def main() -> None:
         print(f"{arch}: naive {naive.images_per_s:.1f} images/s, wbc {wbc.images_per_s:.1f} images/s", flush=True)
 
     print(
-        f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.batches} timed batches per loop "
-        "(interleaved); ms per batch split into data (fetch + augment) and step (forward + backward + AdamW)"
+        f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.epochs} timed epoch(s) per loop "
+        f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}; ms per batch split into data (waiting for "
+        "the augmented batch) and step (forward + backward + AdamW)"
     )
     header = (
-        f"{'arch':<19}{'px':>4}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
+        f"{'arch':<19}{'px':>4}{'frozen':>7}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
         f"{'img/s':>6}  {'speed-up':>8}  {'step x':>6}  {'decode once':>14}"
     )
     print(header)
@@ -219,7 +257,7 @@ def main() -> None:
         ratio = wbc.images_per_s / naive.images_per_s
         ratios.append(ratio)
         print(
-            f"{arch:<19}{size:>4}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
+            f"{arch:<19}{size:>4}{frozen_stages(arch, args):>7}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
             f"{naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img"
         )
     print("(step x: forward+backward speed-up alone; decode once: wbc's one-time decode per image, cached on disk)")

@@ -96,6 +96,19 @@ TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
 #: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
+#: Under CPU bf16 autocast, trainable depthwise convolutions run in fp32 (train.TrainableDepthwiseInFp32): oneDNN's
+#: bf16 weight gradient of a depthwise convolution is a generic grouped kernel, 3-10× slower than fp32's; this took
+#: the default recipe's EfficientNet-Lite0 step from 721 to 485 ms (AVX512-BF16 EPYC without AMX, bench/train_speed.py).
+CPU_DEPTHWISE_FP32: bool = True
+#: DataLoader worker processes that augment the next batches (PIL, one image at a time) while the step runs; 0 = in
+#: the training process. 0 on 2 cores: augmenting takes ~1.4 ms per image there, and a worker competing with the
+#: step's two threads cost more than it hid (EfficientNet-Lite0: 39.7 images/s with 1 worker, 45.8 without).
+TRAIN_LOADER_WORKERS: int = 0
+#: OpenMP's wait policy (wbc_trust/__init__.py sets it unless the environment does): idle threads sleep instead of
+#: spinning. On a shared 2-core machine spinning threads take the cores from the thread that has work (their own
+#: process's and other jobs'): at load ~4 the default recipe's training step took 13.2 s with OpenMP's default and
+#: 1.5 s with PASSIVE (same code, same batch).
+OMP_WAIT_POLICY: str = "PASSIVE"
 
 PACKAGE_DIR: Path = Path(__file__).resolve().parent
 #: The trained default model that ships inside the package (used when --model is not given).

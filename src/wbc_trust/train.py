@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -175,28 +177,62 @@ def train_loader(
     """
     dataset = ImageTensorDataset(train_set.images, train_set.labels, train_transform(augment))
     drop_last = len(train_set.records) > batch_size
-    pin = ctx is not None and ctx.device.type == "cuda"
+    common = {"drop_last": drop_last, "pin_memory": ctx is not None and ctx.device.type == "cuda", **_workers()}
     if ctx is None or not ctx.distributed:
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            drop_last=drop_last,
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(seed),
+            dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed), **common
         )
     # with both drops, steps per epoch = ⌊⌊n/N⌋ / (b/N)⌋ = ⌊n/b⌋, exactly one process's
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=drop_last
     )
-    return DataLoader(
-        dataset, batch_size=batch_size // ctx.world_size, sampler=sampler, drop_last=drop_last, pin_memory=pin
-    )
+    return DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler, **common)
+
+
+def _workers() -> dict:
+    """DataLoader settings for ``config.TRAIN_LOADER_WORKERS`` augmenting processes, which prepare the next batches
+    while the step runs. Not persistent: every epoch's workers are seeded afresh from the loader's generator (under
+    torchrun: from the per-epoch seed), which the checkpoint holds, so ``--resume`` repeats the uninterrupted run's
+    augmentation exactly. Forked, so the uint8 cache is shared with the workers, not copied."""
+    if config.TRAIN_LOADER_WORKERS <= 0:
+        return {}
+    return {"num_workers": config.TRAIN_LOADER_WORKERS, "multiprocessing_context": "fork", "prefetch_factor": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One step, one epoch
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class TrainableDepthwiseInFp32(TorchFunctionMode):
+    """Inside a CPU bf16 autocast region, run the depthwise convolutions whose weights are trained in fp32.
+
+    Why: oneDNN has no depthwise kernel for the bf16 weight gradient on this AVX512-BF16 CPU (no AMX): ONEDNN_VERBOSE
+    shows ``jit_bf16`` backward_weights on a 16×16-blocked grouped layout, 3-10× slower than the fp32 depthwise kernel
+    (EfficientNet-Lite0's 5×5 depthwise layers: 133-140 ms each in bf16, 13-44 ms in fp32, batch 48 at 160 px); they
+    were two thirds of the default recipe's step. Frozen depthwise convolutions (no weight gradient) stay bf16, whose
+    forward is faster; so do all other layers. A function mode, not a module change: the model, its ``state_dict``
+    keys, its weight average and the saved file stay the plain modules.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d and _is_trainable_depthwise(args, kwargs):
+            with torch.autocast("cpu", enabled=False):
+                return func(*_as_fp32(args), **dict(zip(kwargs, _as_fp32(kwargs.values()))))
+        return func(*args, **kwargs)
+
+
+def _is_trainable_depthwise(args: tuple, kwargs: dict) -> bool:
+    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups)``: one input channel per group, several
+    groups, and a weight that gets a gradient."""
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+    return isinstance(weight, torch.Tensor) and weight.requires_grad and groups > 1 and weight.shape[1] == 1
+
+
+def _as_fp32(values) -> list:
+    return [v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
 
 
 def _sync_last_chunk_only(model: nn.Module, last: bool):
@@ -216,7 +252,8 @@ def train_step(
     batch_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: channels_last input (oneDNN's and cuDNN's fast layout), forward under
-    autocast (bf16 on CPUs that have it natively; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32.
+    autocast (bf16 on CPUs that have it natively, trained depthwise convolutions in fp32 there:
+    ``TrainableDepthwiseInFp32``; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32.
     Returns (logits, loss); ``bench/train_speed.py`` times this.
 
     Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
@@ -234,6 +271,7 @@ def train_step(
     sample_weights = weight[labels] if weight is not None else torch.ones(len(labels), device=labels.device)
     total = sample_weights.sum() if batch_weight is None else batch_weight
     dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
+    depthwise_fp32 = use_bf16 and images.device.type == "cpu" and config.CPU_DEPTHWISE_FP32
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], torch.zeros((), device=labels.device)
     chunks = list(
@@ -242,7 +280,8 @@ def train_step(
     for i, (x, y, w) in enumerate(chunks):
         with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
             with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
-                chunk_logits = model(x)
+                with TrainableDepthwiseInFp32() if depthwise_fp32 else nullcontext():
+                    chunk_logits = model(x)
             chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / total)
             (scaler.scale(chunk_loss) if scaler is not None else chunk_loss).backward()
         logits.append(chunk_logits.detach())

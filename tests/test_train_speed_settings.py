@@ -1,0 +1,138 @@
+"""The training step's speed settings keep training what it was: trained depthwise convolutions in fp32 under CPU bf16
+autocast (everything else bf16, the model untouched), loader workers that augment reproducibly and resume exactly,
+and OpenMP threads that wait passively.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import pbc_files
+from wbc_trust import config
+from wbc_trust.data import Record, load_images
+from wbc_trust.models import build_model, prepare_for_cpu
+from wbc_trust.train import train_loader, train_step
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """8 real PBC images per class at 96 px."""
+    records = [Record(p, label) for label, cls in enumerate(config.CLASSES) for p in pbc_files(cls, 8)]
+    return load_images(records, SIZE, cache=False)
+
+
+def _lite0() -> nn.Module:
+    """The default recipe's network layout: EfficientNet-Lite0 with its first 4 stages frozen (random weights)."""
+    torch.manual_seed(0)
+    return prepare_for_cpu(
+        build_model(
+            "efficientnet_lite0", pretrained="imagenet", frozen_stages=config.DEFAULT_FROZEN_STAGES[config.DEFAULT_ARCH]
+        )
+    )
+
+
+def _step(model: nn.Module, loaded, use_bf16: bool) -> dict[str, torch.dtype]:
+    """One train_step on the first 16 images; returns each convolution's output dtype by module name."""
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            dtypes[name] = out.dtype
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay
+    model.train()
+    try:
+        train_step(
+            model, loaded.images[:16].float() / 255, loaded.labels[:16], nn.CrossEntropyLoss(), optimizer, use_bf16
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
+
+
+def _kinds(model: nn.Module) -> dict[str, tuple[bool, bool]]:
+    """(depthwise, trained) per convolution."""
+    return {
+        name: (m.groups > 1 and m.weight.shape[1] == 1, m.weight.requires_grad)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+
+
+def test_only_trained_depthwise_convolutions_leave_bf16(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _lite0()
+    kinds = _kinds(model)
+    assert {k for k in kinds.values()} == {(True, True), (True, False), (False, True), (False, False)}  # all 4 occur
+    dtypes = _step(model, loaded, use_bf16=True)
+    assert dtypes.keys() == kinds.keys()
+    for name, (depthwise, trained) in kinds.items():
+        assert dtypes[name] == (torch.float32 if depthwise and trained else torch.bfloat16), name
+    # the setting switches it off: then every convolution runs in bf16
+    monkeypatch.setattr(config, "CPU_DEPTHWISE_FP32", False)
+    assert set(_step(model, loaded, use_bf16=True).values()) == {torch.bfloat16}
+    # and it leaves the model alone: same parameter names, plain modules, no hooks left
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in _lite0().named_parameters()]
+    assert all(type(m).__module__.split(".")[0] in ("torch", "timm", "wbc_trust") for m in model.modules())
+
+
+def test_fp32_depthwise_keeps_the_bf16_step_as_close_to_fp32(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's gradients with the trained depthwise convolutions in fp32 agree with the fp32 step's at least as
+    well as the all-bf16 step's did (the recipe trains the same network), and are not the all-bf16 step's."""
+    grads = {}
+    for name, use_bf16, depthwise_fp32 in (("fp32", False, True), ("mixed", True, True), ("bf16", True, False)):
+        monkeypatch.setattr(config, "CPU_DEPTHWISE_FP32", depthwise_fp32)
+        model = _lite0()
+        _step(model, loaded, use_bf16)
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    agreement = {k: float(nn.functional.cosine_similarity(grads[k], grads["fp32"], dim=0)) for k in ("mixed", "bf16")}
+    assert agreement["mixed"] >= agreement["bf16"] - 0.02, agreement
+    assert agreement["mixed"] > 0.5, agreement  # bf16 autocast's own noise at 16 images (measured: 0.79)
+    assert not torch.equal(grads["mixed"], grads["bf16"])
+
+
+def _epoch(loader) -> list[torch.Tensor]:
+    return [images for images, _ in loader]
+
+
+def test_loader_workers_augment_reproducibly_and_resume_exactly(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With worker processes the same seed gives the same augmented batches, another seed others, every epoch new
+    ones; and restoring the generator state the checkpoint holds repeats the next epoch exactly (``--resume``)."""
+    monkeypatch.setattr(config, "TRAIN_LOADER_WORKERS", 1)
+    first = train_loader(loaded, 16, seed=0)
+    assert first.num_workers == config.TRAIN_LOADER_WORKERS
+    epoch1 = _epoch(first)
+    state = first.generator.get_state()
+    epoch2 = _epoch(first)
+    same_seed = _epoch(train_loader(loaded, 16, seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, same_seed))
+    assert not torch.equal(epoch1[0], _epoch(train_loader(loaded, 16, seed=1))[0])
+    assert not torch.equal(epoch1[0], epoch2[0])
+    resumed = train_loader(loaded, 16, seed=0)
+    resumed.generator.set_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(_epoch(resumed), epoch2))
+
+
+def test_openmp_waits_passively_unless_the_environment_says_otherwise() -> None:
+    """Importing wbc_trust sets OMP_WAIT_POLICY before torch loads OpenMP; a user's own setting is kept."""
+    code = "import wbc_trust, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(environment: dict[str, str]) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    assert policy(env) == [config.OMP_WAIT_POLICY, "False"]  # set, and torch not loaded yet: it takes effect
+    assert policy({**env, "OMP_WAIT_POLICY": "ACTIVE"})[0] == "ACTIVE"
