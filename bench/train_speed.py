@@ -12,7 +12,7 @@ augmentation, loss and optimiser on the same real PBC images, at the architectur
 * naive: torchvision ``ImageFolder`` + ``transforms`` (every batch decodes its JPEGs with PIL again), fp32, eager,
   default (channels-first) memory layout: the textbook loop.
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
-  ``train.train_loader`` (uint8 cache + ``train_transform`` in config.TRAIN_LOADER_WORKERS worker processes) and
+  ``train.train_loader`` (uint8 cache + ``train_transform``; config.TRAIN_LOADER_WORKERS worker processes) and
   ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, trained depthwise convolutions in
   fp32 there).
 
@@ -243,8 +243,8 @@ def main() -> None:
 
     print(
         f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.epochs} timed epoch(s) per loop "
-        f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}; ms per batch split into data (waiting for "
-        "the augmented batch) and step (forward + backward + AdamW)"
+        f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}; ms per batch split into "
+        "data (waiting for the augmented batch) and step (forward + backward + AdamW)"
     )
     header = (
         f"{'arch':<19}{'px':>4}{'frozen':>7}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "
@@ -257,8 +257,8 @@ def main() -> None:
         ratio = wbc.images_per_s / naive.images_per_s
         ratios.append(ratio)
         print(
-            f"{arch:<19}{size:>4}{frozen_stages(arch, args):>7}  {naive.columns():>25}  {wbc.columns():>23}  {ratio:>7.2f}x  "
-            f"{naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img"
+            f"{arch:<19}{size:>4}{frozen_stages(arch, args):>7}  {naive.columns():>25}  {wbc.columns():>23}  "
+            f"{ratio:>7.2f}x  {naive.step_s / wbc.step_s:>5.2f}x  {1000 * decode_per_image:>7.1f} ms/img"
         )
     print("(step x: forward+backward speed-up alone; decode once: wbc's one-time decode per image, cached on disk)")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")

@@ -167,7 +167,8 @@ def calibrate_loaded(
     coverage: float = config.CONFORMAL_COVERAGE,
     ood_method: str = config.OOD_METHOD,
 ) -> dict:
-    """Fit on decoded held-out images and write the calibration into the model file (atomically, in place).
+    """Fit on decoded held-out images and write the calibration (temperature, prediction sets, OOD score, lab
+    statistic) into the model file (atomically, in place).
     Returns ``meta["calibration"]`` with the validation ECE before and after temperature scaling."""
     if len(loaded.records) < 2 or len({r.label for r in loaded.records}) < 2:
         raise WbcError(
@@ -177,6 +178,8 @@ def calibrate_loaded(
     labels = torch.from_numpy(model_labels(loaded.records, meta["classes"]))
     logits, features = logits_and_features(model, loaded.images, progress=True)
     calibration = Calibration.fit(logits, features, labels, coverage, fitted_on, ood_method)
+    # the lab statistic on the same images, so that every calibrated model tells another lab's images apart
+    calibration.lab = LabShift.fit(loaded.images)
     stored, tensors = calibration.metadata()
     stored["n_images"] = len(labels)
     stored["ece_before"] = calibration_error(torch.softmax(logits, 1), labels)

@@ -98,11 +98,11 @@ TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
 #: Under CPU bf16 autocast, trainable depthwise convolutions run in fp32 (train.TrainableDepthwiseInFp32): oneDNN's
 #: bf16 weight gradient of a depthwise convolution is a generic grouped kernel, 3-10× slower than fp32's; this took
-#: the default recipe's EfficientNet-Lite0 step from 721 to 485 ms (AVX512-BF16 EPYC without AMX, bench/train_speed.py).
+#: the default recipe's EfficientNet-Lite0 step (batch 48, 160 px) from 721 to 485 ms on this AVX512-BF16 EPYC (no AMX).
 CPU_DEPTHWISE_FP32: bool = True
 #: DataLoader worker processes that augment the next batches (PIL, one image at a time) while the step runs; 0 = in
 #: the training process. 0 on 2 cores: augmenting takes ~1.4 ms per image there, and a worker competing with the
-#: step's two threads cost more than it hid (EfficientNet-Lite0: 39.7 images/s with 1 worker, 45.8 without).
+#: step's two threads cost more than it hid (EfficientNet-Lite0 at load 3.5: 39.7 images/s with 1 worker, 45.8 without).
 TRAIN_LOADER_WORKERS: int = 0
 #: OpenMP's wait policy (wbc_trust/__init__.py sets it unless the environment does): idle threads sleep instead of
 #: spinning. On a shared 2-core machine spinning threads take the cores from the thread that has work (their own

@@ -78,18 +78,16 @@ class CropPolicy:
         """What the decoded-image cache must tell apart (and the finder's weights, which change the crops)."""
         if self.kind == "frame":
             return f"frame|{self.size}"
-        return f"cell|{self.size}|{self.window_um}|{config.CROP_CELL_UM}|{config.CROP_TIGHT_SHARE}|finder-v1"
+        return (
+            f"cell|{self.size}|{self.window_um}|{config.CROP_CELL_UM}|{config.CROP_TIGHT_SHARE}|finder-v1|ruler-first"
+        )
 
     def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
         """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""
+        if ruler_fits(image, result, cell):
+            return result.px_per_um, "red cells"
         long_side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
-        tight = long_side >= config.CROP_TIGHT_SHARE * min(image.size)
-        ruler = result.px_per_um
-        # a ruler is believed only where the white cell is 1-3.5 red cells across, as white cells are (9-20 µm): in
-        # a close-up a few cut red cells read far too small
-        if not tight and ruler is not None and 1.0 <= long_side / (ruler * config.RED_CELL_DIAMETER_UM) <= 3.5:
-            return ruler, "red cells"
-        if not tight:
+        if long_side < config.CROP_TIGHT_SHARE * min(image.size):
             return min(image.size) / self.window_um, "crop"
         return long_side / config.CROP_CELL_UM, "cell"
 
@@ -130,10 +128,20 @@ class CropPolicy:
         return CropResult(self.cut(image, cell, px_per_um), FLAG_SEVERAL if others else "", cell, px_per_um, source)
 
 
+def ruler_fits(image: Image.Image, result: FinderResult, cell: Cell) -> bool:
+    """Whether the red-cell ruler holds for ``cell``: the image is not a tight crop (the cell's long side under
+    CROP_TIGHT_SHARE of its short side) and the cell is 1-3.5 red cells across, as white cells are (9-20 µm); in a
+    close-up a few red cells cut by the edges read far too small."""
+    long_side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
+    if result.px_per_um is None or long_side >= config.CROP_TIGHT_SHARE * min(image.size):
+        return False
+    return 1.0 <= long_side / (result.px_per_um * config.RED_CELL_DIAMETER_UM) <= 3.5
+
+
 def central_cell(cells: list[Cell], size: tuple[int, int]) -> tuple[Cell, int]:
     """The white cell a crop is about, and how many others the image shows. The finder's verifier was fitted on whole
-    fields: in a close-up crop it may box the lobes of one neutrophil apart, so boxes that touch (each grown by
-    CROP_MERGE_MARGIN of its size) are one cell, boxed by their union; the cell is the group nearest the centre."""
+    fields: in a close-up crop it may box the lobes of one neutrophil apart, so boxes that overlap (``_touch``) are
+    one cell, boxed by their union; the cell is the group nearest the centre."""
     groups: list[list[Cell]] = []
     for cell in cells:
         touching = [g for g in groups if any(_touch(cell.box, other.box) for other in g)]
@@ -150,10 +158,14 @@ def central_cell(cells: list[Cell], size: tuple[int, int]) -> tuple[Cell, int]:
 
 
 def _touch(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    grow_a = config.CROP_MERGE_MARGIN * max(a[2] - a[0], a[3] - a[1])
-    grow_b = config.CROP_MERGE_MARGIN * max(b[2] - b[0], b[3] - b[1])
-    grow = grow_a + grow_b
-    return a[0] - grow <= b[2] and b[0] - grow <= a[2] and a[1] - grow <= b[3] and b[1] - grow <= a[3]
+    """Two boxes of one cell: they overlap by at least CROP_MERGE_OVERLAP of the smaller box (the lobes of one nucleus
+    do; two white cells side by side at most touch)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return False
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return width * height >= config.CROP_MERGE_OVERLAP * smaller
 
 
 def background_colour(image: Image.Image) -> tuple[int, int, int]:
