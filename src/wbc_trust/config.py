@@ -272,8 +272,9 @@ CROP_WINDOW_UM: float = 33.0
 CROP: str = "frame"
 CROP_TIGHT_SHARE: float = 0.6
 CROP_CELL_UM: float = 13.2
-#: Found boxes closer than this share of their size are one cell (the lobes of a neutrophil in a close-up crop).
-CROP_MERGE_MARGIN: float = 0.05
+#: Found boxes that overlap by this share of the smaller one are one cell (the lobes of a neutrophil in a close-up
+#: crop); two white cells side by side only touch.
+CROP_MERGE_OVERLAP: float = 0.2
 
 # --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
 
