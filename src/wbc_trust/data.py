@@ -682,7 +682,20 @@ def train_transform(augment: str = "seed") -> v2.Transform:
     )
 
 
-class RandomTightCrop(v2.Transform):
+class _PilTransform(v2.Transform):
+    """A transform written for PIL images (the training dataset augments PIL images, ``ImageTensorDataset``) that
+    also takes a uint8 tensor image, like torchvision's own, through PIL and back."""
+
+    def forward(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return v2.functional.pil_to_tensor(self.pil(v2.functional.to_pil_image(image)))
+        return self.pil(image)
+
+    def pil(self, image: Image.Image) -> Image.Image:
+        raise NotImplementedError
+
+
+class RandomTightCrop(_PilTransform):
     """Keep a centred square of a random share of the view and fill the rest with its median colour: what the cell
     view of another lab's tight crop looks like (``crop.CropPolicy`` pads the crop with ``crop.background_colour`` to
     the physical window). Hand-written: no augmentation library models a crop padded out to a fixed physical size."""
@@ -691,7 +704,7 @@ class RandomTightCrop(v2.Transform):
         super().__init__()
         self.share = share
 
-    def forward(self, image: Image.Image) -> Image.Image:  # applied to PIL images (ImageTensorDataset)
+    def pil(self, image: Image.Image) -> Image.Image:
         low, high = self.share
         side = round(image.width * (low + (high - low) * float(torch.rand(()))))
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -701,7 +714,7 @@ class RandomTightCrop(v2.Transform):
         return canvas
 
 
-class PilGaussianBlur(v2.Transform):
+class PilGaussianBlur(_PilTransform):
     """Gaussian blur of a random sigma in ``sigma``, by Pillow. torchvision's ``GaussianBlur`` turns a PIL image into a
     tensor and convolves it with torch's threads: 26 ms per 160 px view on 2 shared cores, against under 1 ms here, and
     the augmentation runs once per image per epoch."""
@@ -710,12 +723,12 @@ class PilGaussianBlur(v2.Transform):
         super().__init__()
         self.sigma = sigma
 
-    def forward(self, image: Image.Image) -> Image.Image:
+    def pil(self, image: Image.Image) -> Image.Image:
         low, high = self.sigma
         return image.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
 
 
-class StainAugment(v2.Transform):
+class StainAugment(_PilTransform):
     """Stain variation, the "HED jitter" of Tellez et al. (2018): the image is unmixed into haematoxylin, eosin and
     DAB optical densities (scikit-image's colour deconvolution, ``rgb2hed``), each scaled by a factor in 1 ± ``scale``
     and shifted by up to ± ``shift``, and mixed back. torchstain's Macenko augmentor was tried first: it fits the stain
@@ -726,7 +739,7 @@ class StainAugment(v2.Transform):
         super().__init__()
         self.scale, self.shift = scale, shift
 
-    def forward(self, image: Image.Image) -> Image.Image:
+    def pil(self, image: Image.Image) -> Image.Image:
         factor = 1 + self.scale * (2 * torch.rand(3).numpy() - 1)
         offset = self.shift * (2 * torch.rand(3).numpy() - 1)
         mixed = hed2rgb(rgb2hed(np.asarray(image)) * factor + offset)
