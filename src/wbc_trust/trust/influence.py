@@ -386,12 +386,12 @@ def run_influence(
     influence_harmful.png and the reusable influence_index.safetensors into ``out``; returns a summary."""
     out = Path(out)
     model, meta = load_model(model_path)
-    classes, size = meta["classes"], CropPolicy.from_meta(meta)
+    classes, size, crop = meta["classes"], meta["img_size"], CropPolicy.from_meta(meta)
     train_index = find_dataset(train_data, require_all_classes=False)
-    train = load_images(_subsample(training_records(train_index, meta), max_train), size, desc="training images")
+    train = load_images(_subsample(training_records(train_index, meta), max_train), crop, desc="training images")
     test = load_images(
         _subsample(choose_records(find_dataset(data, require_all_classes=False), meta).records, max_test),
-        size,
+        crop,
         desc="test images",
     )
     if not train.records or not test.records:
