@@ -272,6 +272,8 @@ CROP_WINDOW_UM: float = 33.0
 CROP: str = "frame"
 CROP_TIGHT_SHARE: float = 0.6
 CROP_CELL_UM: float = 13.2
+#: The red-cell ruler is believed where the found white cell is this many red cells across (9-20 µm cells).
+CROP_RULER_CELLS: tuple[float, float] = (1.0, 3.5)
 #: Found boxes that overlap by this share of the smaller one are one cell (the lobes of a neutrophil in a close-up
 #: crop); two white cells side by side only touch.
 CROP_MERGE_OVERLAP: float = 0.2

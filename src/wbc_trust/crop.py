@@ -78,18 +78,16 @@ class CropPolicy:
         """What the decoded-image cache must tell apart (and the finder's weights, which change the crops)."""
         if self.kind == "frame":
             return f"frame|{self.size}"
-        return (
-            f"cell|{self.size}|{self.window_um}|{config.CROP_CELL_UM}|{config.CROP_TIGHT_SHARE}|finder-v1|ruler-first"
-        )
+        constants = (config.CROP_CELL_UM, config.CROP_TIGHT_SHARE, config.CROP_RULER_CELLS, config.CROP_MERGE_OVERLAP)
+        return f"cell|{self.size}|{self.window_um}|{constants}|finder-v1"
 
     def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
         """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""
         if ruler_fits(image, result, cell):
             return result.px_per_um, "red cells"
-        long_side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
-        if long_side < config.CROP_TIGHT_SHARE * min(image.size):
+        if not _tight(image, cell):
             return min(image.size) / self.window_um, "crop"
-        return long_side / config.CROP_CELL_UM, "cell"
+        return _long_side(cell) / config.CROP_CELL_UM, "cell"
 
     def cut(self, image: Image.Image, cell: Cell, px_per_um: float) -> Image.Image:
         """The square window of ``window_um`` µm centred on ``cell``, resized to ``size``; the part outside the
@@ -110,32 +108,40 @@ class CropPolicy:
         PBC crops: its window is the cell's box over ``config.COUNT_CELL_SHARE``, the share of the frame a PBC cell
         covers; a cell policy cuts its physical window at the field's scale."""
         if self.kind == "frame":
-            side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1]) / config.COUNT_CELL_SHARE
-            return self.cut(image, cell, side / self.window_um)
+            return self.cut(image, cell, _long_side(cell) / config.COUNT_CELL_SHARE / self.window_um)
         return self.cut(image, cell, self.scale(image, result, cell)[0])
 
     def apply(self, image: Image.Image, finder: CellFinder | None = None) -> CropResult:
         """One image → the model's input. Several white cells: the most central one, flagged ``FLAG_SEVERAL``;
         none: the whole frame, flagged ``FLAG_NONE`` (its answer is not about a found cell)."""
+        frame = (self.size, self.size)
         if self.kind == "frame":
-            return CropResult(image.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None))
+            return CropResult(image.resize(frame, Image.Resampling.BILINEAR, reducing_gap=None))
         result = (finder or shared_finder()).find(image)
         if not result.cells:
-            frame = image.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None)
-            return CropResult(frame, FLAG_NONE)
+            return CropResult(image.resize(frame, Image.Resampling.BILINEAR, reducing_gap=None), FLAG_NONE)
         cell, others = central_cell(result.cells, image.size)
         px_per_um, source = self.scale(image, result, cell)
         return CropResult(self.cut(image, cell, px_per_um), FLAG_SEVERAL if others else "", cell, px_per_um, source)
 
 
 def ruler_fits(image: Image.Image, result: FinderResult, cell: Cell) -> bool:
-    """Whether the red-cell ruler holds for ``cell``: the image is not a tight crop (the cell's long side under
-    CROP_TIGHT_SHARE of its short side) and the cell is 1-3.5 red cells across, as white cells are (9-20 µm); in a
-    close-up a few red cells cut by the edges read far too small."""
-    long_side = max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
-    if result.px_per_um is None or long_side >= config.CROP_TIGHT_SHARE * min(image.size):
+    """Whether the red-cell ruler holds for ``cell``: the image is not a tight crop and the cell is as many red cells
+    across as white cells are (``config.CROP_RULER_CELLS``); in a close-up a few red cells cut by the edges read far
+    too small."""
+    if result.px_per_um is None or _tight(image, cell):
         return False
-    return 1.0 <= long_side / (result.px_per_um * config.RED_CELL_DIAMETER_UM) <= 3.5
+    low, high = config.CROP_RULER_CELLS
+    return low <= _long_side(cell) / (result.px_per_um * config.RED_CELL_DIAMETER_UM) <= high
+
+
+def _long_side(cell: Cell) -> float:
+    return max(cell.box[2] - cell.box[0], cell.box[3] - cell.box[1])
+
+
+def _tight(image: Image.Image, cell: Cell) -> bool:
+    """A tight crop: the cell's long side is at least CROP_TIGHT_SHARE of the image's short side."""
+    return _long_side(cell) >= config.CROP_TIGHT_SHARE * min(image.size)
 
 
 def central_cell(cells: list[Cell], size: tuple[int, int]) -> tuple[Cell, int]:
