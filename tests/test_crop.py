@@ -124,3 +124,31 @@ def test_predict_flags_several_white_cells_and_none(cell_model: Path, tmp_path: 
     assert answers["two_fields.png"].flag.startswith(FLAG_SEVERAL)
     assert answers["no_cell.png"].flag.startswith(FLAG_NONE)
     assert answers["two_fields.png"].prediction in predictor.classes
+
+
+def test_wbc_train_crop_cell_stores_the_policy_and_predicts_through_it(small_tree: Path, tmp_path: Path) -> None:
+    """`wbc train --crop cell` on real PBC images: the model file records the cell view, and `wbc predict` on a field
+    with several white cells says so; an unknown policy is one clear error line."""
+    from typer.testing import CliRunner
+
+    from wbc_trust.cli import app
+
+    run = CliRunner().invoke(
+        app,
+        ["train", "--data", str(small_tree), "--out", str(tmp_path / "run"), "--arch", "cnn", "--epochs", "1"]
+        + ["--img-size", "64", "--batch-size", "16", "--crop", "cell"],
+    )
+    assert run.exit_code == 0, run.output
+    model = tmp_path / "run" / "model.safetensors"
+    assert load_model(model)[1]["crop"] == {"kind": "cell", "window_um": config.CROP_WINDOW_UM}
+    fields = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:2]
+    two = Image.new("RGB", (1280, 480))
+    for i, field in enumerate(fields):
+        two.paste(Image.open(field).convert("RGB"), (640 * i, 0))
+    two.save(tmp_path / "two.png")
+    predicted = CliRunner().invoke(app, ["predict", str(tmp_path / "two.png"), "--model", str(model)])
+    assert predicted.exit_code == 0 and FLAG_SEVERAL in predicted.output, predicted.output
+    bad = CliRunner().invoke(
+        app, ["train", "--data", str(small_tree), "--out", str(tmp_path / "x"), "--crop", "nucleus"]
+    )
+    assert bad.exit_code != 0 and "unknown crop policy 'nucleus'" in str(bad.exception)  # main() prints it as error:
