@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from conftest import SHARED, require_shared
 from PIL import Image
+from typer.testing import CliRunner
 
 from wbc_trust import config
-from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, shared_finder
+from wbc_trust.cli import app
+from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, image_ruler, lab_scale, shared_finder
 from wbc_trust.data import read_image, view_image
+from wbc_trust.errors import WbcError
 from wbc_trust.finder import read_voc
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.predict import Predictor
@@ -88,6 +91,38 @@ def test_a_field_is_cut_around_its_white_cell_at_its_own_scale() -> None:
     assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in truth)
 
 
+def _bccd_fields(n: int) -> list[Path]:
+    return sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:n]
+
+
+def test_a_labs_magnification_is_measured_on_its_fields_not_on_its_cropped_cells() -> None:
+    scale, why = lab_scale([image_ruler(read_image(p)) for p in _bccd_fields(10)])
+    assert scale is not None and 11 < scale < 18, why  # BCCD's annotated red cells: ~101 px ≈ 13.5 px/µm
+    crops = [p for cls in ("Neutrophil", "Eosinophil") for p in _files(SHARED / "bccd-wbc" / cls, 20)]
+    none, why = lab_scale([image_ruler(read_image(p)) for p in crops])
+    assert none is None and ("too far apart" in why or "enough red cells" in why), why
+
+
+def test_at_the_labs_scale_a_tight_crop_keeps_its_cells_size() -> None:
+    """Without a scale, every tight crop's cell is taken as CROP_CELL_UM; at the lab's magnification BCCD's
+    lymphocytes stay smaller than its neutrophils, as in PBC."""
+    lab = CELL.with_lab_scale(14.6)
+
+    def size_um(policy: CropPolicy, cls: str) -> float:
+        sizes = []
+        for path in _files(SHARED / "bccd-wbc" / cls, 12):
+            view = policy.apply(read_image(path))
+            assert (view.scale_from == "lab") == (policy is lab)
+            sizes.append(max(view.cell.box[2] - view.cell.box[0], view.cell.box[3] - view.cell.box[1]) / view.px_per_um)
+        return float(np.median(sizes))
+
+    assert size_um(CELL, "Lymphocyte") == pytest.approx(size_um(CELL, "Neutrophil"))
+    assert size_um(lab, "Lymphocyte") < 0.8 * size_um(lab, "Neutrophil")
+    assert CropPolicy.from_meta({"img_size": 160, "crop": lab.to_meta()}) == lab
+    with pytest.raises(WbcError, match="needs a cell policy"):
+        CropPolicy("frame", 160, px_per_um=14.6)
+
+
 @pytest.fixture(scope="module")
 def cell_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped network and calibration in a model file whose crop policy is the cell view."""
@@ -95,6 +130,30 @@ def cell_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "cell.safetensors"
     save_model(path, model, {**meta, "crop": CELL.to_meta()}, load_extra())
     return path
+
+
+def test_wbc_adapt_unlabelled_fields_stores_the_labs_scale(cell_model: Path, tmp_path: Path) -> None:
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for path in _bccd_fields(config.ADAPT_MIN_UNLABELLED + 2):
+        (fields / path.name).write_bytes(path.read_bytes())
+    result = CliRunner().invoke(
+        app, ["adapt", "--unlabelled", str(fields), "--model", str(cell_model), "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    predictor = Predictor(tmp_path / "run" / "model.safetensors")
+    measured = predictor.meta["adapted"]["px_per_um"]
+    assert predictor.crop.px_per_um == measured["value"] and 11 < measured["value"] < 18
+    assert "median red-cell ruler of 10 of 10 images" in measured["source"]
+    view = predictor.view(_files(SHARED / "bccd-wbc" / "Lymphocyte", 1)[0])
+    assert view.scale_from == "lab" and view.px_per_um == measured["value"]
+    # a model of whole frames has no scale to set
+    refused = CliRunner().invoke(
+        app, ["adapt", "--unlabelled", str(fields), "--px-per-um", "14", "--out", str(tmp_path / "frame")]
+    )
+    assert isinstance(refused.exception, WbcError) and "--px-per-um needs a model with the cell view" in str(
+        refused.exception
+    )
 
 
 def test_predict_flags_several_white_cells_and_none(cell_model: Path, tmp_path: Path) -> None:
@@ -129,10 +188,6 @@ def test_predict_flags_several_white_cells_and_none(cell_model: Path, tmp_path: 
 def test_wbc_train_crop_cell_stores_the_policy_and_predicts_through_it(small_tree: Path, tmp_path: Path) -> None:
     """`wbc train --crop cell` on real PBC images: the model file records the cell view, and `wbc predict` on a field
     with several white cells says so; an unknown policy is one clear error line."""
-    from typer.testing import CliRunner
-
-    from wbc_trust.cli import app
-
     run = CliRunner().invoke(
         app,
         ["train", "--data", str(small_tree), "--out", str(tmp_path / "run"), "--arch", "cnn", "--epochs", "1"]

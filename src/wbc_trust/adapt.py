@@ -18,6 +18,12 @@ unlabelled images, and recalibrate its trust columns on that lab.
   gradient; other labs' stain and camera shift activations that these statistics then undo. Without labels nothing
   can recalibrate the trust columns on the lab, so they stay the base model's (and keep flagging the lab as new).
 
+- **The lab's magnification** (cell-view models): one microscope has one scale, so the adapted model cuts every image
+  of the lab at it (``meta["crop"]["px_per_um"]``) instead of each image's own ruler: ``--px-per-um`` where the lab
+  knows it, else the median red-cell ruler of the lab's images where they agree (``crop.lab_scale``; small crops cut
+  their red cells and do not). A tight crop then keeps its cell's size, which each crop alone cannot tell. The
+  replay images stay at their own lab's scale.
+
 The adapted model file records its provenance in ``meta["adapted"]``: base model (path and SHA-256), the lab data's
 fingerprint, cells per class, replay source, and which classes kept the base model's knowledge.
 """
@@ -43,16 +49,18 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.calibration import Calibration, calibration_error, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage
-from wbc_trust.crop import CropPolicy
+from wbc_trust.crop import CropPolicy, image_ruler, lab_scale
 from wbc_trust.data import (
     LoadedImages,
     Record,
+    UnreadableImage,
     cache_dir,
     file_digest,
     find_dataset,
     find_unlabelled,
     load_images,
     model_labels,
+    read_image,
     split_plan,
 )
 from wbc_trust.errors import WbcError
@@ -72,8 +80,8 @@ _CALIBRATION_TENSORS = ("conformal.", "ood.")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_lab_cells(data: Path, crop: CropPolicy) -> LoadedImages:
-    """The lab's labelled cells, as the model sees them (its crop policy); a folder that is not labelled is refused."""
+def lab_records(data: Path) -> list[Record]:
+    """The lab's labelled cells (records, not yet read); a folder that is not labelled is refused."""
     try:
         index = find_dataset(data, require_all_classes=False)
     except WbcError as exc:
@@ -82,11 +90,44 @@ def read_lab_cells(data: Path, crop: CropPolicy) -> LoadedImages:
             f"as one sub-folder per class ({', '.join(config.CLASSES)}; any letter case, or the Kaggle "
             "layout); for images without labels use --unlabelled DIR"
         ) from exc
-    records = [r for rs in index.splits.values() for r in rs]
+    return [r for rs in index.splits.values() for r in rs]
+
+
+def read_lab_cells(records: list[Record], crop: CropPolicy) -> LoadedImages:
+    """The lab's labelled cells as the model sees them (its crop policy at the lab's scale)."""
     loaded = load_images(records, crop, desc="decoding the lab's cells")
     for path, reason in loaded.unreadable:
         log.warning(f"skipped unreadable file {path}: {reason}")
     return loaded
+
+
+def measure_lab_scale(paths: list[Path], crop: CropPolicy, given: float | None) -> tuple[CropPolicy, dict | None]:
+    """The base policy at the lab's magnification, and where that came from: ``given`` (the lab knows its µm per
+    pixel), else the median red-cell ruler of the lab's images (``crop.lab_scale``), else none (each image keeps its
+    own ruler, and it says why). A whole-frame model reads no scale."""
+    if crop.kind != "cell":
+        if given is not None:
+            raise WbcError(
+                "--px-per-um needs a model with the cell view (wbc train --crop cell); this one reads frames"
+            )
+        return crop, None
+    if given is not None:
+        return crop.with_lab_scale(given), {"value": given, "source": "given (--px-per-um)"}
+    readings = []
+    for path in tqdm(paths, desc="measuring the lab's red cells", unit="img", leave=False, disable=len(paths) < 20):
+        try:
+            readings.append(image_ruler(read_image(path)))
+        except UnreadableImage:
+            continue  # reported when the images are read for the model
+    scale, why = lab_scale(readings)
+    if scale is None:
+        log.warning(
+            f"the lab's magnification could not be measured: {why}; so each image keeps its own scale. Pass "
+            "--px-per-um if the lab knows its pixels per µm, or add a few of its smear fields"
+        )
+        return crop, None
+    log.info(f"the lab's magnification: {scale:.2f} px/µm ({why})")
+    return crop.with_lab_scale(scale), {"value": scale, "source": why}
 
 
 def lab_fingerprint(loaded: LoadedImages) -> str:
@@ -396,6 +437,7 @@ def adapt(
     unlabelled: Path | None = None,
     coverage: float = config.ADAPT_COVERAGE,
     seed: int = config.SEED,
+    px_per_um: float | None = None,
 ) -> dict:
     """``wbc adapt``: write ``out/model.safetensors``, the base model adapted to a lab; returns ``meta["adapted"]``."""
     started = time.perf_counter()
@@ -408,17 +450,22 @@ def adapt(
     base_path = Path(model_path) if model_path is not None else config.DEFAULT_MODEL_PATH
     model, meta = load_model(base_path)
     model = prepare_for_cpu(model)
-    crop, classes = CropPolicy.from_meta(meta), meta["classes"]
-    cells = read_lab_cells(Path(data), crop) if data is not None else None
+    # a base model adapted before carries its lab's scale; its training data (the replay) was cut at each image's own
+    own_crop, classes = CropPolicy.from_meta(meta).with_lab_scale(None), meta["classes"]
+    records = lab_records(Path(data)) if data is not None else []
+    files = find_unlabelled([unlabelled]) if unlabelled is not None else []
+    crop, scale = measure_lab_scale(files + [r.path for r in records], own_crop, px_per_um)
+    meta = {**meta, "crop": crop.to_meta()}
+    cells = read_lab_cells(records, crop) if data is not None else None
     provenance: dict = {
         "base_model": str(base_path),
         "base_model_sha256": file_digest(base_path),
         "base_data_fingerprint": meta.get("data", {}).get("fingerprint"),
         "seed": seed,
+        "px_per_um": scale,
     }
 
     if unlabelled is not None:
-        files = find_unlabelled([unlabelled])
         pool = load_images([Record(p, None) for p in files], crop, desc="decoding the lab's unlabelled images")
         if cells is not None:
             pool = LoadedImages(
@@ -471,7 +518,8 @@ def adapt(
     log.info(f"features of {len(cells.records)} lab cells")
     logits, features = logits_and_features(model, cells.images, progress=True)
     check_head_reads_features(model, logits, features)
-    replay, replay_source = replay_cells(meta, crop, seed=seed)
+    # the replay images are the base lab's: cut at their own scale, not this lab's
+    replay, replay_source = replay_cells(meta, own_crop, seed=seed)
     head_data = HeadData(features.float(), labels)
     if replay is not None:
         log.info(f"replay: {len(replay.records)} images of {replay_source}")

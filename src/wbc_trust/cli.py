@@ -313,12 +313,20 @@ def adapt(
         ),
     ] = None,
     coverage: Annotated[float, typer.Option(help="coverage of the lab's prediction sets")] = config.ADAPT_COVERAGE,
+    px_per_um: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.1,
+            help="the lab's magnification in pixels per µm, if known (cell-view models); default: measured on the "
+            "red cells of the lab's images",
+        ),
+    ] = None,
 ) -> None:
     """Adapt a model to another lab's images from a few of its labelled cells, and recalibrate it on that lab."""
     from wbc_trust.adapt import adapt as run_adapt
 
     _log_to_stdout()
-    done = run_adapt(out, data=data, model_path=model, unlabelled=unlabelled, coverage=coverage)
+    done = run_adapt(out, data=data, model_path=model, unlabelled=unlabelled, coverage=coverage, px_per_um=px_per_um)
     cells = ", ".join(f"{c} {n}" for c, n in done.get("cells_per_class", {}).items())
     console.print(
         f"[bold green]done[/] in {done['seconds']:.0f} s"

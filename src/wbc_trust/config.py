@@ -261,7 +261,7 @@ COUNT_THUMB_PX: int = 96
 COUNT_REPORT_IMAGES: int = 40
 COUNT_REPORT_GALLERY: int = 60
 
-# --- one view for the model (crop.py; measured by python bench/crop_scale.py) --------------------------------------
+# --- one view for the model (crop.py; checked by tests/test_crop.py) ------------------------------------------
 
 #: The crop window's side in µm: PBC's frames (360 px) at the red-cell ruler's median of 10.9 px/µm, so that a PBC
 #: image's view is about the image itself. A crop whose found cell's long side is at least CROP_TIGHT_SHARE of the
@@ -277,6 +277,14 @@ CROP_RULER_CELLS: tuple[float, float] = (1.0, 3.5)
 #: Found boxes that overlap by this share of the smaller one are one cell (the lobes of a neutrophil in a close-up
 #: crop); two white cells side by side only touch.
 CROP_MERGE_OVERLAP: float = 0.2
+#: A lab's magnification (wbc adapt) is the median red-cell ruler of at least this many of its images: one image's
+#: ruler scatters by 7.6 % (coefficient of variation on 200 PBC crops, all from one microscope), the median of many
+#: does not, and the size of a cell is information (lymphocyte against monocyte) that such scatter blurs.
+LAB_SCALE_MIN_IMAGES: int = 5
+#: ... and their readings must agree: interquartile range over median at most this. Rulers of whole frames agree (PBC
+#: crops 0.04, BCCD fields 0.12); in small crops the edges cut the red cells and the readings scatter (BCCD's crops
+#: 0.58, reading half the true scale), so no scale is taken from them.
+LAB_SCALE_MAX_SPREAD: float = 0.25
 
 # --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
 

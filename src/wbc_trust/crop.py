@@ -8,8 +8,10 @@ small, a monocyte large): the red cells are the ruler (about 7.5 µm across in e
 when the image shows enough of them and is not a tight crop; a crop without a ruler is taken to be framed like the
 training crops (its short side ``window_um`` µm); a tight crop (the cell fills the frame, as in BCCD's crops) gives
 only the cell, which is then taken to be ``config.CROP_CELL_UM`` across (the median white cell of PBC). Where the
-window leaves the image it is filled with the image's median colour (the smear's background). The constants are
-measured by ``python bench/crop_scale.py``.
+window leaves the image it is filled with the image's median colour (the smear's background). Where the lab's
+magnification is known (``px_per_um``: ``wbc adapt`` measures it as the median ruler of the lab's images, or is told
+it), every image is cut at it instead: one microscope has one scale, and the median of many rulers scatters far less
+than one image's. The constants are checked by ``tests/test_crop.py``.
 
 ``CropPolicy("frame")``: the whole image resized, what model files from before the finder do (they have no ``crop``
 entry in their metadata and keep predicting exactly as before).
@@ -18,7 +20,7 @@ entry in their metadata and keep predicting exactly as before).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -43,7 +45,7 @@ def shared_finder() -> CellFinder:
 class CropResult:
     """One image's view: the model's input (``size``×``size`` RGB), the flag for the answer (several white cells, none
     found; empty when one), the cell used (None for a frame view or when none was found), the scale in pixels per µm
-    and where it came from (``red cells``, ``crop``, ``cell``; empty for a frame view)."""
+    and where it came from (``lab``, ``red cells``, ``crop``, ``cell``; empty for a frame view)."""
 
     image: Image.Image
     flag: str = ""
@@ -59,19 +61,34 @@ class CropPolicy:
     kind: str
     size: int
     window_um: float = config.CROP_WINDOW_UM
+    #: the lab's magnification, where known (``with_lab_scale``): every image is cut at it
+    px_per_um: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise WbcError(f"unknown crop policy {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.px_per_um is not None and not (self.kind == "cell" and self.px_per_um > 0):
+            raise WbcError(f"a lab scale ({self.px_per_um} px/µm) needs a cell policy and a positive value")
 
     @classmethod
     def from_meta(cls, meta: dict) -> CropPolicy:
         """The policy a model file was trained with; files without one (before the finder) read whole frames."""
         crop = meta.get("crop") or {"kind": "frame"}
-        return cls(crop["kind"], meta["img_size"], float(crop.get("window_um", config.CROP_WINDOW_UM)))
+        scale = crop.get("px_per_um")
+        return cls(
+            crop["kind"],
+            meta["img_size"],
+            float(crop.get("window_um", config.CROP_WINDOW_UM)),
+            None if scale is None else float(scale),
+        )
 
     def to_meta(self) -> dict:
-        return {"kind": self.kind, "window_um": self.window_um}
+        stored = {"kind": self.kind, "window_um": self.window_um}
+        return stored if self.px_per_um is None else {**stored, "px_per_um": self.px_per_um}
+
+    def with_lab_scale(self, px_per_um: float | None) -> CropPolicy:
+        """This policy at a lab's magnification (None: each image's own scale again)."""
+        return replace(self, px_per_um=px_per_um)
 
     @property
     def key(self) -> str:
@@ -79,10 +96,12 @@ class CropPolicy:
         if self.kind == "frame":
             return f"frame|{self.size}"
         constants = (config.CROP_CELL_UM, config.CROP_TIGHT_SHARE, config.CROP_RULER_CELLS, config.CROP_MERGE_OVERLAP)
-        return f"cell|{self.size}|{self.window_um}|{constants}|finder-v1"
+        return f"cell|{self.size}|{self.window_um}|{self.px_per_um}|{constants}|finder-v1"
 
     def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
         """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""
+        if self.px_per_um is not None:
+            return self.px_per_um, "lab"
         if ruler_fits(image, result, cell):
             return result.px_per_um, "red cells"
         if not _tight(image, cell):
@@ -133,6 +152,36 @@ def ruler_fits(image: Image.Image, result: FinderResult, cell: Cell) -> bool:
         return False
     low, high = config.CROP_RULER_CELLS
     return low <= _long_side(cell) / (result.px_per_um * config.RED_CELL_DIAMETER_UM) <= high
+
+
+def image_ruler(image: Image.Image, finder: CellFinder | None = None) -> float | None:
+    """One image's red-cell reading of its magnification (px/µm), where the ruler holds (``ruler_fits`` for its most
+    central white cell; any field without one); None for a tight crop or too few red cells."""
+    result = (finder or shared_finder()).find(image)
+    if result.px_per_um is None:
+        return None
+    if result.cells and not ruler_fits(image, result, central_cell(result.cells, image.size)[0]):
+        return None
+    return result.px_per_um
+
+
+def lab_scale(readings: list[float | None]) -> tuple[float | None, str]:
+    """A lab's magnification from its images' rulers (``image_ruler``): their median where at least
+    ``config.LAB_SCALE_MIN_IMAGES`` read one and they agree (``config.LAB_SCALE_MAX_SPREAD``); else None. With a
+    sentence saying which."""
+    values = np.array([r for r in readings if r is not None])
+    if len(values) < config.LAB_SCALE_MIN_IMAGES:
+        return None, (
+            f"{len(values)} of {len(readings)} images show enough red cells (at least {config.LAB_SCALE_MIN_IMAGES} "
+            "needed; tight crops show none)"
+        )
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    if (q3 - q1) / median > config.LAB_SCALE_MAX_SPREAD:
+        return None, (
+            f"the red cells of {len(values)} images read {q1:.1f}-{q3:.1f} px/µm (quartiles), too far apart to be one "
+            "magnification (small crops cut their red cells)"
+        )
+    return float(median), f"median red-cell ruler of {len(values)} of {len(readings)} images"
 
 
 def _long_side(cell: Cell) -> float:

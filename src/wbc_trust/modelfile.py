@@ -95,8 +95,13 @@ def _validate(path: Path, meta: object) -> None:
         and meta["crop"].get("kind") in CROP_KINDS
         and isinstance(meta["crop"].get("window_um", 1.0), int | float)
         and meta["crop"].get("window_um", 1.0) > 0
+        and isinstance(meta["crop"].get("px_per_um", 1.0), int | float)
+        and meta["crop"].get("px_per_um", 1.0) > 0
     ):
-        problem = f"its crop policy {meta['crop']!r} is not one of {', '.join(CROP_KINDS)} with a positive window"
+        problem = (
+            f"its crop policy {meta['crop']!r} is not one of {', '.join(CROP_KINDS)} with a positive window "
+            "(and lab scale)"
+        )
     if problem:
         raise WbcError(f"{path} is not a usable wbc-trust model: {problem}. Pass a file written by `wbc train`")
 
