@@ -7,9 +7,10 @@ warnings ("not a white cell" on PBC's own non-white cells, "white cell from an u
                               [--non-wbc ../shared/datasets/pbc-non-wbc] [--model M] [--out bench_out/cross_lab]
                               [--install-lab-statistic]
 
-The curves run the code of `wbc adapt` (``adapt.fit_on_features``, ``adapt.reestimate_batchnorm``) on features
-computed once per backbone (the head is all that changes between seeds), and one end-to-end `wbc adapt` run on 10 cells
-per class is timed. ``--unlabelled`` uses every BCCD image, labels unread (the lab's unlabelled images). PBC =
+The curves run the code of `wbc adapt --fine-tune-steps 0` (``adapt.fit_on_features``, ``adapt.reestimate_batchnorm``)
+on features computed once per backbone (the head is all that changes between seeds); fine-tuning changes the backbone
+for every seed and is measured end to end instead (README). One end-to-end `wbc adapt` run (fine-tuning included) on
+10 cells per class is timed. ``--unlabelled`` uses every BCCD image, labels unread (the lab's unlabelled images). PBC =
 the model's own held-out test split. ``--install-lab-statistic`` first stores the lab statistic (``lab.py``) in the
 model file, fitted on its calibration images. Writes results.json and cross_lab.png.
 """

@@ -321,12 +321,28 @@ def adapt(
             "red cells of the lab's images",
         ),
     ] = None,
+    fine_tune_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="steps of fine-tuning the late stages on the lab's cells before the head is re-fitted "
+            "(about 1 s each on 2 cores); 0: the head alone, in seconds",
+        ),
+    ] = config.ADAPT_FINE_TUNE_STEPS,
 ) -> None:
     """Adapt a model to another lab's images from a few of its labelled cells, and recalibrate it on that lab."""
     from wbc_trust.adapt import adapt as run_adapt
 
     _log_to_stdout()
-    done = run_adapt(out, data=data, model_path=model, unlabelled=unlabelled, coverage=coverage, px_per_um=px_per_um)
+    done = run_adapt(
+        out,
+        data=data,
+        model_path=model,
+        unlabelled=unlabelled,
+        coverage=coverage,
+        px_per_um=px_per_um,
+        fine_tune_steps=fine_tune_steps,
+    )
     cells = ", ".join(f"{c} {n}" for c, n in done.get("cells_per_class", {}).items())
     console.print(
         f"[bold green]done[/] in {done['seconds']:.0f} s"
