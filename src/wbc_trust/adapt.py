@@ -5,16 +5,18 @@ unlabelled images, and recalibrate its trust columns on that lab.
   recipe's frozen ones are fine-tuned on the lab's cells, augmented as the base model was trained, mixed with the base
   model's own training images (*replay*: the base lab's knowledge, and all a class with fewer than
   ``config.ADAPT_MIN_CELLS`` lab cells is learnt from; ``fine_tune``, ``config.ADAPT_FINE_TUNE_*``; about a minute
-  on 2 cores, three times over with the cross-fitted calibration). Then the classification head is re-fitted on the pooled features of the lab's cells (computed once,
-  with the model's test-time views) plus the replay's, starting from the fine-tuned head and pulled towards it (an L2
-  penalty), so a handful of cells moves it only as far as they justify. Fine-tuning was chosen by measurement (README
-  "Another lab's cells": 76 % against 60 % for the head alone at 10 BCCD cells per class, and a third of the answers
-  unflagged instead of none); ``--fine-tune-steps 0`` keeps the backbone as it is (seconds).
-- **Recalibrated on the lab**, cross-fitted because the cells are few: the head is fitted ``config.ADAPT_FOLDS``
-  times, each time without one fold of the lab's cells, and those cells' out-of-fold logits fit the temperature and the
-  prediction sets (after fine-tuning, the logits come from ``config.ADAPT_FINE_TUNE_FOLDS`` copies each fine-tuned
-  without one fold, ``cross_fitted_fine_tune``: the final model has seen every cell); the OOD statistics are the lab cells' features (their threshold cross-fitted by ``ood.py``) and the
-  lab statistic (``lab.py``) their images' colours. So a flag on the adapted model means on that lab what it means on
+  on 2 cores, three times over with the cross-fitted calibration). Then the classification head is re-fitted on the
+  pooled features of the lab's cells (computed once, with the model's test-time views) plus the replay's, starting
+  from the fine-tuned head and pulled towards it (an L2 penalty), so a handful of cells moves it only as far as they
+  justify. Fine-tuning was chosen by measurement (README "Another lab's cells": 76 % against 60 % for the head alone
+  at 10 BCCD cells per class, and half of the answers unflagged instead of none); ``--fine-tune-steps 0`` keeps the
+  backbone as it is (seconds).
+- **Recalibrated on the lab**, cross-fitted because the cells are few: the temperature and the prediction sets are
+  fitted on each cell's logits from a model that has not seen it: heads fitted ``config.ADAPT_FOLDS`` times, each
+  without one fold of the lab's cells, or after fine-tuning ``config.ADAPT_FINE_TUNE_FOLDS`` copies each fine-tuned
+  without one fold (``cross_fitted_fine_tune``), since the final model has seen every cell; the OOD statistics are
+  the lab cells' features (their threshold cross-fitted by ``ood.py``) and the lab statistic (``lab.py``) their
+  images' colours. So a flag on the adapted model means on that lab what it means on
   PBC for the base model. Prediction sets are class-conditional when every class has enough lab cells for the coverage,
   marginal LAC otherwise (a class-conditional quantile from 5 cells would put the class in every set).
 - **Without labels** (``--unlabelled DIR``, also together with ``--data``): batch-norm statistics re-estimated on the
