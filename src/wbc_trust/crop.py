@@ -67,6 +67,8 @@ class CropPolicy:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise WbcError(f"unknown crop policy {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if not self.window_um > 0:
+            raise WbcError(f"a crop window of {self.window_um} µm: it must be positive")
         if self.px_per_um is not None and not (self.kind == "cell" and self.px_per_um > 0):
             raise WbcError(f"a lab scale ({self.px_per_um} px/µm) needs a cell policy and a positive value")
 

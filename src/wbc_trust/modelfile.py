@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from wbc_trust import config
-from wbc_trust.crop import KINDS as CROP_KINDS
+from wbc_trust.crop import CropPolicy
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
 from wbc_trust.models import REGISTRY, VIEWS, WbcClassifier, build_model
@@ -67,6 +67,15 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
+def _crop_problem(meta: dict) -> str | None:
+    """Why ``meta["crop"]`` is no crop policy (``crop.CropPolicy`` checks its own fields), or None."""
+    try:
+        CropPolicy.from_meta(meta)
+    except (WbcError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        return f"its crop policy {meta['crop']!r} is not usable ({exc})"
+    return None
+
+
 def _validate(path: Path, meta: object) -> None:
     problem = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -90,18 +99,8 @@ def _validate(path: Path, meta: object) -> None:
         isinstance(meta["test_views"], list) and meta["test_views"] and all(v in VIEWS for v in meta["test_views"])
     ):
         problem = f"its test views {meta['test_views']!r} are not a list of {', '.join(VIEWS)}"
-    elif "crop" in meta and not (
-        isinstance(meta["crop"], dict)
-        and meta["crop"].get("kind") in CROP_KINDS
-        and isinstance(meta["crop"].get("window_um", 1.0), int | float)
-        and meta["crop"].get("window_um", 1.0) > 0
-        and isinstance(meta["crop"].get("px_per_um", 1.0), int | float)
-        and meta["crop"].get("px_per_um", 1.0) > 0
-    ):
-        problem = (
-            f"its crop policy {meta['crop']!r} is not one of {', '.join(CROP_KINDS)} with a positive window "
-            "(and lab scale)"
-        )
+    elif "crop" in meta:
+        problem = _crop_problem(meta)
     if problem:
         raise WbcError(f"{path} is not a usable wbc-trust model: {problem}. Pass a file written by `wbc train`")
 
