@@ -17,7 +17,7 @@ from PIL import Image
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.crop import CropPolicy
-from wbc_trust.finder import Cell
+from wbc_trust.finder import Cell, FinderResult
 
 require_shared()  # real fields and crops from ../shared/datasets
 FIELDS = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:3]
@@ -143,13 +143,17 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
 
 def test_a_cell_window_is_centred_and_filled_with_the_background() -> None:
     image = Image.open(FIELDS[0]).convert("RGB")
-    cell = Cell((600, 400, 640, 480), 1.0)
-    crop = CropPolicy("frame", 160).cell_view(image, None, cell)  # at the corner: the window leaves the image
+    cell = Cell((560, 380, 640, 480), 1.0)  # at the corner: the window leaves the image
+    found = FinderResult([cell], 640, 480, red_cell_diameter_px=60.0)  # red cells 60 px across: 8 px per µm
+    policy = CropPolicy("frame", 160)
+    crop = policy.cell_view(image, found, cell)
     assert crop.size == (160, 160)
     corner = np.asarray(crop)[-10:, -10:].reshape(-1, 3)
     assert corner.mean() > 120  # filled with the smear's background colour, not black
-    # a frame model's window: the cell's box over the share a PBC cell covers; the cell's centre is the window's
-    side = 80 / config.COUNT_CELL_SHARE
-    expected = image.crop((int(620 - side / 2), int(440 - side / 2), int(620 + side / 2), int(440 + side / 2)))
+    # the window is the frame's µm at the red cells' scale, whatever the box's size; the cell's centre is its centre
+    side = policy.window_um * 60.0 / config.RED_CELL_DIAMETER_UM
+    expected = image.crop((int(600 - side / 2), int(430 - side / 2), int(600 + side / 2), int(430 + side / 2)))
     top_left = np.asarray(expected.resize((160, 160)))[:40, :40].astype(float)
     assert np.abs(np.asarray(crop)[:40, :40].astype(float) - top_left).mean() < 12
+    wider = Cell((540, 360, 640, 480), 1.0)  # a looser box around the same cell: the same scale
+    assert policy.scale(image, found, wider) == policy.scale(image, found, cell)

@@ -79,7 +79,9 @@ def test_a_tight_crop_is_padded_out_to_the_window() -> None:
         corner = np.asarray(view.image)[:8, :8].reshape(-1, 3).astype(int)
         assert np.ptp(corner, axis=0).max() <= 2  # the padding: one flat background colour, not black
         assert corner.mean() > 100
-    assert seen >= 5
+    # 4 of these 8 (70 of every third BCCD crop's 117) are tight to the finder's voted boxes; a looser box is read as
+    # a crop framed like PBC's
+    assert seen >= 4
 
 
 def test_a_field_is_cut_around_its_white_cell_at_its_own_scale() -> None:

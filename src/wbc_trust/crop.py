@@ -19,6 +19,7 @@ entry in their metadata and keep predicting exactly as before).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -39,6 +40,12 @@ KINDS = ("frame", "cell")
 def shared_finder() -> CellFinder:
     """The shipped finder, loaded once per process (its trees are read-only, so threads may share it)."""
     return CellFinder()
+
+
+@lru_cache(maxsize=1)
+def _finder_version() -> str:
+    """The shipped finder's weights, by content: a refit changes the boxes, so the cached views must change too."""
+    return hashlib.sha256(config.FINDER_MODEL_PATH.read_bytes()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class CropPolicy:
         if self.kind == "frame":
             return f"frame|{self.size}"
         constants = (config.CROP_CELL_UM, config.CROP_TIGHT_SHARE, config.CROP_RULER_CELLS, config.CROP_MERGE_OVERLAP)
-        return f"cell|{self.size}|{self.window_um}|{self.px_per_um}|{constants}|finder-v1"
+        return f"cell|{self.size}|{self.window_um}|{self.px_per_um}|{constants}|finder-{_finder_version()}"
 
     def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
         """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""
@@ -125,11 +132,10 @@ class CropPolicy:
         return window.resize((self.size, self.size), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
     def cell_view(self, image: Image.Image, result: FinderResult, cell: Cell) -> Image.Image:
-        """The view of one found cell of a field (``wbc count``, the app). A frame policy's model was trained on whole
-        PBC crops: its window is the cell's box over ``config.COUNT_CELL_SHARE``, the share of the frame a PBC cell
-        covers; a cell policy cuts its physical window at the field's scale."""
-        if self.kind == "frame":
-            return self.cut(image, cell, _long_side(cell) / config.COUNT_CELL_SHARE / self.window_um)
+        """The view of one found cell of a field (``wbc count``, the app): its physical window at the field's scale
+        (``scale``), for both policies. A frame policy's model was trained on whole PBC crops, and a PBC crop is that
+        window (``config.CROP_WINDOW_UM`` is PBC's frame in µm), so the cell is as large in the view as in training,
+        whatever box the finder drew around it."""
         return self.cut(image, cell, self.scale(image, result, cell)[0])
 
     def apply(self, image: Image.Image, finder: CellFinder | None = None) -> CropResult:

@@ -468,12 +468,22 @@ def _outline(proposal: _Proposal, scale: float) -> np.ndarray:
 
 
 def _suppress(cells: list[Cell]) -> list[Cell]:
-    """Non-maximum suppression: the proposals of several thresholds (and of overlapping tiles) find the same cell."""
+    """Non-maximum suppression with box voting: the proposals of several thresholds (and of overlapping tiles) find the
+    same cell; the most confident one stays, with the score-weighted mean box of the boxes that overlap it by
+    ``config.FINDER_VOTE_IOU`` (Gidaris & Komodakis 2015). Each threshold's nucleus region regresses its own cell box,
+    and their mean lands closer to the annotated box than the most confident one alone (txl-fields val: PBC recall
+    0.989 → 1.000, bccd-fields' unseen photos 0.943 → 0.959, the other labs unchanged; ``bench/finder.py``). Written
+    here because torchvision's ``nms`` returns indices only, and box voting is a few lines over its ``box_iou``."""
     if not cells:
         return []
-    boxes = torch.tensor([c.box for c in cells], dtype=torch.float32)
-    scores = torch.tensor([c.score for c in cells], dtype=torch.float32)
-    return [cells[i] for i in nms(boxes, scores, config.FINDER_NMS_IOU).tolist()]
+    boxes = torch.tensor([c.box for c in cells], dtype=torch.float64)
+    scores = torch.tensor([c.score for c in cells], dtype=torch.float64)
+    keep = nms(boxes.float(), scores.float(), config.FINDER_NMS_IOU)
+    votes = (box_iou(boxes[keep], boxes) >= config.FINDER_VOTE_IOU) * scores[None, :]
+    voted = (votes @ boxes) / votes.sum(dim=1, keepdim=True)
+    # two lobes of one nucleus can each keep a box that voting then moves onto the same cell: suppress once more
+    again = nms(voted.float(), scores[keep].float(), config.FINDER_NMS_IOU).tolist()
+    return [Cell(tuple(float(v) for v in voted[j]), cells[keep[j]].score, cells[keep[j]].nucleus) for j in again]
 
 
 def _tile_size(array: np.ndarray) -> int | None:
@@ -622,8 +632,9 @@ def fit(features: np.ndarray, positive: np.ndarray, offsets: np.ndarray, out: Pa
     verifier = HistGradientBoostingClassifier(**params).fit(features, positive)
     arrays = {"feature_names": np.array(FEATURE_NAMES)}
     arrays.update(TreeEnsemble.from_sklearn(verifier, features[:500]).arrays("verifier"))
+    box_params = {**params, "max_iter": config.FINDER_BOX_TREES, "max_leaf_nodes": config.FINDER_BOX_LEAVES}
     for k, name in enumerate(_OFFSETS):
-        regressor = HistGradientBoostingRegressor(**params).fit(features[positive], offsets[positive, k])
+        regressor = HistGradientBoostingRegressor(**box_params).fit(features[positive], offsets[positive, k])
         arrays.update(TreeEnsemble.from_sklearn(regressor, features[positive][:500]).arrays(f"box.{name}"))
     atomic_write(Path(out), lambda f: np.savez_compressed(f, **arrays))
     return Path(out)
