@@ -121,8 +121,11 @@ def test_at_the_labs_scale_a_tight_crop_keeps_its_cells_size() -> None:
     assert size_um(CELL, "Lymphocyte") == pytest.approx(size_um(CELL, "Neutrophil"))
     assert size_um(lab, "Lymphocyte") < 0.8 * size_um(lab, "Neutrophil")
     assert CropPolicy.from_meta({"img_size": 160, "crop": lab.to_meta()}) == lab
-    with pytest.raises(WbcError, match="needs a cell policy"):
-        CropPolicy("frame", 160, px_per_um=14.6)
+    home = CropPolicy("cell", 160, home_px_per_um=10.9)
+    assert CropPolicy.from_meta({"img_size": 160, "crop": home.to_meta()}) == home
+    for scale in ({"px_per_um": 14.6}, {"home_px_per_um": 10.9}):
+        with pytest.raises(WbcError, match="needs a cell policy"):
+            CropPolicy("frame", 160, **scale)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +200,10 @@ def test_wbc_train_crop_cell_stores_the_policy_and_predicts_through_it(small_tre
     )
     assert run.exit_code == 0, run.output
     model = tmp_path / "run" / "model.safetensors"
-    assert load_model(model)[1]["crop"] == {"kind": "cell", "window_um": config.CROP_WINDOW_UM}
+    crop = load_model(model)[1]["crop"]
+    assert {k: crop[k] for k in ("kind", "window_um")} == {"kind": "cell", "window_um": config.CROP_WINDOW_UM}
+    # the training lab's magnification, measured on its red cells and recorded: PBC reads ~10.9 px/µm
+    assert 9.5 < crop["home_px_per_um"] < 12.5 and "px_per_um" not in crop
     fields = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:2]
     two = Image.new("RGB", (1280, 480))
     for i, field in enumerate(fields):

@@ -55,18 +55,17 @@ from tqdm import tqdm
 from wbc_trust import config
 from wbc_trust.calibration import Calibration, calibration_error, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, check_coverage
-from wbc_trust.crop import CropPolicy, image_ruler, lab_scale
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
     LoadedImages,
     Record,
-    UnreadableImage,
     cache_dir,
     file_digest,
     find_dataset,
     find_unlabelled,
     load_images,
+    measure_scale,
     model_labels,
-    read_image,
     split_plan,
     to_unit,
     train_transform,
@@ -121,13 +120,7 @@ def measure_lab_scale(paths: list[Path], crop: CropPolicy, given: float | None) 
         return crop, None
     if given is not None:
         return crop.with_lab_scale(given), {"value": given, "source": "given (--px-per-um)"}
-    readings = []
-    for path in tqdm(paths, desc="measuring the lab's red cells", unit="img", leave=False, disable=len(paths) < 20):
-        try:
-            readings.append(image_ruler(read_image(path)))
-        except UnreadableImage:
-            continue  # reported when the images are read for the model
-    scale, why = lab_scale(readings)
+    scale, why = measure_scale(paths, "measuring the lab's red cells")
     if scale is None:
         log.warning(
             f"the lab's magnification could not be measured: {why}; so each image keeps its own scale. Pass "
@@ -600,8 +593,9 @@ def adapt(
             f"base model's knowledge of {'this class' if len(kept_from_base) == 1 else 'these classes'} (its "
             "replay images) and the trust columns are fitted without it: label more and run wbc adapt again"
         )
-    # the replay images are the base lab's: cut at their own scale, not this lab's
-    replay, replay_source = replay_cells(meta, own_crop, seed=seed)
+    # the replay images are the base lab's: cut as they were trained (at its magnification where the base model
+    # recorded one), not at this lab's
+    replay, replay_source = replay_cells(meta, own_crop.with_lab_scale(own_crop.home_px_per_um), seed=seed)
     replay_labels = None if replay is None else torch.from_numpy(model_labels(replay.records, classes))
     if replay is None:
         log.warning(f"adapting without replay ({replay_source}): classes without lab cells may be forgotten")

@@ -289,6 +289,9 @@ LAB_SCALE_MIN_IMAGES: int = 5
 #: crops 0.04, BCCD fields 0.12); in small crops the edges cut the red cells and the readings scatter (BCCD's crops
 #: 0.58, reading half the true scale), so no scale is taken from them.
 LAB_SCALE_MAX_SPREAD: float = 0.25
+#: wbc train --crop cell measures its own lab's magnification on this many of its images, spread over the folder,
+#: and cuts every training image at it.
+HOME_SCALE_SAMPLE: int = 300
 
 # --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
 

@@ -11,7 +11,9 @@ only the cell, which is then taken to be ``config.CROP_CELL_UM`` across (the med
 window leaves the image it is filled with the image's median colour (the smear's background). Where the lab's
 magnification is known (``px_per_um``: ``wbc adapt`` measures it as the median ruler of the lab's images, or is told
 it), every image is cut at it instead: one microscope has one scale, and the median of many rulers scatters far less
-than one image's. The constants are checked by ``tests/test_crop.py``.
+than one image's. ``wbc train`` measures its own lab's magnification the same way and cuts every training image at
+it (``home_px_per_um``, recorded so that ``wbc adapt`` cuts the training lab's replay images as they were trained);
+other images are read at their own scale. The constants are checked by ``tests/test_crop.py``.
 
 ``CropPolicy("frame")``: the whole image resized, what model files from before the finder do (they have no ``crop``
 entry in their metadata and keep predicting exactly as before).
@@ -70,30 +72,37 @@ class CropPolicy:
     window_um: float = config.CROP_WINDOW_UM
     #: the lab's magnification, where known (``with_lab_scale``): every image is cut at it
     px_per_um: float | None = None
+    #: the training lab's magnification (``wbc train`` measures it): its training images were cut at it
+    home_px_per_um: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise WbcError(f"unknown crop policy {self.kind!r}: choose one of {', '.join(KINDS)}")
         if not self.window_um > 0:
             raise WbcError(f"a crop window of {self.window_um} µm: it must be positive")
-        if self.px_per_um is not None and not (self.kind == "cell" and self.px_per_um > 0):
-            raise WbcError(f"a lab scale ({self.px_per_um} px/µm) needs a cell policy and a positive value")
+        for scale in (self.px_per_um, self.home_px_per_um):
+            if scale is not None and not (self.kind == "cell" and scale > 0):
+                raise WbcError(f"a lab scale ({scale} px/µm) needs a cell policy and a positive value")
 
     @classmethod
     def from_meta(cls, meta: dict) -> CropPolicy:
         """The policy a model file was trained with; files without one (before the finder) read whole frames."""
         crop = meta.get("crop") or {"kind": "frame"}
-        scale = crop.get("px_per_um")
+        scale, home = crop.get("px_per_um"), crop.get("home_px_per_um")
         return cls(
             crop["kind"],
             meta["img_size"],
             float(crop.get("window_um", config.CROP_WINDOW_UM)),
             None if scale is None else float(scale),
+            None if home is None else float(home),
         )
 
     def to_meta(self) -> dict:
         stored = {"kind": self.kind, "window_um": self.window_um}
-        return stored if self.px_per_um is None else {**stored, "px_per_um": self.px_per_um}
+        for name in ("px_per_um", "home_px_per_um"):
+            if getattr(self, name) is not None:
+                stored[name] = getattr(self, name)
+        return stored
 
     def with_lab_scale(self, px_per_um: float | None) -> CropPolicy:
         """This policy at a lab's magnification (None: each image's own scale again)."""
@@ -105,7 +114,10 @@ class CropPolicy:
         if self.kind == "frame":
             return f"frame|{self.size}"
         constants = (config.CROP_CELL_UM, config.CROP_TIGHT_SHARE, config.CROP_RULER_CELLS, config.CROP_MERGE_OVERLAP)
-        return f"cell|{self.size}|{self.window_um}|{self.px_per_um}|{constants}|finder-{_finder_version()}"
+        return (
+            f"cell|{self.size}|{self.window_um}|{self.px_per_um}|{self.home_px_per_um}|{constants}|"
+            f"finder-{_finder_version()}"
+        )
 
     def scale(self, image: Image.Image, result: FinderResult, cell: Cell) -> tuple[float, str]:
         """Pixels per µm of ``image`` around ``cell`` and what gave it (see the module docstring)."""

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from wbc_trust import config
-from wbc_trust.crop import CropPolicy, CropResult, background_colour
+from wbc_trust.crop import CropPolicy, CropResult, background_colour, image_ruler, lab_scale
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
 
@@ -212,6 +212,19 @@ def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
     if size is not None:
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return image
+
+
+def measure_scale(paths: Sequence[Path], desc: str) -> tuple[float | None, str]:
+    """The magnification (px/µm) of the lab that made ``paths``: the median red-cell ruler of its images where they
+    agree (``crop.lab_scale``), or None; with a sentence saying which. Unreadable files are skipped here (they are
+    reported where the images are read for the model)."""
+    readings = []
+    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 20):
+        try:
+            readings.append(image_ruler(read_image(path)))
+        except UnreadableImage:
+            continue
+    return lab_scale(readings)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -40,6 +40,7 @@ from wbc_trust.data import (
     data_fingerprint,
     find_dataset,
     load_images,
+    measure_scale,
     relative_paths,
     split_plan,
     split_records,
@@ -109,6 +110,8 @@ class Splits:
 
     loaded: dict[str, LoadedImages]
     split_file: dict
+    #: the policy the model carries: ``cfg.crop``, and for the cell view the training lab's magnification
+    crop: CropPolicy
 
 
 def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple[Splits, dict]:
@@ -121,7 +124,8 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
             + ", ".join(f"{name} ({n} files)" for name, n in index.ignored_classes.items())
         )
     pool, fractions, fixed = split_plan(index)
-    crop = CropPolicy(cfg.crop, img_size)
+    model_crop = home_scale(CropPolicy(cfg.crop, img_size), [r.path for r in pool])
+    crop = model_crop.with_lab_scale(model_crop.home_px_per_um)  # every training image at the lab's one scale
     loaded_pool = load_images(pool, crop, desc="decoding training images")
     for path, reason in loaded_pool.unreadable:
         log.info(f"skipped unreadable file {path}: {reason}")
@@ -135,8 +139,11 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
         if cfg.max_images:
             idx = idx[:: max(1, len(idx) // cfg.max_images)][: cfg.max_images]
         loaded[name] = loaded_pool.subset(idx)
+    # the held-out images are read as wbc predict reads them: each at its own scale
     for name, records in fixed.items():
-        loaded[name] = load_images(records, crop, desc=f"decoding {name} images")
+        loaded[name] = load_images(records, model_crop, desc=f"decoding {name} images")
+    if crop != model_crop and "test" in parts:
+        loaded["test"] = load_images(loaded["test"].records, model_crop, desc="decoding test images")
     split_file = {
         "data_root": str(index.root),
         "layout": index.layout,
@@ -150,7 +157,22 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
     # a refused resume must not overwrite the run's split
     if write and not (cfg.resume and (Path(cfg.out) / "split.json").exists()):
         write_json(Path(cfg.out) / "split.json", split_file)
-    return Splits(loaded, split_file), index.summary()
+    return Splits(loaded, split_file, model_crop), index.summary()
+
+
+def home_scale(crop: CropPolicy, paths: list[Path]) -> CropPolicy:
+    """The cell view at the training lab's magnification (``config.HOME_SCALE_SAMPLE`` of its images, spread over the
+    folder). Cutting every training image at each one's own red-cell ruler trained on its 7.6 % scatter: PBC's
+    held-out accuracy rose from 99.01 to 99.32 % with one scale (README, One view for the model)."""
+    if crop.kind != "cell":
+        return crop
+    sample = paths[:: max(1, len(paths) // config.HOME_SCALE_SAMPLE)]
+    scale, why = measure_scale(sample, "measuring the training lab's red cells")
+    if scale is None:
+        log.warning(f"the training lab's magnification could not be measured ({why}): each image keeps its own scale")
+        return crop
+    log.info(f"the training lab's magnification: {scale:.2f} px/µm ({why})")
+    return replace(crop, home_px_per_um=scale)
 
 
 def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -678,7 +700,7 @@ def _metadata(
         "std": list(config.IMAGENET_STD),
         "input": "RGB in [0, 1], the crop policy's view (crop.py) at img_size × img_size; normalisation is inside the "
         "model",
-        "crop": CropPolicy(cfg.crop, cfg.img_size).to_meta(),
+        "crop": splits.crop.to_meta(),
         "data": {
             **data_summary,
             "seed": cfg.seed,

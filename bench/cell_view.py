@@ -1,0 +1,65 @@
+"""A cell-view model at chosen scales: PBC's held-out split, BCCD's crops and bccd-fields, zero labels.
+
+    python bench/cell_view.py --model RUN/model.safetensors [--scales own,14.66] [--parts pbc,fields,crops]
+
+``own``: each image at its own scale, as ``wbc predict`` and ``wbc count`` read it; a number: every image cut at that
+many px/µm (a lab's magnification, as ``wbc adapt --px-per-um`` would store). ``pbc``: the model's held-out files
+(``meta["data"]["test_files"]``), ``fields`` and ``crops``: ``bench/count.py``'s field-level and crop accuracy.
+Writes bench_out/cell_view/<model's folder name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from count import crop_accuracy, field_accuracy  # noqa: E402  (bench/count.py)
+
+from wbc_trust.finder import CellFinder  # noqa: E402
+from wbc_trust.predict import Predictor  # noqa: E402
+
+OUT = ROOT / "bench_out" / "cell_view"
+
+
+def held_out(predictor: Predictor) -> dict:
+    """Accuracy on the model's own held-out PBC files."""
+    root = Path(predictor.meta["data"]["root"])
+    files = predictor.meta["data"]["test_files"]
+    answers = predictor.predict_files([root / f for f in files])
+    right = sum(a.prediction == Path(f).parent.name for a, f in zip(answers, files))
+    return {"images": len(files), "right": right, "accuracy": right / len(files)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--scales", default="own", help="comma-separated: own, or px/µm values")
+    parser.add_argument("--parts", default="pbc,fields,crops", help="comma-separated: pbc, fields, crops")
+    args = parser.parse_args()
+    parts, finder, report = args.parts.split(","), CellFinder(), {}
+    for scale in args.scales.split(","):
+        predictor = Predictor(args.model)
+        predictor.crop = predictor.crop.with_lab_scale(None if scale == "own" else float(scale))
+        result = {}
+        if "pbc" in parts:
+            result["pbc_held_out"] = held_out(predictor)
+        if "fields" in parts:
+            result["bccd_fields"] = field_accuracy(finder, predictor)
+        if "crops" in parts:
+            result["bccd_crops"] = crop_accuracy(predictor)
+        report[scale] = result
+        print(scale, json.dumps(result), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / f"{args.model.parent.name}.json"
+    out.write_text(json.dumps({"model": str(args.model), **report}, indent=2) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
