@@ -115,8 +115,9 @@ class Splits:
 
 
 def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple[Splits, dict]:
-    """Find the data, decode it once (each image cut by the crop policy ``cfg.crop``), split it (duplicates kept on one side; ``calib`` carved out of ``val``) and
-    write ``split.json`` (unless ``write`` is False: the other processes of a torchrun job)."""
+    """Find the data, decode it once (each image cut by the crop policy ``cfg.crop``; the cell view's training images
+    at the lab's one magnification, ``home_scale``), split it (duplicates kept on one side; ``calib`` carved out of
+    ``val``) and write ``split.json`` (unless ``write`` is False: the other processes of a torchrun job)."""
     index = find_dataset(cfg.data, require_all_classes=True)
     if index.ignored_classes:
         log.info(
@@ -162,8 +163,9 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
 
 def home_scale(crop: CropPolicy, paths: list[Path]) -> CropPolicy:
     """The cell view at the training lab's magnification (``config.HOME_SCALE_SAMPLE`` of its images, spread over the
-    folder). Cutting every training image at each one's own red-cell ruler trained on its 7.6 % scatter: PBC's
-    held-out accuracy rose from 99.01 to 99.32 % with one scale (README, One view for the model)."""
+    folder). Cutting every training image at each one's own red-cell ruler trained on its 7.6 % scatter: with one
+    scale, PBC's held-out accuracy (read at each image's own scale) rose from 99.01 to 99.16 % and BCCD's fields with
+    no label from 62.7 to 73.7 % (README, One view for the model)."""
     if crop.kind != "cell":
         return crop
     sample = paths[:: max(1, len(paths) // config.HOME_SCALE_SAMPLE)]
