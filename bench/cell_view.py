@@ -21,19 +21,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from count import crop_accuracy, field_accuracy  # noqa: E402  (bench/count.py)
 
+from wbc_trust import config  # noqa: E402
+from wbc_trust.data import Record, find_dataset  # noqa: E402
+from wbc_trust.evaluate import choose_records  # noqa: E402
 from wbc_trust.finder import CellFinder  # noqa: E402
 from wbc_trust.predict import Predictor  # noqa: E402
 
 OUT = ROOT / "bench_out" / "cell_view"
 
 
-def held_out(predictor: Predictor) -> dict:
-    """Accuracy on the model's own held-out PBC files."""
-    root = Path(predictor.meta["data"]["root"])
-    files = predictor.meta["data"]["test_files"]
-    answers = predictor.predict_files([root / f for f in files])
-    right = sum(a.prediction == Path(f).parent.name for a, f in zip(answers, files))
-    return {"images": len(files), "right": right, "accuracy": right / len(files)}
+def held_out(predictor: Predictor, records: list[Record]) -> dict:
+    """Accuracy on the model's own held-out PBC files ``records``."""
+    answers = predictor.predict_files([r.path for r in records])
+    right = sum(a.prediction == config.CLASSES[r.label] for a, r in zip(answers, records))
+    return {"images": len(records), "right": right, "accuracy": right / len(records)}
 
 
 def main() -> None:
@@ -43,12 +44,15 @@ def main() -> None:
     parser.add_argument("--parts", default="pbc,fields,crops", help="comma-separated: pbc, fields, crops")
     args = parser.parse_args()
     parts, finder, report = args.parts.split(","), CellFinder(), {}
+    if "pbc" in parts:  # as wbc evaluate picks them (it checks the folder's content against the model's, once)
+        meta = Predictor(args.model).meta
+        records = choose_records(find_dataset(Path(meta["data"]["root"])), meta).records
     for scale in args.scales.split(","):
         predictor = Predictor(args.model)
         predictor.crop = predictor.crop.with_lab_scale(None if scale == "own" else float(scale))
         result = {}
         if "pbc" in parts:
-            result["pbc_held_out"] = held_out(predictor)
+            result["pbc_held_out"] = held_out(predictor, records)
         if "fields" in parts:
             result["bccd_fields"] = field_accuracy(finder, predictor)
         if "crops" in parts:
