@@ -4,7 +4,7 @@
 
 ``own``: each image at its own scale, as ``wbc predict`` and ``wbc count`` read it; a number: every image cut at that
 many px/µm (a lab's magnification, as ``wbc adapt --px-per-um`` would store). ``pbc``: the model's held-out files
-(``meta["data"]["test_files"]``), ``fields`` and ``crops``: ``bench/count.py``'s field-level and crop accuracy.
+as ``wbc evaluate`` picks them (``evaluate.choose_records``), ``fields`` and ``crops``: ``bench/count.py``'s field-level and crop accuracy.
 Writes bench_out/cell_view/<model's folder name>.json.
 """
 
