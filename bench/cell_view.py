@@ -1,8 +1,9 @@
 """A cell-view model at chosen scales: PBC's held-out split, BCCD's crops and bccd-fields, zero labels.
 
-    python bench/cell_view.py --model RUN/model.safetensors [--scales own,14.66] [--parts pbc,fields,crops]
+    python bench/cell_view.py --model RUN/model.safetensors [--scales batch,own,14.66] [--parts pbc,fields,crops]
 
-``own``: each image at its own scale, as ``wbc predict`` and ``wbc count`` read it; a number: every image cut at that
+``batch``: as ``wbc predict`` reads a folder (at the folder's measured magnification, ``data.batch_policy``) and
+``wbc count`` a field (at its own red cells); ``own``: each image at its own scale; a number: every image cut at that
 many px/µm (a lab's magnification, as ``wbc adapt --px-per-um`` would store). ``pbc``: the model's held-out files
 as ``wbc evaluate`` picks them (``evaluate.choose_records``), ``fields`` and ``crops``: ``bench/count.py``'s field-level and crop accuracy.
 Writes bench_out/cell_view/<model's folder name>.json.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from count import crop_accuracy, field_accuracy  # noqa: E402  (bench/count.py)
 
 from wbc_trust import config  # noqa: E402
+from wbc_trust.crop import CropPolicy  # noqa: E402
 from wbc_trust.data import Record, find_dataset  # noqa: E402
 from wbc_trust.evaluate import choose_records  # noqa: E402
 from wbc_trust.finder import CellFinder  # noqa: E402
@@ -30,9 +32,9 @@ from wbc_trust.predict import Predictor  # noqa: E402
 OUT = ROOT / "bench_out" / "cell_view"
 
 
-def held_out(predictor: Predictor, records: list[Record]) -> dict:
-    """Accuracy on the model's own held-out PBC files ``records``."""
-    answers = predictor.predict_files([r.path for r in records])
+def held_out(predictor: Predictor, records: list[Record], crop: CropPolicy | None) -> dict:
+    """Accuracy on the model's own held-out PBC files ``records`` (read as one folder, or by ``crop``)."""
+    answers = predictor.predict_files([r.path for r in records], crop=crop)
     right = sum(a.prediction == config.CLASSES[r.label] for a, r in zip(answers, records))
     return {"images": len(records), "right": right, "accuracy": right / len(records)}
 
@@ -40,7 +42,7 @@ def held_out(predictor: Predictor, records: list[Record]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--scales", default="own", help="comma-separated: own, or px/µm values")
+    parser.add_argument("--scales", default="batch", help="comma-separated: batch, own, or px/µm values")
     parser.add_argument("--parts", default="pbc,fields,crops", help="comma-separated: pbc, fields, crops")
     args = parser.parse_args()
     parts, finder, report = args.parts.split(","), CellFinder(), {}
@@ -49,14 +51,16 @@ def main() -> None:
         records = choose_records(find_dataset(Path(meta["data"]["root"])), meta).records
     for scale in args.scales.split(","):
         predictor = Predictor(args.model)
-        predictor.crop = predictor.crop.with_lab_scale(None if scale == "own" else float(scale))
+        if scale not in ("batch", "own"):
+            predictor.crop = predictor.crop.with_lab_scale(float(scale))
+        crop = predictor.crop if scale == "own" else None  # a given policy is not measured on the batch
         result = {}
         if "pbc" in parts:
-            result["pbc_held_out"] = held_out(predictor, records)
+            result["pbc_held_out"] = held_out(predictor, records, crop)
         if "fields" in parts:
             result["bccd_fields"] = field_accuracy(finder, predictor)
         if "crops" in parts:
-            result["bccd_crops"] = crop_accuracy(predictor)
+            result["bccd_crops"] = crop_accuracy(predictor, crop)
         report[scale] = result
         print(scale, json.dumps(result), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from wbc_trust import config
 from wbc_trust.count import run_count
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import find_dataset, image_to_tensor, read_image
 from wbc_trust.finder import CellFinder
 from wbc_trust.predict import Predictor
@@ -54,10 +55,10 @@ def field_accuracy(finder: CellFinder, predictor: Predictor) -> dict:
     return {"fields": len(labelled), "no_cell_found": no_cell, "accuracy": right / len(labelled)}
 
 
-def crop_accuracy(predictor: Predictor) -> dict:
-    """bccd-wbc: ``wbc predict`` on every crop (the model's own view of it)."""
+def crop_accuracy(predictor: Predictor, crop: CropPolicy | None = None) -> dict:
+    """bccd-wbc: ``wbc predict`` on every crop (the model's own view of it, read as one folder; or by ``crop``)."""
     records = find_dataset(DATA / "bccd-wbc").splits["all"]
-    answers = predictor.predict_files([r.path for r in records])
+    answers = predictor.predict_files([r.path for r in records], crop=crop)
     right = sum(a.prediction == config.CLASSES[r.label] for a, r in zip(answers, records))
     flags: dict[str, int] = {}
     for a in answers:

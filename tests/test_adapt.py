@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC
 from wbc_trust.cli import app
+from wbc_trust.colour import ColourTransfer, LabStatistics
 from wbc_trust.data import list_files
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import load_model, read_metadata
@@ -85,19 +86,42 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     assert flags.count(FLAG_NEW_LAB) <= len(test) // 4, flags
 
 
-def test_unlabelled_adaptation_re_estimates_batch_norm(tmp_path: Path) -> None:
+def test_unlabelled_adaptation_maps_the_labs_colours_to_the_training_labs(tmp_path: Path) -> None:
     images = tmp_path / "unlabelled"
     images.mkdir()
-    for f in list_files(BCCD / "Neutrophil")[:12] + list_files(BCCD / "Eosinophil")[:4]:
+    files = list_files(BCCD / "Neutrophil")[:12] + list_files(BCCD / "Eosinophil")[:4]
+    for f in files:
         shutil.copy(f, images / f.name)
     result = CliRunner().invoke(app, ["adapt", "--unlabelled", str(images), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     base, _ = load_model()
     adapted, meta = load_model(tmp_path / "run" / "model.safetensors")
-    assert meta["adapted"]["unlabelled"]["n_images"] == 16
+    assert (
+        meta["adapted"]["unlabelled"]["n_images"] == 16 and "colour transfer" in meta["adapted"]["unlabelled"]["method"]
+    )
+    assert isinstance(adapted.colour, ColourTransfer) and isinstance(base.colour, torch.nn.Identity)
+    for name, buffer in base.named_buffers():  # no labels, no batch-norm re-estimation: only the colours move
+        assert torch.equal(buffer, dict(adapted.named_buffers())[name]), name
+    # BCCD's pale, blue views come out with the training lab's CIELAB statistics (measured on its replay images)
+    views = torch.stack([Predictor().to_tensor(f) for f in files])
+    before, after = LabStatistics.of(views), LabStatistics.of(adapted.colour(views.float() / 255))
+    home = adapted.colour.home
+    assert abs(before.std[0] - home.std[0]) > 4 and abs(before.mean[2] - home.mean[2]) > 4, (before, home)
+    assert all(abs(a - h) < 1.5 for a, h in zip(after.mean + after.std, home.mean + home.std)), (after, home)
+
+
+def test_unlabelled_with_labelled_cells_re_estimates_batch_norm(lab: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """With --data the stages are fine-tuned with replay images in the training lab's colours, so --unlabelled
+    re-estimates batch norm there instead of moving the colours (here the head alone, to be quick)."""
+    cells, _ = lab
+    args = ["adapt", "--data", str(cells), "--unlabelled", str(BCCD / "Lymphocyte"), "--fine-tune-steps", "0"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    base, _ = load_model()
+    adapted, meta = load_model(tmp_path / "run" / "model.safetensors")
+    assert meta["adapted"]["unlabelled"]["method"].startswith("AdaBN") and "colour" not in meta
     name = "net.bn1.running_mean"
     assert not torch.allclose(dict(base.named_buffers())[name], dict(adapted.named_buffers())[name])
-    assert torch.equal(base.head().weight, adapted.head().weight)  # no labels: the head is the base model's
 
 
 def test_a_folder_that_is_not_labelled_is_refused(tmp_path: Path) -> None:

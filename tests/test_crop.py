@@ -137,7 +137,7 @@ def cell_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_wbc_adapt_unlabelled_fields_stores_the_labs_scale(cell_model: Path, tmp_path: Path) -> None:
+def test_wbc_adapt_unlabelled_fields_stores_the_labs_scale(cell_model: Path, tiny_run: Path, tmp_path: Path) -> None:
     fields = tmp_path / "fields"
     fields.mkdir()
     for path in _bccd_fields(config.ADAPT_MIN_UNLABELLED + 2):
@@ -152,9 +152,21 @@ def test_wbc_adapt_unlabelled_fields_stores_the_labs_scale(cell_model: Path, tmp
     assert "median red-cell ruler of 10 of 10 images" in measured["source"]
     view = predictor.view(_files(SHARED / "bccd-wbc" / "Lymphocyte", 1)[0])
     assert view.scale_from == "lab" and view.px_per_um == measured["value"]
-    # a model of whole frames has no scale to set
+    # a model of whole frames (the tiny run's) has no scale to set
+    frame_model = str(tiny_run / "model.safetensors")
     refused = CliRunner().invoke(
-        app, ["adapt", "--unlabelled", str(fields), "--px-per-um", "14", "--out", str(tmp_path / "frame")]
+        app,
+        [
+            "adapt",
+            "--unlabelled",
+            str(fields),
+            "--px-per-um",
+            "14",
+            "--model",
+            frame_model,
+            "--out",
+            str(tmp_path / "f"),
+        ],
     )
     assert isinstance(refused.exception, WbcError) and "--px-per-um needs a model with the cell view" in str(
         refused.exception

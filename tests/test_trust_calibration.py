@@ -25,6 +25,7 @@ from wbc_trust.calibration import (
 )
 from wbc_trust.cli import app
 from wbc_trust.conformal import SplitConformal
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import Record, list_files, load_images, validation_split
 from wbc_trust.errors import WbcError
 from wbc_trust.modelfile import HEAD_CHECKPOINT_PREFIX, load_extra, load_model, read_metadata, save_model
@@ -44,9 +45,9 @@ def shipped(default_model: Path) -> dict[str, torch.Tensor]:
     test_files = meta["data"]["test_files"]
     chosen = test_files[:: len(test_files) // N_WHITE][:N_WHITE]
     records = [Record(PBC / f, meta["classes"].index(Path(f).parts[0])) for f in chosen]
-    white = load_images(records, meta["img_size"])
+    white = load_images(records, CropPolicy.from_meta(meta))  # the model's own view, as wbc predict reads a folder
     others = [p for cls in ("erythroblast", "platelet") for p in list_files(PBC_NON_WBC / cls)[:N_OTHER]]
-    other = load_images([Record(p, None) for p in others], meta["img_size"])
+    other = load_images([Record(p, None) for p in others], CropPolicy.from_meta(meta))
     logits, features = logits_and_features(model, white.images)
     other_logits, other_features = logits_and_features(model, other.images)
     return {

@@ -238,12 +238,14 @@ def predict(
     from wbc_trust.predict import Predictor
 
     predictor = Predictor(model, coverage=coverage, backend=backend)
+    files = find_unlabelled(paths)
+    crop = predictor.batch_policy(files)  # a folder from one microscope is read at its one magnification
     if ray:
         from wbc_trust.distributed_predict import predict_on_ray
 
-        results = predict_on_ray(find_unlabelled(paths), ray, ray_actors, model, coverage, backend)
+        results = predict_on_ray(files, ray, ray_actors, model, coverage, backend, crop=crop)
     else:
-        results = predictor.predict_files(find_unlabelled(paths))
+        results = predictor.predict_files(files, crop=crop)
     if csv:
         predictor.write_csv(results, csv)
     notice = predictor.batch_notice(results)  # one message for a folder from another lab, not a flag per row
@@ -309,7 +311,8 @@ def adapt(
     unlabelled: Annotated[
         Optional[Path],
         typer.Option(
-            help="the lab's unlabelled images: batch-norm statistics are re-estimated on them (with or without --data)"
+            help="the lab's unlabelled images: alone, their colours are mapped to the training lab's; with --data, "
+            "batch-norm statistics are re-estimated on them"
         ),
     ] = None,
     coverage: Annotated[float, typer.Option(help="coverage of the lab's prediction sets")] = config.ADAPT_COVERAGE,

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from wbc_trust import config
 from wbc_trust.count import CountedImage, CountSummary, CountWriter, count_file
+from wbc_trust.crop import CropPolicy
 from wbc_trust.data import find_unlabelled
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import CellFinder
@@ -118,13 +119,16 @@ class FileBatchWorker:
 class PredictWorker(FileBatchWorker):
     """``Predictor.predict_files`` on a batch of paths, unreadable files flagged as in a local run."""
 
-    def __init__(self, model_path: str | None, coverage: float | None, backend: str, batch_size: int) -> None:
+    def __init__(
+        self, model_path: str | None, coverage: float | None, backend: str, batch_size: int, crop: CropPolicy
+    ) -> None:
         self.predictor = Predictor(
             None if model_path is None else Path(model_path), batch_size=batch_size, coverage=coverage, backend=backend
         )
+        self.crop = crop  # the whole batch's policy, measured once by the driver (Predictor.batch_policy)
 
     def rows(self, paths: list[Path]) -> list[dict[str, Any]]:
-        return [asdict(p) for p in self.predictor.predict_files(paths, progress=False)]
+        return [asdict(p) for p in self.predictor.predict_files(paths, progress=False, crop=self.crop)]
 
 
 class CountWorker(FileBatchWorker):
@@ -221,15 +225,20 @@ def predict_on_ray(
     batch_size: int | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
+    crop: CropPolicy | None = None,
 ) -> list[Prediction]:
     """``Predictor(model_path, batch_size, coverage, backend).predict_files(paths)``, computed by ``actors`` Ray actors
-    (``batch_size``: None = the Predictor's own default)."""
+    (``batch_size``: None = the Predictor's own default). The batch's crop policy is measured here once, over all
+    ``paths`` (``Predictor.batch_policy``; or given as ``crop``), so every actor cuts its share as a local run would."""
     batch_size = batch_size or inspect.signature(Predictor).parameters["batch_size"].default
+    if crop is None:
+        crop = Predictor(model_path, coverage=coverage, backend=backend).batch_policy(paths)
     kwargs = {
         "model_path": None if model_path is None else str(Path(model_path).resolve()),
         "coverage": coverage,
         "backend": backend,
         "batch_size": batch_size,
+        "crop": crop,
     }
     # Workers open absolute paths (their working folder is not the driver's); the rows keep the paths as given.
     rows = map_files(  # a generator: zip below stops before its end, so close it (that stops the local cluster)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from wbc_trust import config
+from wbc_trust.colour import ColourTransfer
 from wbc_trust.crop import CropPolicy
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
@@ -116,6 +117,8 @@ def load_model(path: Path | None = None) -> tuple[WbcClassifier, dict]:
     except (SafetensorError, RuntimeError) as exc:
         raise WbcError(f"the weights in {path} do not fit its metadata ({meta['arch']}): the file is damaged") from exc
     model.views = tuple(meta.get("test_views", ["identity"]))  # files from before test views: the image alone
+    if "colour" in meta:  # adapted to a lab's colours (wbc adapt --unlabelled)
+        model.colour = ColourTransfer.from_meta(meta["colour"])
     model.eval()
     return model, meta
 

@@ -165,12 +165,14 @@ class WbcClassifier(nn.Module):
         self.views: tuple[str, ...] = ("identity",)  # what ``predict`` averages; ``load_model`` sets the file's
         self.frozen_backbone = False
         self.frozen_stages = 0
+        #: a lab's colours to the training lab's (``colour.ColourTransfer``, set by ``wbc adapt --unlabelled``)
+        self.colour: nn.Module = nn.Identity()
         self.register_buffer("mean", torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the network for exactly these images (what Grad-CAM, Fisher and influence look inside)."""
-        return self.net((x - self.mean) / self.std)
+        return self.net((self.colour(x) - self.mean) / self.std)
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prediction: logits N×C and pooled features N×D of the last convolutional layer (for the OOD score),

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from wbc_trust.calibration import FLAG_NEW_LAB, Calibration
 from wbc_trust.conformal import check_coverage
 from wbc_trust.crop import CropPolicy, CropResult
-from wbc_trust.data import UnreadableImage, image_to_tensor, view_image
+from wbc_trust.data import UnreadableImage, batch_policy, image_to_tensor, view_image
 from wbc_trust.errors import WbcError
 from wbc_trust.io import write_csv
 from wbc_trust.lab import batch_notice
@@ -84,10 +84,10 @@ class Predictor:
         self.calibration = Calibration.from_model(self.meta, extra)
         self.coverage = coverage if coverage is None else check_coverage(coverage)  # None: the calibrated one
 
-    def view(self, source: Path | bytes) -> CropResult:
-        """Read one file (or its bytes) and cut the model's view of it (its crop policy, ``crop.py``), with the view's
-        flag (several white cells, none found). Raises ``UnreadableImage``."""
-        return view_image(source, self.crop)
+    def view(self, source: Path | bytes, crop: CropPolicy | None = None) -> CropResult:
+        """Read one file (or its bytes) and cut the model's view of it (its crop policy, ``crop.py``, or ``crop``),
+        with the view's flag (several white cells, none found). Raises ``UnreadableImage``."""
+        return view_image(source, crop or self.crop)
 
     def to_tensor(self, source: Path | bytes) -> torch.Tensor:
         """One file (or its bytes) as the model sees it: uint8 3×S×S. Raises ``UnreadableImage``."""
@@ -137,8 +137,17 @@ class Predictor:
             return Prediction(name, None, None, flag=f"unreadable: {exc}")
         return self.predict_views([name], image_to_tensor(view.image)[None], [view.flag])[0]
 
-    def predict_files(self, paths: Sequence[Path], progress: bool = True) -> list[Prediction]:
-        """Classify many files in batches; unreadable ones get a flagged row, in input order."""
+    def batch_policy(self, paths: Sequence[Path]) -> CropPolicy:
+        """The crop policy for reading ``paths`` together: a cell view at their one measured magnification
+        (``data.batch_policy``), or the model's own."""
+        return batch_policy(self.crop, [Path(p) for p in paths])
+
+    def predict_files(
+        self, paths: Sequence[Path], progress: bool = True, crop: CropPolicy | None = None
+    ) -> list[Prediction]:
+        """Classify many files in batches, read at the batch's magnification (``batch_policy``; or by ``crop``, as a
+        Ray worker reads its share of a batch measured once); unreadable ones get a flagged row, in input order."""
+        crop = crop or self.batch_policy(paths)
         results: dict[int, Prediction] = {}
         chunks = list(_chunks(list(enumerate(paths)), self.batch_size))
         for chunk in tqdm(
@@ -147,7 +156,7 @@ class Predictor:
             tensors, positions, view_flags = [], [], []
             for i, path in chunk:
                 try:
-                    view = self.view(Path(path))
+                    view = self.view(Path(path), crop)
                 except UnreadableImage as exc:
                     results[i] = Prediction(str(path), None, None, flag=f"unreadable: {exc}")
                     continue

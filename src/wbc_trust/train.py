@@ -140,7 +140,7 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
         if cfg.max_images:
             idx = idx[:: max(1, len(idx) // cfg.max_images)][: cfg.max_images]
         loaded[name] = loaded_pool.subset(idx)
-    # the held-out images are read as wbc predict reads them: each at its own scale
+    # the held-out images are read as wbc predict reads a folder: at their own batch's scale (data.batch_policy)
     for name, records in fixed.items():
         loaded[name] = load_images(records, model_crop, desc=f"decoding {name} images")
     if crop != model_crop and "test" in parts:
@@ -162,14 +162,13 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
 
 
 def home_scale(crop: CropPolicy, paths: list[Path]) -> CropPolicy:
-    """The cell view at the training lab's magnification (``config.HOME_SCALE_SAMPLE`` of its images, spread over the
-    folder). Cutting every training image at each one's own red-cell ruler trained on its 7.6 % scatter: with one
-    scale, PBC's held-out accuracy (read at each image's own scale) rose from 99.01 to 99.16 % and BCCD's fields with
-    no label from 62.7 to 73.7 % (README, One view for the model)."""
+    """The cell view at the training lab's magnification (``data.measure_scale``). Cutting every training image at
+    each one's own red-cell ruler trained on its 7.6 % scatter: with one scale, PBC's held-out accuracy (read at each
+    image's own scale) rose from 99.01 to 99.16 % and BCCD's fields with no label from 62.7 to 73.7 % (README, One
+    view for the model)."""
     if crop.kind != "cell":
         return crop
-    sample = paths[:: max(1, len(paths) // config.HOME_SCALE_SAMPLE)]
-    scale, why = measure_scale(sample, "measuring the training lab's red cells")
+    scale, why = measure_scale(paths, "measuring the training lab's red cells")
     if scale is None:
         log.warning(f"the training lab's magnification could not be measured ({why}): each image keeps its own scale")
         return crop

@@ -344,7 +344,7 @@ def training_records(index: DatasetIndex, meta: dict) -> list[Record]:
     pool = index.splits.get("all", [])
     match = match_training_data(index, meta)
     if match.same:
-        _, parts = model_split(index, meta, "pass the folder the model was trained on as it was (--train-data)")
+        parts = model_split(index, meta, "pass the folder the model was trained on as it was (--train-data)")
         return parts["train"]
     if match.changed:  # its split cannot be recomputed: at least its held-out test files stay out
         held_out = set(meta.get("data", {}).get("test_files", []))
