@@ -240,6 +240,13 @@ def predict(
     predictor = Predictor(model, coverage=coverage, backend=backend)
     files = find_unlabelled(paths)
     crop = predictor.batch_policy(files)  # a folder from one microscope is read at its one magnification
+    if crop.px_per_um != predictor.crop.px_per_um:
+        Console(stderr=True).print(
+            f"note: every image cut at {crop.px_per_um:.2f} px/µm, the median red-cell ruler of the batch "
+            "(one microscope, one magnification)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if ray:
         from wbc_trust.distributed_predict import predict_on_ray
 
