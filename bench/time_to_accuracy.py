@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/pbc-wbc"))
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
     parser.add_argument(
-        "--config", default="default", help="recipe (default: wbc train's defaults; the shipped model is --config travel)"
+        "--config",
+        default="default",
+        help="recipe (default: wbc train's defaults; the shipped model is --config travel)",
     )
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--install", action="store_true", help="copy the model to the shipped default")
