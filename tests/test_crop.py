@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, image_ruler, lab_scale, shared_finder
-from wbc_trust.data import read_image, view_image
+from wbc_trust.data import batch_policy, read_image, view_image
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import read_voc
 from wbc_trust.modelfile import load_extra, load_model, save_model
@@ -103,6 +103,23 @@ def test_a_labs_magnification_is_measured_on_its_fields_not_on_its_cropped_cells
     crops = [p for cls in ("Neutrophil", "Eosinophil") for p in _files(SHARED / "bccd-wbc" / cls, 20)]
     none, why = lab_scale([image_ruler(read_image(p)) for p in crops])
     assert none is None and ("too far apart" in why or "enough red cells" in why), why
+
+
+def test_a_folder_is_read_at_its_one_measured_magnification() -> None:
+    """A batch from one microscope: every image cut at the median ruler of the batch, not at its own reading; a batch
+    whose rulers disagree (BCCD's cropped cells) or a single image keeps each image's own scale."""
+    pbc = [p for cls in ("neutrophil", "monocyte", "lymphocyte") for p in _files(PBC / cls, 4)]
+    batch = batch_policy(CELL, pbc)
+    assert batch.px_per_um is not None and 9.5 < batch.px_per_um < 12.0
+    own = [CELL.apply(read_image(p)) for p in pbc]
+    assert np.median([v.px_per_um for v in own]) == pytest.approx(batch.px_per_um, rel=0.05)
+    assert len({round(v.px_per_um, 3) for v in own}) > 1  # each image's ruler reads its own value...
+    views = [batch.apply(read_image(p)) for p in pbc]
+    assert {(v.scale_from, v.px_per_um) for v in views} == {("lab", batch.px_per_um)}  # ...the batch one scale
+    crops = [p for cls in ("Neutrophil", "Eosinophil") for p in _files(SHARED / "bccd-wbc" / cls, 12)]
+    assert batch_policy(CELL, crops) == CELL and batch_policy(CELL, pbc[:1]) == CELL
+    assert batch_policy(CropPolicy("frame", 160), pbc) == CropPolicy("frame", 160)
+    assert batch_policy(CELL.with_lab_scale(13.0), pbc).px_per_um == 13.0  # a lab's known scale is kept
 
 
 def test_at_the_labs_scale_a_tight_crop_keeps_its_cells_size() -> None:
