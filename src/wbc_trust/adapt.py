@@ -24,9 +24,9 @@ unlabelled images, and recalibrate its trust columns on that lab.
   the base model's training images, its replay). Together with ``--data``, whose fine-tuning mixes the lab's cells
   with replay images in the home lab's colours, the batch-norm statistics are re-estimated on the lab's images
   instead (AdaBN, Li et al. 2016: every batch-norm layer averages the lab's batch statistics, momentum None, no
-  gradient). On BCCD the colour transfer read fields and crops at the lab's scale 2-14 points better than AdaBN, and
-  the two together worse than either (README "Another lab's cells"). Without labels nothing can recalibrate the trust
-  columns on the lab, so they stay the base model's (and keep flagging the lab as new).
+  gradient). On BCCD the colour transfer read fields and crops at the lab's scale 1-13 points better than AdaBN, and
+  the two together below the better of the two (README "Another lab's cells"). Without labels nothing can
+  recalibrate the trust columns on the lab, so they stay the base model's (and keep flagging the lab as new).
 
 - **The lab's magnification** (cell-view models): one microscope has one scale, so the adapted model cuts every image
   of the lab at it (``meta["crop"]["px_per_um"]``) instead of each image's own ruler: ``--px-per-um`` where the lab
