@@ -535,6 +535,9 @@ def adapt(
     model = prepare_for_cpu(model)
     # a base model adapted before carries its lab's scale; its training data (the replay) was cut at each image's own
     own_crop, classes = CropPolicy.from_meta(meta).with_lab_scale(None), meta["classes"]
+    # the replay images are the base lab's: cut as they were trained (at its magnification where the base model
+    # recorded one), not at this lab's
+    home_crop = own_crop.with_lab_scale(own_crop.home_px_per_um)
     records = lab_records(Path(data)) if data is not None else []
     files = find_unlabelled([unlabelled]) if unlabelled is not None else []
     crop, scale = measure_lab_scale(files + [r.path for r in records], own_crop, px_per_um)
@@ -559,7 +562,7 @@ def adapt(
                 f"--unlabelled {unlabelled}: {len(pool.records)} readable images; batch-norm statistics "
                 f"need at least {config.ADAPT_MIN_UNLABELLED} of the lab's images"
             )
-        home = None if cells is not None else replay_cells(meta, own_crop.with_lab_scale(own_crop.home_px_per_um))
+        home = None if cells is not None else replay_cells(meta, home_crop, seed=seed)
         if home is not None and home[0] is not None:
             model.colour = ColourTransfer(LabStatistics.of(pool.images), LabStatistics.of(home[0].images))
             meta["colour"] = {**model.colour.to_meta(), "home_images": home[1]}
@@ -605,9 +608,7 @@ def adapt(
             f"base model's knowledge of {'this class' if len(kept_from_base) == 1 else 'these classes'} (its "
             "replay images) and the trust columns are fitted without it: label more and run wbc adapt again"
         )
-    # the replay images are the base lab's: cut as they were trained (at its magnification where the base model
-    # recorded one), not at this lab's
-    replay, replay_source = replay_cells(meta, own_crop.with_lab_scale(own_crop.home_px_per_um), seed=seed)
+    replay, replay_source = replay_cells(meta, home_crop, seed=seed)
     replay_labels = None if replay is None else torch.from_numpy(model_labels(replay.records, classes))
     if replay is None:
         log.warning(f"adapting without replay ({replay_source}): classes without lab cells may be forgotten")

@@ -239,14 +239,23 @@ def batch_policy(crop: CropPolicy, paths: Sequence[Path]) -> CropPolicy:
     99.32 % at one scale; README, One view for the model). Where the rulers disagree (small crops cut their red
     cells, or the folder mixes labs) or too few images show red cells, each image keeps its own scale, as does a
     single image. A frame view, or a policy with its lab's scale, is returned as it is."""
-    if crop.kind != "cell" or crop.px_per_um is not None or len(paths) < config.LAB_SCALE_MIN_IMAGES:
+    if crop.px_per_um is not None or len(paths) < config.LAB_SCALE_MIN_IMAGES:
         return crop
-    scale, why = measure_scale(paths, "measuring the images' magnification")
+    scale = lab_magnification(crop, paths, "the images'")
+    return crop if scale is None else crop.with_lab_scale(scale)
+
+
+def lab_magnification(crop: CropPolicy, paths: Sequence[Path], whose: str, missing: int = logging.INFO) -> float | None:
+    """``measure_scale`` for a cell view, logged: ``whose`` magnification in px/µm, or None for a frame view (it reads
+    no scale) and where it cannot be measured (logged at level ``missing``: each image then keeps its own scale)."""
+    if crop.kind != "cell":
+        return None
+    scale, why = measure_scale(paths, f"measuring {whose} red cells")
     if scale is None:
-        log.info(f"each image is read at its own scale: {why}")
-        return crop
-    log.info(f"the images' magnification: {scale:.2f} px/µm ({why}); every one of the {len(paths)} is cut at it")
-    return crop.with_lab_scale(scale)
+        log.log(missing, f"{whose} magnification could not be measured ({why}): each image keeps its own scale")
+        return None
+    log.info(f"{whose} magnification: {scale:.2f} px/µm ({why})")
+    return scale
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
