@@ -72,8 +72,12 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     assert provenance["replay"]["n_images"] > 0  # the base model's training data or the shipped sample
     assert meta["calibration"]["cross_fitted"] and "lab" in meta["calibration"]
     assert provenance["fine_tune_steps"] == 12 and "fine-tuned folds" in provenance["method"]
+    assert provenance["batch_norm"].endswith(f"the lab's {sum(FEW.values())} labelled cells")
+    assert "class_prevalence" not in provenance  # no unlabelled images, nothing to estimate it on
     base, _ = load_model()
     tuned, _ = load_model(adapted)
+    name = "net.bn1.running_mean"  # the lab's cells' batch-norm statistics
+    assert not torch.allclose(dict(base.named_buffers())[name], dict(tuned.named_buffers())[name])
     frozen = meta["training"]["frozen_stages"]
     same = [torch.equal(a, b) for a, b in zip(base.stages()[-1].parameters(), tuned.stages()[-1].parameters())]
     assert not all(same)  # the late stages were fine-tuned, the base recipe's frozen ones not
@@ -92,7 +96,9 @@ def test_unlabelled_adaptation_maps_the_labs_colours_to_the_training_labs(tmp_pa
     files = list_files(BCCD / "Neutrophil")[:12] + list_files(BCCD / "Eosinophil")[:4]
     for f in files:
         shutil.copy(f, images / f.name)
-    result = CliRunner().invoke(app, ["adapt", "--unlabelled", str(images), "--out", str(tmp_path / "run")])
+    # at BCCD's magnification (its fields' red cells read 14.67 px/µm; its small crops' rulers disagree)
+    args = ["adapt", "--unlabelled", str(images), "--px-per-um", "14.67", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     base, _ = load_model()
     adapted, meta = load_model(tmp_path / "run" / "model.safetensors")
@@ -102,8 +108,16 @@ def test_unlabelled_adaptation_maps_the_labs_colours_to_the_training_labs(tmp_pa
     assert isinstance(adapted.colour, ColourTransfer) and isinstance(base.colour, torch.nn.Identity)
     for name, buffer in base.named_buffers():  # no labels, no batch-norm re-estimation: only the colours move
         assert torch.equal(buffer, dict(adapted.named_buffers())[name]), name
+    # ... and the head's priors, to the prevalence EM reads in a folder of 12 neutrophils and 4 eosinophils: mostly
+    # granulocytes (BCCD's neutrophils and eosinophils are what the model tells apart worst), the rest at the floor
+    prevalence = meta["adapted"]["class_prevalence"]
+    assert abs(sum(prevalence.values()) - 1) < 1e-3 and min(prevalence.values()) > 0.018, prevalence
+    assert prevalence["neutrophil"] + prevalence["eosinophil"] > 0.8, prevalence
+    shift = adapted.last_linear().bias - base.last_linear().bias
+    expected = meta["calibration"]["temperature"] * torch.log(5 * torch.tensor(list(prevalence.values())))
+    assert torch.allclose(shift, expected, atol=1e-3), (shift, expected)
     # BCCD's pale, blue views come out with the training lab's CIELAB statistics (measured on its replay images)
-    views = torch.stack([Predictor().to_tensor(f) for f in files])
+    views = torch.stack([Predictor(tmp_path / "run" / "model.safetensors").to_tensor(f) for f in files])
     before, after = LabStatistics.of(views), LabStatistics.of(adapted.colour(views.float() / 255))
     home = adapted.colour.home
     assert abs(before.std[0] - home.std[0]) > 4 and abs(before.mean[2] - home.mean[2]) > 4, (before, home)
@@ -120,6 +134,8 @@ def test_unlabelled_with_labelled_cells_re_estimates_batch_norm(lab: tuple[Path,
     base, _ = load_model()
     adapted, meta = load_model(tmp_path / "run" / "model.safetensors")
     assert meta["adapted"]["unlabelled"]["method"].startswith("AdaBN") and "colour" not in meta
+    prevalence = meta["adapted"]["class_prevalence"]  # a folder of lymphocytes reads as one
+    assert max(prevalence, key=prevalence.get) == "lymphocyte" and prevalence["lymphocyte"] > 0.5, prevalence
     name = "net.bn1.running_mean"
     assert not torch.allclose(dict(base.named_buffers())[name], dict(adapted.named_buffers())[name])
 

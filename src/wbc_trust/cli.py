@@ -319,7 +319,8 @@ def adapt(
         Optional[Path],
         typer.Option(
             help="the lab's unlabelled images: alone, their colours are mapped to the training lab's; with --data, "
-            "batch-norm statistics are re-estimated on them"
+            "batch-norm statistics are re-estimated on them; either way the model takes the lab's class prevalence "
+            "estimated on them"
         ),
     ] = None,
     coverage: Annotated[float, typer.Option(help="coverage of the lab's prediction sets")] = config.ADAPT_COVERAGE,

@@ -318,6 +318,13 @@ ADAPT_HEAD_LR: float = 1e-2
 ADAPT_HEAD_L2: float = 1e-2
 ADAPT_REPLAY_WEIGHT: float = 0.5
 ADAPT_FOLDS: int = 5
+#: The lab's class prevalence (adapt.lab_prevalence, from --unlabelled images): EM iterations, and the floor no
+#: class's estimate goes below (a basophil, 0.3 % of BCCD's cells, must stay possible where its evidence is strong;
+#: without the floor EM put BCCD's basophils at 0.0 %), and how many of the lab's images it reads at most, spread
+#: over them (each costs a forward pass; 150 images put a class's share within about 4 points).
+ADAPT_PRIOR_ITERATIONS: int = 100
+ADAPT_PRIOR_FLOOR: float = 0.02
+ADAPT_PRIOR_IMAGES: int = 150
 #: Fine-tuning before the head re-fit (`wbc adapt --fine-tune-steps`): the stages after the base recipe's frozen ones
 #: and the head, one-cycle AdamW, each step ADAPT_FINE_TUNE_BATCH lab cells (augmented as the base model was trained)
 #: plus as many replay cells weighted ADAPT_REPLAY_WEIGHT. Measured on runs/travel2 with 10 BCCD cells per class and
