@@ -7,6 +7,7 @@ with the seed's augmentation, or unchanged to evaluation and prediction.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -355,12 +356,26 @@ def find_unlabelled(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _readable_digest(path: Path) -> str | None:
+    """SHA-256 of a file that reads as an image, else None; remembered for the process by path, size and modification
+    time: checking a folder against a model's training data reads its pool twice (``match_training_data``, then
+    ``model_split``), and each trust command of a session (or the app) reads it again."""
     try:
-        data = _read_bytes(path)
+        stat = path.stat()
+    except OSError:
+        return _read_digest(str(path), -1, -1)  # not remembered: _read_bytes says why it cannot be read
+    return _remembered_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _read_digest(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        data = _read_bytes(Path(path))
         read_image(data)
     except UnreadableImage:
         return None
     return hashlib.sha256(data).hexdigest()
+
+
+_remembered_digest = functools.lru_cache(maxsize=100_000)(_read_digest)
 
 
 def readable_digests(records: Sequence[Record], desc: str) -> tuple[list[Record], list[str]]:
