@@ -1,7 +1,7 @@
 """``wbc adapt`` on a few labelled BCCD cells, end to end: the first N files of each BCCD class are the lab's labelled
 cells, the other BCCD cells are read as ``wbc predict`` reads them with the adapted model, and scored.
 
-    python bench/adapt_few.py [--per-class 10] [--unlabelled DIR] [--model M] [--out bench_out/adapt_few]
+    python bench/adapt_few.py [--per-class 10] [--unlabelled DIR] [--model M] [--fine-tune-steps 80] [--out bench_out/adapt_few]
 
 Prints and writes (``OUT/<name>.json``) accuracy, 95 % set coverage, mean set size, the unflagged share and the
 unflagged answers' accuracy on the rest, and the seconds ``wbc adapt`` took. BCCD has 3 basophils: at N ≥ 3 two of
@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from wbc_trust import config  # noqa: E402
 from wbc_trust.adapt import adapt  # noqa: E402
 from wbc_trust.data import list_files  # noqa: E402
 from wbc_trust.predict import Predictor  # noqa: E402
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--unlabelled", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--fine-tune-steps", type=int, default=config.ADAPT_FINE_TUNE_STEPS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "adapt_few")
     args = parser.parse_args()
     rest: list[Path] = []
@@ -61,10 +63,10 @@ def main() -> None:
                 shutil.copy(f, lab / folder.name / f.name)
             rest += files[n:]
         started = time.perf_counter()
-        adapt(Path(tmp) / "run", lab, args.model, args.unlabelled)
+        adapt(Path(tmp) / "run", lab, args.model, args.unlabelled, fine_tune_steps=args.fine_tune_steps)
         seconds = time.perf_counter() - started
         result = {**score(Predictor(Path(tmp) / "run" / "model.safetensors"), rest), "adapt_seconds": seconds}
-    name = f"{args.per_class}-per-class" + ("-unlabelled" if args.unlabelled else "")
+    name = f"{args.per_class}-per-class-{args.fine_tune_steps}-steps" + ("-unlabelled" if args.unlabelled else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(
         json.dumps({"args": vars(args) | {"out": str(args.out)}, **result}, indent=1, default=str)
