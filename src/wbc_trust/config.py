@@ -306,9 +306,10 @@ LAB_BATCH_MIN: int = 10
 LAB_BATCH_SHARE: float = 0.5
 #: `wbc adapt` (adapt.py): coverage of the lab's prediction sets (0.95, not CONFORMAL_COVERAGE's 0.99: a lab labels
 #: tens of cells, and 0.99 needs 99 per class); fewest lab cells of a class to adapt on it (below: the base model's
-#: knowledge of it is kept); fewest images for batch-norm statistics; replay images per class of the base model's
-#: training data; the head fit (full-batch Adam steps, learning rate, L2 pull towards the base head, weight of the
-#: replay loss against the lab's); folds of the cross-fitted calibration; images per batch-norm batch.
+#: knowledge of it is kept); fewest images for batch-norm statistics (the --unlabelled images, else the labelled
+#: cells themselves); replay images per class of the base model's training data; the head fit (full-batch Adam steps,
+#: learning rate, L2 pull towards the base head, weight of the replay loss against the lab's); folds of the
+#: cross-fitted calibration; images per batch-norm batch.
 ADAPT_COVERAGE: float = 0.95
 ADAPT_MIN_CELLS: int = 2
 ADAPT_MIN_UNLABELLED: int = 8
