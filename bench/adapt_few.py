@@ -1,10 +1,11 @@
 """``wbc adapt`` on a few labelled BCCD cells, end to end: the first N files of each BCCD class are the lab's labelled
 cells, the other BCCD cells are read as ``wbc predict`` reads them with the adapted model, and scored.
 
-    python bench/adapt_few.py [--per-class 10] [--unlabelled DIR] [--model M] [--fine-tune-steps 80] [--out bench_out/adapt_few]
+    python bench/adapt_few.py [--per-class 10] [--unlabelled DIR] [--model M] [--fine-tune-steps 80] [--keep RUN_DIR]
 
 Prints and writes (``OUT/<name>.json``) accuracy, 95 % set coverage, mean set size, the unflagged share and the
-unflagged answers' accuracy on the rest, and the seconds ``wbc adapt`` took. BCCD has 3 basophils: at N ≥ 3 two of
+unflagged answers' accuracy on the rest, per-class recall and the confusion matrix, and the seconds ``wbc adapt``
+took; ``--keep`` keeps the adapted model for a closer look. BCCD has 3 basophils: at N ≥ 3 two of
 them are labelled (all but one, so one is left to test on).
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from sklearn.metrics import confusion_matrix  # noqa: E402
+
 from wbc_trust import config  # noqa: E402
 from wbc_trust.adapt import adapt  # noqa: E402
 from wbc_trust.data import list_files  # noqa: E402
@@ -34,6 +37,8 @@ def score(predictor: Predictor, files: list[Path]) -> dict:
     answers = predictor.predict_files(files)
     truth = [f.parent.name.lower() for f in files]
     unflagged = [(a, t) for a, t in zip(answers, truth) if not a.flag]
+    classes = sorted(set(truth))
+    matrix = confusion_matrix(truth, [a.prediction for a in answers], labels=classes)
     return {
         "images": len(files),
         "accuracy": sum(a.prediction == t for a, t in zip(answers, truth)) / len(files),
@@ -41,6 +46,8 @@ def score(predictor: Predictor, files: list[Path]) -> dict:
         "mean_set_size": sum(len(a.prediction_set or []) for a in answers) / len(files),
         "unflagged_share": len(unflagged) / len(files),
         "unflagged_accuracy": sum(a.prediction == t for a, t in unflagged) / max(1, len(unflagged)),
+        "recall": {c: float(row[i] / row.sum()) for i, (c, row) in enumerate(zip(classes, matrix))},
+        "confusion": {"classes (rows: truth, columns: prediction)": classes, "matrix": matrix.tolist()},
     }
 
 
@@ -51,6 +58,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--fine-tune-steps", type=int, default=config.ADAPT_FINE_TUNE_STEPS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "adapt_few")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="write the adapted model here instead of a temporary folder"
+    )
     args = parser.parse_args()
     rest: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,10 +72,11 @@ def main() -> None:
             for f in files[:n]:
                 shutil.copy(f, lab / folder.name / f.name)
             rest += files[n:]
+        run = args.keep or Path(tmp) / "run"
         started = time.perf_counter()
-        adapt(Path(tmp) / "run", lab, args.model, args.unlabelled, fine_tune_steps=args.fine_tune_steps)
+        adapt(run, lab, args.model, args.unlabelled, fine_tune_steps=args.fine_tune_steps)
         seconds = time.perf_counter() - started
-        result = {**score(Predictor(Path(tmp) / "run" / "model.safetensors"), rest), "adapt_seconds": seconds}
+        result = {**score(Predictor(run / "model.safetensors"), rest), "adapt_seconds": seconds}
     name = f"{args.per_class}-per-class-{args.fine_tune_steps}-steps" + ("-unlabelled" if args.unlabelled else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(
