@@ -26,6 +26,19 @@ needs_ray = pytest.mark.skipif(
 )
 
 
+def assert_same_rows(on_ray: list[dict[str, str]], local: list[dict[str, str]]) -> None:
+    """The same rows in the same order, every column the same string, except that ``ood_score`` (~1e3-1e4, printed
+    to 0.01) may differ by one in its last printed digit: it is a distance over 1,280 float32 features, and an
+    actor's torch (other threads, another process) can sum them in another order. CI saw 4087.40 against 4087.41
+    when the distance itself was summed in float32 (it is float64 now, ``ood.MahalanobisOOD.score``), so a
+    rounding step away is all that is allowed."""
+    assert len(on_ray) == len(local) > 0
+    for ray_row, local_row in zip(on_ray, local):
+        assert {**ray_row, "ood_score": ""} == {**local_row, "ood_score": ""}
+        if local_row["ood_score"]:
+            assert float(ray_row["ood_score"]) == pytest.approx(float(local_row["ood_score"]), rel=0, abs=0.0101)
+
+
 @needs_ray
 def test_ray_local_gives_the_local_csv_row_for_row(tmp_path: Path) -> None:
     # Classes interleaved and the broken file in the middle: sorting by path or by class would change the order,
@@ -37,8 +50,8 @@ def test_ray_local_gives_the_local_csv_row_for_row(tmp_path: Path) -> None:
     # The local run in this process: what `wbc predict FILES --csv` (no --ray) computes and writes.
     predictor = Predictor()
     predictor.write_csv(predictor.predict_files(files, progress=False), tmp_path / "local.csv")
-    assert (tmp_path / "ray.csv").read_text() == (tmp_path / "local.csv").read_text()
     rows = list(csv.DictReader((tmp_path / "ray.csv").open()))
+    assert_same_rows(rows, list(csv.DictReader((tmp_path / "local.csv").open())))
     assert [r["path"] for r in rows] == list(map(str, files))
     assert rows[3]["flag"].startswith("unreadable") and rows[3]["prediction"] == ""
     assert [r["prediction"] for r in rows if r["prediction"]] == ["neutrophil", "basophil"] * 4
@@ -57,13 +70,8 @@ def test_ray_count_gives_the_local_count_folder(tmp_path: Path) -> None:
     assert images[1]["flag"].startswith("unreadable") and images[1]["n_cells"] == "0"
     cells = list(csv.DictReader((tmp_path / "ray" / "cells.csv").open()))
     local_cells = list(csv.DictReader((tmp_path / "local" / "cells.csv").open()))
-    assert len(cells) == len(local_cells) == sum(int(r["n_cells"]) for r in images) > 0
-    for ray_row, local_row in zip(cells, local_cells):
-        # ood_score (~1e4, printed to 0.01: 7 digits) is at float32's precision: an actor's torch runs with fewer
-        # threads than this process, which sums in another order and can move its last printed digit (measured on 40
-        # fields: at most 8e-7 relative); every other column and file must be the same byte for byte
-        assert {**ray_row, "ood_score": ""} == {**local_row, "ood_score": ""}
-        assert float(ray_row["ood_score"]) == pytest.approx(float(local_row["ood_score"]), rel=1e-5, abs=0.011)
+    assert len(cells) == sum(int(r["n_cells"]) for r in images) > 0
+    assert_same_rows(cells, local_cells)
     # the rest of the folder: images.csv, the differential, the annotated fields, the gallery crops and the report
     ray_files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
     local_files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())

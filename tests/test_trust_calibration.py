@@ -142,9 +142,10 @@ def test_the_shipped_model_loads_its_stored_mahalanobis_score(shipped: dict, def
     calibration = Calibration.from_model(meta, tensors)
     stored = meta["calibration"]["ood"]
     assert stored["method"] == "mahalanobis" and type(calibration.ood) is MahalanobisOOD
-    precision = tensors["ood.precision"].float() * stored["precision_scale"]  # the stored statistics, read by hand
-    diff = shipped["features"][:, None, :] - tensors["ood.means"].float()[None]
-    by_hand = ((diff @ precision) * diff).sum(-1).min(1).values
+    # the stored statistics, read by hand (stored in float32, scored in float64)
+    precision = (tensors["ood.precision"].float() * stored["precision_scale"]).double()
+    diff = shipped["features"].double()[:, None, :] - tensors["ood.means"].double()[None]
+    by_hand = ((diff @ precision) * diff).sum(-1).min(1).values.float()
     assert torch.equal(calibration.ood.score(shipped["logits"], shipped["features"]), by_hand)
     assert calibration.ood.threshold == stored["threshold"]
     with pytest.raises(WbcError, match="unknown out-of-distribution score"):

@@ -480,7 +480,8 @@ def _suppress(cells: list[Cell]) -> list[Cell]:
     scores = torch.tensor([c.score for c in cells], dtype=torch.float64)
     keep = nms(boxes.float(), scores.float(), config.FINDER_NMS_IOU)
     votes = (box_iou(boxes[keep], boxes) >= config.FINDER_VOTE_IOU) * scores[None, :]
-    voted = (votes @ boxes) / votes.sum(dim=1, keepdim=True)
+    # a weighted mean lies within its boxes, but its rounding can put it a millionth of a pixel past the image edge
+    voted = ((votes @ boxes) / votes.sum(dim=1, keepdim=True)).clamp(min=boxes.min(0).values, max=boxes.max(0).values)
     # two lobes of one nucleus can each keep a box that voting then moves onto the same cell: suppress once more
     again = nms(voted.float(), scores[keep].float(), config.FINDER_NMS_IOU).tolist()
     return [Cell(tuple(float(v) for v in voted[j]), cells[keep[j]].score, cells[keep[j]].nucleus) for j in again]
