@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from wbc_trust import config  # noqa: E402
@@ -57,16 +58,32 @@ def main() -> None:
     parser.add_argument("--unlabelled", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--fine-tune-steps", type=int, default=config.ADAPT_FINE_TUNE_STEPS)
+    parser.add_argument(
+        "--selection-seed",
+        type=int,
+        default=None,
+        help="label N random files of each class drawn with this seed (default: the first N files); a selection other "
+        "than the reported one is where a setting is chosen",
+    )
+    parser.add_argument(
+        "--lab-augment",
+        choices=config.AUGMENTS,
+        default=config.ADAPT_LAB_AUGMENT,
+        help="config.ADAPT_LAB_AUGMENT for this run: how the lab's cells are augmented while fine-tuning",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "adapt_few")
     parser.add_argument(
         "--keep", type=Path, default=None, help="write the adapted model here instead of a temporary folder"
     )
     args = parser.parse_args()
+    config.ADAPT_LAB_AUGMENT = args.lab_augment
     rest: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
         lab = Path(tmp) / "lab"
         for folder in sorted(p for p in BCCD.iterdir() if p.is_dir()):
             files = list_files(folder)
+            if args.selection_seed is not None:
+                files = [files[i] for i in np.random.default_rng(args.selection_seed).permutation(len(files))]
             n = min(args.per_class, len(files) - 1)
             (lab / folder.name).mkdir(parents=True)
             for f in files[:n]:
@@ -78,6 +95,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         result = {**score(Predictor(run / "model.safetensors"), rest), "adapt_seconds": seconds}
     name = f"{args.per_class}-per-class-{args.fine_tune_steps}-steps" + ("-unlabelled" if args.unlabelled else "")
+    name += "" if args.selection_seed is None else f"-selection{args.selection_seed}"
+    name += "" if config.ADAPT_LAB_AUGMENT is None else f"-lab-{config.ADAPT_LAB_AUGMENT}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(
         json.dumps({"args": vars(args) | {"out": str(args.out)}, **result}, indent=1, default=str)

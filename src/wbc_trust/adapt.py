@@ -2,8 +2,9 @@
 unlabelled images, and recalibrate its trust columns on that lab.
 
 - **With labels** (``--data``: class folders, any layout ``wbc train`` reads): first the stages after the base
-  recipe's frozen ones are fine-tuned on the lab's cells, augmented as the base model was trained, mixed with the base
-  model's own training images (*replay*: the base lab's knowledge, and all a class with fewer than
+  recipe's frozen ones are fine-tuned on the lab's cells, moved and flipped but in their own stain
+  (``config.ADAPT_LAB_AUGMENT``), mixed with the base model's own training images, augmented as it was trained
+  (*replay*: the base lab's knowledge, and all a class with fewer than
   ``config.ADAPT_MIN_CELLS`` lab cells is learnt from; ``FineTuning``, ``config.ADAPT_FINE_TUNE_*``; about a minute
   on 2 cores, three times over with the cross-fitted calibration). Then the classification head is re-fitted on the
   pooled features of the lab's cells (computed once, with the model's test-time views) plus the replay's, starting
@@ -280,9 +281,9 @@ def shift_to_lab_prevalence(
 
 @dataclass
 class FineTuning:
-    """How ``wbc adapt`` fine-tunes: the stages after ``frozen_stages`` and the head, ``steps`` one-cycle AdamW steps
-    on the lab's cells augmented by ``augment`` (the base recipe's), each step ``config.ADAPT_FINE_TUNE_BATCH`` lab
-    cells drawn at random plus as many ``replay`` cells (uint8 views, model labels) whose loss weighs
+    """How ``wbc adapt`` fine-tunes: the stages after ``frozen_stages`` and the head, ``steps`` one-cycle AdamW steps,
+    each on ``config.ADAPT_FINE_TUNE_BATCH`` lab cells drawn at random, augmented by ``lab_augment``, plus as many
+    ``replay`` cells (uint8 views, model labels) augmented by ``augment`` (the base recipe's) whose loss weighs
     ``config.ADAPT_REPLAY_WEIGHT``."""
 
     replay: tuple[torch.Tensor, torch.Tensor] | None
@@ -290,6 +291,7 @@ class FineTuning:
     frozen_stages: int
     steps: int = config.ADAPT_FINE_TUNE_STEPS
     seed: int = config.SEED
+    lab_augment: str | None = None  # None: as the replay
 
     def run(self, model: WbcClassifier, cells: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Fine-tune ``model`` in place on ``cells`` (uint8 views, model labels). Batch-norm layers stay in eval
@@ -297,7 +299,6 @@ class FineTuning:
         step would estimate badly."""
         generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)  # the augmentation draws from torch's global generator
-        transform = train_transform(self.augment)
         model.freeze(stages=self.frozen_stages)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -306,13 +307,15 @@ class FineTuning:
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.ADAPT_FINE_TUNE_LR, total_steps=self.steps, pct_start=0.2
         )
-        sources = [(*cells, 1.0)] + ([(*self.replay, config.ADAPT_REPLAY_WEIGHT)] if self.replay is not None else [])
+        sources = [(*cells, 1.0, train_transform(self.lab_augment or self.augment))]
+        if self.replay is not None:
+            sources.append((*self.replay, config.ADAPT_REPLAY_WEIGHT, train_transform(self.augment)))
         model.train()
         for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
             norm.eval()
         for _ in tqdm(range(self.steps), desc="fine-tuning on the lab's cells", unit="step", leave=False):
             views, labels, weights = [], [], []
-            for images, targets, weight in sources:
+            for images, targets, weight, transform in sources:
                 picked = torch.randint(len(targets), (config.ADAPT_FINE_TUNE_BATCH,), generator=generator)
                 views += [transform(images[i]) for i in picked]
                 labels.append(targets[picked])
@@ -683,8 +686,10 @@ def adapt(
             frozen,
             fine_tune_steps,
             seed,
+            config.ADAPT_LAB_AUGMENT,
         )
         lab_cells = (cells.images[adapted_cells], labels[adapted_cells])
+        provenance["lab_augment"] = tuning.lab_augment or tuning.augment
         out_of_fold = tuning.cross_fitted(model, lab_cells)
         log.info(f"fine-tuning stages {frozen}-{len(model.stages()) - 1} and the head ({fine_tune_steps} steps)")
         tuning.run(model, lab_cells)
