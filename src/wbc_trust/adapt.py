@@ -2,9 +2,9 @@
 unlabelled images, and recalibrate its trust columns on that lab.
 
 - **With labels** (``--data``: class folders, any layout ``wbc train`` reads): first the stages after the base
-  recipe's frozen ones are fine-tuned on the lab's cells, moved and flipped but in their own stain
-  (``config.ADAPT_LAB_AUGMENT``), mixed with the base model's own training images, augmented as it was trained
-  (*replay*: the base lab's knowledge, and all a class with fewer than
+  recipe's frozen ones are fine-tuned on the lab's cells, augmented as the base model was trained
+  (``config.ADAPT_LAB_AUGMENT`` can keep their stain instead: measured, no clear gain), mixed with the base model's own
+  training images, augmented as it was trained (*replay*: the base lab's knowledge, and all a class with fewer than
   ``config.ADAPT_MIN_CELLS`` lab cells is learnt from; ``FineTuning``, ``config.ADAPT_FINE_TUNE_*``; about a minute
   on 2 cores, three times over with the cross-fitted calibration). Then the classification head is re-fitted on the
   pooled features of the lab's cells (computed once, with the model's test-time views) plus the replay's, starting

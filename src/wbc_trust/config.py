@@ -327,8 +327,9 @@ ADAPT_PRIOR_ITERATIONS: int = 100
 ADAPT_PRIOR_FLOOR: float = 0.02
 ADAPT_PRIOR_IMAGES: int = 150
 #: Fine-tuning before the head re-fit (`wbc adapt --fine-tune-steps`): the stages after the base recipe's frozen ones
-#: and the head, one-cycle AdamW, each step ADAPT_FINE_TUNE_BATCH lab cells (augmented by ADAPT_LAB_AUGMENT) plus as
-#: many replay cells (augmented as the base model was trained) weighted ADAPT_REPLAY_WEIGHT. Measured on runs/travel2 with 10 BCCD cells per class and
+#: and the head, one-cycle AdamW, each step ADAPT_FINE_TUNE_BATCH lab cells (augmented as the base model was trained,
+#: or by ADAPT_LAB_AUGMENT) plus as many replay cells (augmented as the base model was trained) weighted
+#: ADAPT_REPLAY_WEIGHT. Measured on runs/travel2 with 10 BCCD cells per class and
 #: --unlabelled (README "Another lab's cells"): the head alone 59.5 % on the other 309 cells, 80 steps 76.1 % in 266 s,
 #: 120 steps 81.2 % in 395 s; 80 keeps `wbc adapt` of 50 cells within 5 minutes on 2 cores.
 ADAPT_FINE_TUNE_STEPS: int = 80
@@ -336,11 +337,11 @@ ADAPT_FINE_TUNE_LR: float = 5e-4
 ADAPT_FINE_TUNE_WEIGHT_DECAY: float = 1e-4
 ADAPT_FINE_TUNE_BATCH: int = 16
 #: How the lab's own cells are augmented while fine-tuning (a name of AUGMENTS, or None: as the base model was trained;
-#: the replay always keeps the base recipe's). The seed's list moves and flips the cells but leaves their stain alone:
-#: one lab has one stain, and its granules' hue is what tells its neutrophils from its eosinophils. Measured on four
-#: other selections of 10 BCCD cells per class than the reported one (`bench/adapt_few.py --selection-seed 1-4`):
-#: 84.1-86.1 % (mean 85.1) of the other cells against 77.0-87.1 % (82.8) with the travel recipe's stain jitter.
-ADAPT_LAB_AUGMENT: str | None = "seed"
+#: the replay always keeps the base recipe's). "seed" (moved and flipped, their stain kept: one lab has one stain) was
+#: measured against the travel recipe's stain jitter at 10 BCCD cells per class (`bench/adapt_few.py --selection-seed
+#: 1-4 --lab-augment seed|travel`): 85.1 % against 82.8 % mean over four selections, paired differences -1.0 to +8.1
+#: points, no clear gain; on the reported selection (the first 10 files) 74.8 % against 81.6 %. Not kept.
+ADAPT_LAB_AUGMENT: str | None = None
 #: Copies fine-tuned without one fold each, whose logits the calibration is fitted on (2: the fewest that leave every
 #: cell out once, and each copy costs a fine-tuning)
 ADAPT_FINE_TUNE_FOLDS: int = 2
