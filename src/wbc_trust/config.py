@@ -340,7 +340,7 @@ ADAPT_FINE_TUNE_BATCH: int = 16
 #: the replay always keeps the base recipe's). "seed" (moved and flipped, their stain kept: one lab has one stain) was
 #: measured against the travel recipe's stain jitter at 10 BCCD cells per class (`bench/adapt_few.py --selection-seed
 #: 1-4 --lab-augment seed|travel`): 85.1 % against 82.8 % mean over four selections, paired differences -1.0 to +8.1
-#: points, no clear gain; on the reported selection (the first 10 files) 74.8 % against 81.6 %. Not kept.
+#: points, no clear gain; on the reported selection (the first 10 files) 74.8 % against 79.9 %. Not kept.
 ADAPT_LAB_AUGMENT: str | None = None
 #: Copies fine-tuned without one fold each, whose logits the calibration is fitted on (2: the fewest that leave every
 #: cell out once, and each copy costs a fine-tuning)
