@@ -155,9 +155,9 @@ class MahalanobisOOD(OODScore):
         return fitted
 
     def score(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance to the nearest class centre, in float64: a quadratic form over 1,280 features
-        in float32 rounds differently with the batch and the thread count (a Ray actor's 4087.405 against the local
-        run's 4087.395), and the score is written to two decimals; float64 makes it the same wherever it runs."""
+        """Squared Mahalanobis distance to the nearest class centre, summed in float64: in float32 the quadratic form
+        over 1,280 features rounded differently in a Ray actor and in the local run (4087.405 against 4087.395, and
+        the score is written to two decimals). What is left is the features' own float32 rounding."""
         return _squared_distance(features.double(), self.means.double(), self.precision.double()).float()
 
     def _tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
