@@ -18,7 +18,8 @@ from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.data import image_to_tensor, read_image
 from wbc_trust.errors import WbcError
-from wbc_trust.modelfile import load_model
+from wbc_trust.modelfile import load_extra, load_model, save_model
+from wbc_trust.models import VIEWS
 from wbc_trust.onnx_export import META_KEY, OnnxModel
 from wbc_trust.predict import Predictor
 
@@ -71,6 +72,19 @@ def test_export_onnx_command(tiny_run: Path, tmp_path: Path) -> None:
     assert_same_as_pytorch(OnnxModel(out), model_path)
     stored = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(stored[META_KEY])["arch"] == "cnn"
+
+
+def test_every_test_view_exports(tiny_run: Path, tmp_path: Path) -> None:
+    """A model that averages all eight symmetries of the square (quarter turns and transposes as well as the flips)
+    exports, and its graph answers as PyTorch does."""
+    model, meta = load_model(tiny_run / "model.safetensors")
+    all_views = tmp_path / "all_views.safetensors"
+    save_model(all_views, model, {**meta, "test_views": list(VIEWS)}, load_extra(tiny_run / "model.safetensors"))
+    assert load_model(all_views)[0].views == tuple(VIEWS) and len(VIEWS) == 8
+    out = tmp_path / "all_views.onnx"
+    result = CliRunner().invoke(app, ["export-onnx", str(out), "--model", str(all_views)])
+    assert result.exit_code == 0, result.output
+    assert_same_as_pytorch(OnnxModel(out), all_views)
 
 
 def test_unknown_backend_is_refused() -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CORRUPT_FILE, pbc_files
@@ -15,7 +16,7 @@ from wbc_trust.data import LoadedImages, Record, image_to_tensor, load_images, r
 from wbc_trust.errors import WbcError
 from wbc_trust.evaluate import evaluate
 from wbc_trust.modelfile import load_model, read_metadata
-from wbc_trust.models import WbcClassifier, build_model
+from wbc_trust.models import VIEWS, WbcClassifier, build_model
 from wbc_trust.predict import Predictor
 
 
@@ -65,6 +66,20 @@ def test_predictions_average_the_test_views(tiny_run: Path, default_model: Path)
         single = [model(x), model(x.flip(-1)), model(x.flip(-2))]
     assert torch.allclose(logits, torch.stack(single).mean(0), atol=1e-4)
     assert not torch.allclose(logits, single[0], atol=1e-2)
+
+
+def test_the_views_are_the_eight_symmetries_of_the_square() -> None:
+    """Each named view moves a real cell image's pixels as one of the square's eight symmetries (numpy's quarter
+    turns, with and without a mirror), and no two views are the same one."""
+    image = image_to_tensor(read_image(pbc_files("eosinophil", 1)[0], 96))
+    symmetries = [np.rot90(m, k, axes=(-2, -1)) for m in (image.numpy(), image.numpy()[..., ::-1]) for k in range(4)]
+    matched = []
+    for name, view in VIEWS.items():
+        moved = view(image).numpy()
+        hits = [i for i, s in enumerate(symmetries) if np.array_equal(moved, s)]
+        assert len(hits) == 1, name
+        matched += hits
+    assert sorted(matched) == list(range(8))
 
 
 def test_evaluate_on_training_data_uses_only_the_test_split(tiny_run: Path, small_tree: Path, tmp_path: Path) -> None:

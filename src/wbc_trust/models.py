@@ -26,12 +26,18 @@ from wbc_trust import config
 from wbc_trust.data import to_unit
 from wbc_trust.errors import WbcError
 
-#: Test-time views by name. A blood cell has no up, down, left or right, so a flipped image is the same cell; averaging
-#: the logits of a few flips removes some orientation noise from a prediction (chosen on validation data, see README).
+#: Test-time views by name. A blood cell has no up, down, left or right, so a flipped or quarter-turned image is the
+#: same cell (the eight symmetries of the square input); averaging the logits of a few of them removes some orientation
+#: noise from a prediction (chosen on validation data, see README).
 VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "hflip": lambda x: x.flip(-1),
     "vflip": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, dims=(-2, -1)),
+    "rot180": lambda x: x.rot90(2, dims=(-2, -1)),
+    "rot270": lambda x: x.rot90(3, dims=(-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: x.rot90(2, dims=(-2, -1)).transpose(-2, -1),
 }
 
 StateDict = dict[str, torch.Tensor]
