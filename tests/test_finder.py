@@ -134,3 +134,20 @@ def test_shipped_trees_walk_like_scikit_learn() -> None:
     model = HistGradientBoostingClassifier(max_iter=20, max_leaf_nodes=7, random_state=0).fit(x, y)
     trees = TreeEnsemble.from_sklearn(model)
     np.testing.assert_allclose(1 / (1 + np.exp(-trees.raw(x))), model.predict_proba(x)[:, 1], atol=1e-9)
+
+
+def test_the_same_pixels_are_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's images are found twice (its scale measured, then each cut): the second time is the first result,
+    by pixel content, not by file or object; other pixels are searched anew, and a result cannot be changed."""
+    finder = CellFinder()  # a fresh one: nothing remembered yet
+    searched: list[tuple[int, ...]] = []
+    find_one = finder._find_one
+    monkeypatch.setattr(finder, "_find_one", lambda array: searched.append(array.shape) or find_one(array))
+    path = sorted((FIELDS / "JPEGImages").glob("*.jpg"))[0]
+    first = finder.find(Image.open(path).convert("RGB"))
+    again = finder.find(Image.open(path).convert("RGB"))  # decoded again: another object, the same pixels
+    assert again is first and len(searched) == 1 and first.cells
+    mirrored = finder.find(Image.open(path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert len(searched) == 2 and len(mirrored.cells) == len(first.cells)
+    with pytest.raises(AttributeError):
+        first.red_cell_diameter_px = 1.0  # type: ignore[misc]

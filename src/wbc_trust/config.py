@@ -292,6 +292,9 @@ LAB_SCALE_MAX_SPREAD: float = 0.25
 #: A lab's magnification is measured on at most this many of its images, spread over the batch (wbc train on its
 #: training folder, wbc adapt on the lab's cells, and every batch a cell-view model reads: data.batch_policy).
 SCALE_SAMPLE: int = 300
+#: How many images' finder results CellFinder.find keeps by content: a folder's scale is measured on up to
+#: 2 x SCALE_SAMPLE - 1 of its images (every len // SCALE_SAMPLE-th), which are then cut without a second search
+FINDER_RECENT_IMAGES: int = 2 * SCALE_SAMPLE
 
 # --- another lab's cells: `wbc adapt` and the lab statistic (adapt.py, lab.py; bench/cross_lab.py) ----------------
 
