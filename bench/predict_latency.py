@@ -1,10 +1,12 @@
 """Prediction speed of the default model, in one run on this machine:
 
-1. latency of one image (a 360×363 PBC JPEG as bytes, the app's input): ``Predictor.predict_bytes``, and the app's
-   whole per-image work (predict + Grad-CAM overlay + display thumbnail, ``wbc_trust.app.analyse``): p50 and p95;
-2. folder throughput (images/s): ``Predictor.predict_files`` (batched, channels_last, bf16 where the CPU has it)
-   against a naive per-image loop (PIL open → torchvision ToTensor → fp32 eager forward, one image at a time) over
-   the same files with the same weights and the same test-time views (``model.predict``).
+1. latency of one image (JPEG bytes, the app's input; each call another image of ``--folder``, new to the finder):
+   ``Predictor.predict_bytes``, and the app's whole per-image work (predict + Grad-CAM overlay + display thumbnail,
+   ``wbc_trust.app.analyse``): p50 and p95;
+2. folder throughput (images/s): ``Predictor.predict_files`` (the folder's scale measured, each image's cell found
+   and cut, batched, channels_last, bf16 where the CPU has it) against a naive per-image loop (PIL open → resize of
+   the whole frame → torchvision ToTensor → fp32 eager forward, one image at a time: no finder, so not the same work
+   for a cell-view model) over the same files with the same weights and test-time views (``model.predict``).
 
     python bench/predict_latency.py [--repeats 100] [--folder DIR]
 
@@ -27,20 +29,24 @@ from tqdm import tqdm
 
 from wbc_trust import config
 from wbc_trust.app import analyse, load_model_for_app
+from wbc_trust.crop import shared_finder
 from wbc_trust.data import find_unlabelled
 from wbc_trust.modelfile import load_model
 
 WARMUP = 5
 
 
-def percentiles(fn, repeats: int, desc: str) -> tuple[float, float]:
-    """p50 and p95 wall time of ``fn()`` in milliseconds, after a few warm-up calls (oneDNN builds kernels lazily)."""
-    for _ in range(WARMUP):
-        fn()
+def percentiles(fn, images: list[bytes], desc: str) -> tuple[float, float]:
+    """p50 and p95 wall time of ``fn(image)`` in milliseconds, each call on another image (as each upload to the app
+    is), after a few warm-up calls (oneDNN builds kernels lazily). The finder starts with nothing remembered
+    (``CellFinder.find`` keeps results by pixel content: the same image again would skip its search)."""
+    shared_finder.cache_clear()
+    for image in images[:WARMUP]:
+        fn(image)
     times = []
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
+    for image in tqdm(images[WARMUP:], desc=desc, leave=False):
         start = time.perf_counter()
-        fn()
+        fn(image)
         times.append((time.perf_counter() - start) * 1000)
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
@@ -58,24 +64,24 @@ def naive_loop(model: torch.nn.Module, paths: list[Path], size: int) -> list[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=100, help="timed calls per latency figure")
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls (images) per latency figure")
     parser.add_argument("--folder", type=Path, default=config.SAMPLE_DATA_DIR, help="images for the throughput test")
     args = parser.parse_args()
 
-    image = sorted((config.SAMPLE_DATA_DIR / "neutrophil").iterdir())[0]
-    data = image.read_bytes()
-    width, height = Image.open(image).size
+    paths = find_unlabelled([args.folder])
+    images = [p.read_bytes() for p in paths[: WARMUP + args.repeats]]
+    sizes = {Image.open(p).size for p in paths[: WARMUP + args.repeats]}
     loaded = load_model_for_app(config.DEFAULT_MODEL_PATH)
     predictor = loaded.predictor
     rows = [
-        ("predict, one image", *percentiles(lambda: predictor.predict_bytes(data), args.repeats, "predict")),
+        ("predict, one image", *percentiles(predictor.predict_bytes, images, "predict")),
         (
             "predict + Grad-CAM, one image",
-            *percentiles(lambda: analyse(loaded, image.name, data), args.repeats, "predict + Grad-CAM"),
+            *percentiles(lambda data: analyse(loaded, "upload.jpg", data), images, "predict + Grad-CAM"),
         ),
     ]
 
-    paths = find_unlabelled([args.folder])
+    shared_finder.cache_clear()
     start = time.perf_counter()
     batched = predictor.predict_files(paths)
     batched_rate = len(paths) / (time.perf_counter() - start)
@@ -88,7 +94,8 @@ def main() -> None:
     print(
         f"\ndefault model ({predictor.meta['arch']}, {predictor.img_size} px, test views "
         f"{'+'.join(naive_model.views)}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; one image = {image.name} ({width}×{height}), {args.repeats} runs"
+        f"{torch.get_num_threads()} threads; one image = each of {args.repeats} images of {args.folder} in turn "
+        f"({', '.join(f'{w}×{h}' for w, h in sorted(sizes))})"
     )
     print(f"{'latency':<34}{'p50 ms':>10}{'p95 ms':>10}")
     for name, p50, p95 in rows:
