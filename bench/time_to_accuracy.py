@@ -1,4 +1,4 @@
-"""Raw folder → trained default model: wall time and held-out accuracy / macro-F1 (issue targets: ≥99.5 % in ≤10 min).
+"""Raw folder → trained default model: wall time and held-out accuracy / macro-F1 (issue 14 targets: ≥ 99.5 % in ≤ 6 min).
 
     python bench/time_to_accuracy.py [--data ../shared/datasets/pbc-wbc] [--out runs/default] [--config C] [--install]
 
