@@ -4,6 +4,8 @@ image shows several white cells or none."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,9 @@ from typer.testing import CliRunner
 from wbc_trust import config
 from wbc_trust.cli import app
 from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, image_ruler, lab_scale, shared_finder
-from wbc_trust.data import batch_policy, read_image, view_image
+from wbc_trust.data import batch_policy, measure_scale, read_image, view_image
 from wbc_trust.errors import WbcError
-from wbc_trust.finder import read_voc
+from wbc_trust.finder import CellFinder, read_voc
 from wbc_trust.modelfile import load_extra, load_model, save_model
 from wbc_trust.predict import Predictor
 
@@ -120,6 +122,32 @@ def test_a_folder_is_read_at_its_one_measured_magnification() -> None:
     assert batch_policy(CELL, crops) == CELL and batch_policy(CELL, pbc[:1]) == CELL
     assert batch_policy(CropPolicy("frame", 160), pbc) == CropPolicy("frame", 160)
     assert batch_policy(CELL.with_lab_scale(13.0), pbc).px_per_um == 13.0  # a lab's known scale is kept
+
+
+def test_a_folders_rulers_are_read_once_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measure_scale`` keeps its sample's readings on disk: a new process (here a new finder, without the last one's
+    memory) gets the same magnification without searching an image; a file changed since is searched again."""
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    paths = []
+    for src in [p for cls in ("neutrophil", "lymphocyte") for p in _files(PBC / cls, 6)]:
+        paths.append(folder / src.name)
+        shutil.copy(src, paths[-1])
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))
+    searched: list[int] = []
+    search = CellFinder._find_one
+    monkeypatch.setattr(CellFinder, "_find_one", lambda self, array: searched.append(1) or search(self, array))
+
+    def measured() -> tuple[float | None, str]:
+        shared_finder.cache_clear()  # what a new process starts with
+        return measure_scale(paths, "measuring")
+
+    first = measured()
+    assert first[0] is not None and 9.5 < first[0] < 12.0, first
+    assert len(searched) == len(paths)
+    assert measured() == first and len(searched) == len(paths)  # read, not searched
+    os.utime(paths[0], ns=(10**9, 10**9))
+    assert measured() == first and len(searched) == 2 * len(paths)
 
 
 def test_at_the_labs_scale_a_tight_crop_keeps_its_cells_size() -> None:

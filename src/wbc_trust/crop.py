@@ -50,6 +50,18 @@ def _finder_version() -> str:
     return hashlib.sha256(config.FINDER_MODEL_PATH.read_bytes()).hexdigest()[:12]
 
 
+def ruler_key() -> str:
+    """What one image's red-cell reading (``image_ruler``) depends on besides its pixels: the finder's weights and
+    the constants of ``ruler_fits`` and ``central_cell`` (``data.measure_scale`` keys its cached readings by it)."""
+    constants = (
+        config.CROP_RULER_CELLS,
+        config.RED_CELL_DIAMETER_UM,
+        config.CROP_TIGHT_SHARE,
+        config.CROP_MERGE_OVERLAP,
+    )
+    return f"{_finder_version()}|{constants}"
+
+
 @dataclass(frozen=True)
 class CropResult:
     """One image's view: the model's input (``size``×``size`` RGB), the flag for the answer (several white cells, none

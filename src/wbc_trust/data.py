@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import struct
@@ -29,9 +30,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from wbc_trust import config
-from wbc_trust.crop import CropPolicy, CropResult, background_colour, image_ruler, lab_scale
+from wbc_trust.crop import CropPolicy, CropResult, background_colour, image_ruler, lab_scale, ruler_key
 from wbc_trust.errors import WbcError
-from wbc_trust.io import atomic_write
+from wbc_trust.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +223,43 @@ def measure_scale(paths: Sequence[Path], desc: str) -> tuple[float | None, str]:
     """The magnification (px/µm) of the lab that made ``paths``: the median red-cell ruler of at most
     ``config.SCALE_SAMPLE`` of its images, spread over the list, where they agree (``crop.lab_scale``), or None; with a
     sentence saying which. Unreadable files are skipped here (they are reported where the images are read for the
-    model)."""
+    model).
+
+    The sample's readings are searched on threads, as ``load_images`` decodes, and kept on disk (``cache_dir``), keyed
+    by the sampled files and the finder like the decoded views: the other processes of a torchrun job, and every later
+    run on the same folder whose views are cached, read them instead of searching the sample again (about 16 s for
+    300 PBC images on one core)."""
     sample = list(paths)[:: max(1, len(paths) // config.SCALE_SAMPLE)]
-    readings = []
-    for path in tqdm(sample, desc=desc, unit="img", leave=False, disable=len(sample) < 20):
-        try:
-            readings.append(image_ruler(read_image(path)))
-        except UnreadableImage:
-            continue
+    key_file = cache_dir() / f"scale-{_scale_key(sample)}.json"
+    try:
+        readings = json.loads(key_file.read_text())["readings"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: measured again, never trusted
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            read = pool.map(_ruler_reading, sample)
+            read = list(tqdm(read, total=len(sample), desc=desc, unit="img", leave=False, disable=len(sample) < 20))
+        readings = [value for readable, value in read if readable]
+        atomic_write_text(key_file, json.dumps({"readings": readings}))
     return lab_scale(readings)
+
+
+def _ruler_reading(path: Path) -> tuple[bool, float | None]:
+    """(readable, ``image_ruler`` of the image) for one file."""
+    try:
+        return True, image_ruler(read_image(path))
+    except UnreadableImage:
+        return False, None
+
+
+def _scale_key(sample: Sequence[Path]) -> str:
+    """The sampled files (path, size, modification time) and what reads their rulers (``crop.ruler_key``)."""
+    h = hashlib.sha256(f"scale-v1|{ruler_key()}".encode())
+    for p in sample:
+        try:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:  # a dangling link: it reads as unreadable, and keys as such
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()[:24]
 
 
 def batch_policy(crop: CropPolicy, paths: Sequence[Path]) -> CropPolicy:
