@@ -15,8 +15,9 @@ from torch import nn
 
 from tests.conftest import pbc_files
 from wbc_trust import config
+from wbc_trust.adapt import FineTuning
 from wbc_trust.data import Record, load_images
-from wbc_trust.models import build_model, prepare_for_cpu
+from wbc_trust.models import bf16_supported, build_model, prepare_for_cpu
 from wbc_trust.train import DropoutMaskFromUniform, train_loader, train_step
 
 SIZE = 96
@@ -126,6 +127,24 @@ def test_dropout_from_uniforms_is_dropout(loaded) -> None:
         train_step(model, images, labels, nn.CrossEntropyLoss(), optimizer, use_bf16=False)
     ops = {event.key for event in prof.key_averages()}
     assert "aten::rand_like" in ops and "aten::bernoulli_" not in ops, sorted(ops)
+
+
+def test_wbc_adapt_fine_tunes_with_the_same_kernels(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wbc adapt``'s fine-tuning step is a training step too: under bf16 autocast its trained depthwise convolutions
+    run in fp32 (the bf16 weight gradient is oneDNN's slow generic kernel) and the rest in bf16."""
+    if not bf16_supported():
+        pytest.skip("this CPU has no native bf16: autocast stays off and every convolution runs in fp32")
+    model = _lite0()
+    kinds = _kinds(model)
+    dtypes: dict[str, torch.dtype] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    cells = (loaded.images[:16], loaded.labels[:16])
+    FineTuning(None, "seed", config.DEFAULT_FROZEN_STAGES[config.DEFAULT_ARCH], steps=1).run(model, cells)
+    assert dtypes.keys() == kinds.keys()
+    for name, (depthwise, trained) in kinds.items():
+        assert dtypes[name] == (torch.float32 if depthwise and trained else torch.bfloat16), name
 
 
 def _epoch(loader) -> list[torch.Tensor]:

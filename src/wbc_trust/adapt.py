@@ -85,8 +85,9 @@ from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write
 from wbc_trust.lab import LabShift
 from wbc_trust.modelfile import load_extra, load_model, save_model
-from wbc_trust.models import WbcClassifier, autocast, logits_and_features, prepare_for_cpu
+from wbc_trust.models import WbcClassifier, autocast, autocast_dtype, logits_and_features, prepare_for_cpu
 from wbc_trust.ood import ood_score_class
+from wbc_trust.train import cpu_training_kernels
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class FineTuning:
                 views += [transform(images[i]) for i in picked]
                 labels.append(targets[picked])
                 weights.append(torch.full((len(picked),), weight))
-            with autocast():
+            with autocast(), cpu_training_kernels("cpu", autocast_dtype() is not None):
                 logits = model(to_unit(torch.stack(views)).contiguous(memory_format=torch.channels_last))
             losses = nn.functional.cross_entropy(
                 logits.float(), torch.cat(labels), reduction="none", label_smoothing=config.LABEL_SMOOTHING

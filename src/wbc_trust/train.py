@@ -17,7 +17,8 @@ import json
 import logging
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -277,6 +278,20 @@ def _uniform_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     return input.mul_(mask) if inplace else input * mask
 
 
+@contextmanager
+def cpu_training_kernels(device_type: str, use_bf16: bool) -> Iterator[None]:
+    """The kernel choices of a training forward pass on CPU, for every loop that trains (``train_step`` and
+    ``wbc adapt``'s fine-tuning): trained depthwise convolutions in fp32 under bf16 autocast
+    (``TrainableDepthwiseInFp32``, ``config.CPU_DEPTHWISE_FP32``) and dropout masks from uniforms
+    (``DropoutMaskFromUniform``). On CUDA, none."""
+    with ExitStack() as modes:
+        if device_type == "cpu":
+            if use_bf16 and config.CPU_DEPTHWISE_FP32:
+                modes.enter_context(TrainableDepthwiseInFp32())
+            modes.enter_context(DropoutMaskFromUniform())
+        yield
+
+
 def _sync_last_chunk_only(model: nn.Module, last: bool):
     """Under DDP, gradients are averaged across processes once per step (on the last chunk's backward), not per
     chunk: ``no_sync`` lets the earlier chunks accumulate locally."""
@@ -295,8 +310,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: channels_last input (oneDNN's and cuDNN's fast layout), forward under
     autocast (bf16 on CPUs that have it natively, trained depthwise convolutions in fp32 there:
-    ``TrainableDepthwiseInFp32``; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32; on CPU, dropout
-    masks from uniforms (``DropoutMaskFromUniform``).
+    ``cpu_training_kernels``; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32; on CPU, dropout
+    masks from uniforms (also ``cpu_training_kernels``).
     Returns (logits, loss); ``bench/train_speed.py`` times this.
 
     Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
@@ -314,7 +329,6 @@ def train_step(
     sample_weights = weight[labels] if weight is not None else torch.ones(len(labels), device=labels.device)
     total = sample_weights.sum() if batch_weight is None else batch_weight
     dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
-    depthwise_fp32 = use_bf16 and images.device.type == "cpu" and config.CPU_DEPTHWISE_FP32
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], torch.zeros((), device=labels.device)
     chunks = list(
@@ -323,9 +337,8 @@ def train_step(
     for i, (x, y, w) in enumerate(chunks):
         with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
             with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
-                with TrainableDepthwiseInFp32() if depthwise_fp32 else nullcontext():
-                    with DropoutMaskFromUniform() if images.device.type == "cpu" else nullcontext():
-                        chunk_logits = model(x)
+                with cpu_training_kernels(images.device.type, use_bf16):
+                    chunk_logits = model(x)
             chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / total)
             (scaler.scale(chunk_loss) if scaler is not None else chunk_loss).backward()
         logits.append(chunk_logits.detach())
