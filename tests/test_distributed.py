@@ -98,7 +98,8 @@ def test_torchrun_two_processes_kill_resume_and_match_one_process(tree: Path, tm
     # same initial weights, same steps per epoch and schedule, the step's gradient averaged over the processes: the
     # losses follow the one-process run's (they differ by the sample order, the dropout masks and per-process
     # batch-norm statistics). Compared over the run, not epoch by epoch: near chance on 34 images, one epoch's training
-    # loss swings by up to 0.28 from epoch to epoch (seeds 0-2: epoch-4 gaps of 1.5-17.6 %, of the 4-epoch means 2.2-3.4 %)
+    # loss swings by up to 0.28 from epoch to epoch (seeds 0-2: epoch-4 gaps of 1.5-17.6 %, of the 4-epoch means
+    # 2.2-3.4 %)
     assert len(history) == len(reference)
     ddp_mean, one_mean = (sum(row["train_loss"] for row in rows) / len(rows) for rows in (history, reference))
     assert abs(ddp_mean - one_mean) < 0.08 * one_mean, (history, reference)
