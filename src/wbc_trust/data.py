@@ -251,9 +251,14 @@ def _ruler_reading(path: Path) -> tuple[bool, float | None]:
 
 
 def _scale_key(sample: Sequence[Path]) -> str:
-    """The sampled files (path, size, modification time) and what reads their rulers (``crop.ruler_key``)."""
-    h = hashlib.sha256(f"scale-v1|{ruler_key()}".encode())
-    for p in sample:
+    """The sampled files and what reads their rulers (``crop.ruler_key``)."""
+    return _files_key(f"scale-v1|{ruler_key()}", sample)
+
+
+def _files_key(head: str, paths: Sequence[Path]) -> str:
+    """A cache key: ``head`` (what is computed from the files) and each file's path, size and modification time."""
+    h = hashlib.sha256(head.encode())
+    for p in paths:
         try:
             st = p.stat()
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -571,11 +576,7 @@ def as_policy(crop: CropPolicy | int) -> CropPolicy:
 
 
 def _cache_key(paths: Sequence[Path], crop: CropPolicy) -> str:
-    h = hashlib.sha256(f"v1|{crop.size}".encode() if crop.kind == "frame" else f"v3|{crop.key}".encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
+    return _files_key(f"v1|{crop.size}" if crop.kind == "frame" else f"v3|{crop.key}", paths)
 
 
 def load_images(

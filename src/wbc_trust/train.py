@@ -309,9 +309,8 @@ def train_step(
     batch_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: channels_last input (oneDNN's and cuDNN's fast layout), forward under
-    autocast (bf16 on CPUs that have it natively, trained depthwise convolutions in fp32 there:
-    ``cpu_training_kernels``; on CUDA bf16, or fp16 when ``scaler`` is given), loss in fp32; on CPU, dropout
-    masks from uniforms (also ``cpu_training_kernels``).
+    autocast (bf16 on CPUs that have it natively; on CUDA bf16, or fp16 when ``scaler`` is given) with the CPU's
+    kernel choices (``cpu_training_kernels``), loss in fp32.
     Returns (logits, loss); ``bench/train_speed.py`` times this.
 
     Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
