@@ -1,6 +1,6 @@
 """The training step's speed settings keep training what it was: trained depthwise convolutions in fp32 under CPU bf16
-autocast (everything else bf16, the model untouched), dropout masks from uniforms, loader workers that augment reproducibly and resume exactly,
-and OpenMP threads that wait passively.
+autocast (everything else bf16, the model untouched), dropout masks from uniforms, frozen batch norms folded into
+their convolutions, loader workers that augment reproducibly and resume exactly, and OpenMP threads that wait passively.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -17,8 +18,14 @@ from tests.conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.adapt import FineTuning
 from wbc_trust.data import Record, load_images
-from wbc_trust.models import bf16_supported, build_model, prepare_for_cpu
-from wbc_trust.train import DropoutMaskFromUniform, train_loader, train_step
+from wbc_trust.models import REGISTRY, bf16_supported, build_model, prepare_for_cpu
+from wbc_trust.train import (
+    DropoutMaskFromUniform,
+    FrozenBatchNormFolded,
+    frozen_conv_norm_pairs,
+    train_loader,
+    train_step,
+)
 
 SIZE = 96
 
@@ -145,6 +152,53 @@ def test_wbc_adapt_fine_tunes_with_the_same_kernels(loaded, monkeypatch: pytest.
     assert dtypes.keys() == kinds.keys()
     for name, (depthwise, trained) in kinds.items():
         assert dtypes[name] == (torch.float32 if depthwise and trained else torch.bfloat16), name
+
+
+def _batch_norm_calls(run) -> int:
+    with torch.profiler.profile() as prof:
+        run()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::batch_norm")
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_frozen_batch_norms_fold_into_their_convolutions(arch: str, loaded) -> None:
+    """Every batch norm of the frozen stages that follows a convolution is folded into it (none of the trained ones),
+    and the folded network computes what the plain one does, on real images: the same logits, the same training
+    gradients, one batch-norm pass fewer per fold; the frozen layers themselves are left as they were."""
+    torch.manual_seed(0)
+    model = prepare_for_cpu(build_model(arch, frozen_stages=2)).double()  # fp64: rounding cannot hide a difference
+    model.train()  # the frozen stages' batch norms go to eval mode
+    pairs = frozen_conv_norm_pairs(model)
+    frozen = {m for stage in model.stages()[:2] for m in stage.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert {norm for _, norm in pairs} == {m for m in norms if m in frozen}
+    assert bool(pairs) == bool(norms)  # vgg16 has no batch norm; the others fold some
+    kept = [t for pair in pairs for m in pair for t in (*m.parameters(), *m.buffers())]
+    before = [t.clone() for t in kept]
+    images, labels = loaded.images[:8].double() / 255, loaded.labels[:8]
+
+    def gradients(fold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        with FrozenBatchNormFolded(model) if fold else nullcontext():
+            logits = model(images)
+            nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    (plain_logits, plain_grads), (folded_logits, folded_grads) = gradients(False), gradients(True)
+    assert torch.allclose(folded_logits, plain_logits, atol=1e-4, rtol=1e-4)
+    # fp32 rounding differs, and the trained stages' batch statistics of 8 small images amplify it
+    print("REL", float((folded_grads - plain_grads).norm() / plain_grads.norm()))
+    assert float((folded_grads - plain_grads).norm() / plain_grads.norm()) < 1e-2
+    model.eval()
+    with torch.no_grad():
+        plain = _batch_norm_calls(lambda: model(images))
+        model.train()
+        fold = FrozenBatchNormFolded(model)
+        model.eval()
+        with fold:
+            assert _batch_norm_calls(lambda: model(images)) == plain - len(pairs)
+    assert all(torch.equal(a, b) for a, b in zip(before, kept))  # folded into copies: the frozen layers untouched
 
 
 def _epoch(loader) -> list[torch.Tensor]:

@@ -321,7 +321,7 @@ class FineTuning:
                 views += [transform(images[i]) for i in picked]
                 labels.append(targets[picked])
                 weights.append(torch.full((len(picked),), weight))
-            with autocast(), cpu_training_kernels("cpu", autocast_dtype() is not None):
+            with autocast(), cpu_training_kernels(model, "cpu", autocast_dtype() is not None):
                 logits = model(to_unit(torch.stack(views)).contiguous(memory_format=torch.channels_last))
             losses = nn.functional.cross_entropy(
                 logits.float(), torch.cat(labels), reduction="none", label_smoothing=config.LABEL_SMOOTHING
