@@ -14,7 +14,7 @@ augmentation, loss and optimiser on the same real PBC images, at the architectur
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
   ``train.train_loader`` (uint8 cache + ``train_transform``; config.TRAIN_LOADER_WORKERS worker processes) and
   ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, trained depthwise convolutions in
-  fp32 there).
+  fp32 there, dropout masks from uniforms, frozen batch norms folded into their convolutions).
 
 Whole epochs of the two loops alternate (naive, wbc, naive, ...), so background load on a shared machine hits both
 alike: only the ratios of one run are meaningful. Each epoch starts a fresh iterator and ends it before the other
