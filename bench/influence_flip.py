@@ -93,9 +93,11 @@ def fine_tune(
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
+    dataset = ImageTensorDataset(images, labels, train_transform())
     loader = DataLoader(
-        ImageTensorDataset(images, labels, train_transform()),
+        dataset,
         batch_size=32,
+        collate_fn=dataset.collate,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )

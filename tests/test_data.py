@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
+from torchvision.transforms import v2
 
 from wbc_trust import config
 from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
     RandomTightCrop,
     Record,
+    SeedAugment,
     StainAugment,
     UnreadableImage,
+    _background_fill,
     file_digest,
     find_dataset,
     image_to_tensor,
@@ -155,6 +158,59 @@ def test_augmentation_changes_training_images_only() -> None:
     augmented = [train_transform()(image) for _ in range(4)]
     assert all(a.shape == image.shape and a.dtype == torch.uint8 for a in augmented)
     assert sum(not torch.equal(a, image) for a in augmented) >= 3
+
+
+@pytest.mark.parametrize(
+    ("angle", "shift", "scale", "flip"),
+    [
+        (15.0, (8.0, -5.0), 1.1, (1.0, 1.0)),
+        (-12.0, (-3.0, 6.0), 0.85, (-1.0, 1.0)),
+        (7.0, (2.0, 2.0), 1.0, (1.0, -1.0)),
+    ],
+)
+def test_seed_augmentation_moves_a_cell_as_torchvision_does(angle, shift, scale, flip) -> None:
+    """``SeedAugment`` (the seed's list on whole batches) draws what torchvision's ``RandomAffine`` + flips draw and
+    moves the image as ``v2.functional.affine`` + flips move it: on a real cell the two differ by under a grey level on
+    average (bilinear rounding; the edges of the filled corners), while a different transform differs by 20 or more."""
+    image = image_to_tensor(read_image(pbc_files("neutrophil", 1)[0], 96))
+    params = {
+        "angle": torch.tensor([angle]),
+        "shift": torch.tensor([shift]),
+        "scale": torch.tensor([scale]),
+        "flip": torch.tensor([flip]),
+        "brightness": torch.tensor([1.0]),
+    }
+    ours = SeedAugment.apply(image[None], params)[0]
+    theirs = v2.functional.affine(
+        image, angle, list(shift), scale, [0.0, 0.0], v2.InterpolationMode.BILINEAR, _background_fill()
+    )
+    theirs = v2.functional.horizontal_flip(theirs) if flip[0] < 0 else theirs
+    theirs = v2.functional.vertical_flip(theirs) if flip[1] < 0 else theirs
+    assert float((ours.float() - theirs.float()).abs().mean()) < 1.0
+    assert float((image.float() - theirs.float()).abs().mean()) > 20.0
+
+
+def test_seed_augmentation_draws_for_each_image_of_a_batch() -> None:
+    """One batch of the same real cell 64 times: every copy gets its own draw within the seed's ranges (all differ,
+    about half of them mirrored each way, brightness within ±20 %), and the same generator state repeats the batch."""
+    image = image_to_tensor(read_image(pbc_files("monocyte", 1)[0], 64))
+    batch = image.expand(64, -1, -1, -1)
+    torch.manual_seed(0)
+    params = SeedAugment.draw(64, 64)
+    assert params["angle"].abs().max() <= config.AUG_ROTATION_DEG
+    assert params["shift"].abs().max() <= config.AUG_SHIFT * 64 and torch.equal(
+        params["shift"], params["shift"].round()
+    )
+    assert ((params["scale"] - 1).abs() <= config.AUG_ZOOM).all()
+    assert 16 <= int((params["flip"] < 0).sum(0).min()) and int((params["flip"] < 0).sum(0).max()) <= 48
+    torch.manual_seed(1)
+    out = train_transform("seed")(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    assert len({bytes(o.numpy()) for o in out}) == 64
+    torch.manual_seed(1)
+    assert torch.equal(train_transform("seed")(batch), out)
+    brightness = out.float().mean((1, 2, 3)) / batch.float().mean()
+    assert 0.7 < float(brightness.min()) and float(brightness.max()) < 1.3
 
 
 def test_travel_augmentation_is_seeded_keeps_the_cell_and_varies_the_stain() -> None:
