@@ -196,7 +196,7 @@ def test_seed_augmentation_draws_for_each_image_of_a_batch() -> None:
     image = image_to_tensor(read_image(pbc_files("monocyte", 1)[0], 64))
     batch = image.expand(64, -1, -1, -1)
     torch.manual_seed(0)
-    params = SeedAugment.draw(64, 64)
+    params = SeedAugment.draw(64, 64, 64)
     assert params["angle"].abs().max() <= config.AUG_ROTATION_DEG
     assert params["shift"].abs().max() <= config.AUG_SHIFT * 64 and torch.equal(
         params["shift"], params["shift"].round()

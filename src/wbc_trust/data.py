@@ -891,20 +891,20 @@ class SeedAugment(v2.Transform):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images if images.ndim == 4 else images.unsqueeze(0)
-        out = self.apply(batch, self.draw(len(batch), batch.shape[-1]))
+        out = self.apply(batch, self.draw(len(batch), batch.shape[-1], batch.shape[-2]))
         return out if images.ndim == 4 else out[0]
 
     @staticmethod
-    def draw(n: int, size: int) -> dict[str, torch.Tensor]:
+    def draw(n: int, width: int, height: int) -> dict[str, torch.Tensor]:
         """Each image's parameters, from torch's global generator (so a checkpoint's RNG state repeats them)."""
 
         def uniform(low: float, high: float) -> torch.Tensor:
             return torch.empty(n).uniform_(low, high)
 
-        max_shift = config.AUG_SHIFT * size
+        dx, dy = config.AUG_SHIFT * width, config.AUG_SHIFT * height
         return {
             "angle": uniform(-config.AUG_ROTATION_DEG, config.AUG_ROTATION_DEG),
-            "shift": torch.stack([uniform(-max_shift, max_shift), uniform(-max_shift, max_shift)], 1).round(),
+            "shift": torch.stack([uniform(-dx, dx), uniform(-dy, dy)], 1).round(),
             "scale": uniform(1 - config.AUG_ZOOM, 1 + config.AUG_ZOOM),
             "flip": torch.where(torch.rand(n, 2) < 0.5, -1.0, 1.0),  # x, y: -1 mirrors
             "brightness": uniform(1 - config.AUG_BRIGHTNESS, 1 + config.AUG_BRIGHTNESS),
