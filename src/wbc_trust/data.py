@@ -763,10 +763,11 @@ def validation_split(meta: dict, data: Path) -> tuple[LoadedImages, str]:
 
 def train_transform(augment: str = "seed") -> v2.Transform:
     """Training augmentation (uint8 in, uint8 out). ``seed``: the seed's list, rotation ±20°, zoom 20 %, width/height
-    shift 10 %, flips, brightness (``SeedAugment``, on whole batches). ``cross-lab``: the same with zoom up to 3×, blur and colour jitter (``config.CROSS_LAB_*``), for
-    whole-frame models that must work on other labs' images. ``travel``: for models of the cell view (``--crop cell``,
-    whose scale is already set by magnification, so zoom stays small): tight crops as other labs cut them, stain
-    (HED jitter, scikit-image), colour and camera jitter, blur and JPEG (``config.TRAVEL_*``)."""
+    shift 10 %, flips, brightness (``SeedAugment``, on whole batches). ``cross-lab``: the same with zoom up to 3×, blur
+    and colour jitter (``config.CROSS_LAB_*``), for whole-frame models that must work on other labs' images.
+    ``travel``: for models of the cell view (``--crop cell``, whose scale is already set by magnification, so zoom
+    stays small): tight crops as other labs cut them, stain (HED jitter, scikit-image), colour and camera jitter, blur
+    and JPEG (``config.TRAVEL_*``)."""
     if augment not in config.AUGMENTS:
         raise WbcError(f"unknown --augment {augment!r}: choose one of {', '.join(config.AUGMENTS)}")
     if augment == "seed":
@@ -879,12 +880,12 @@ class SeedAugment(v2.Transform):
     revealed corners filled with the smear background, then brightness.
 
     The draws are torchvision's ``RandomAffine`` → ``RandomHorizontalFlip`` → ``RandomVerticalFlip`` →
-    ``ColorJitter(brightness)``, which this replaced: angle U(±``AUG_ROTATION_DEG``), shift rounded to whole pixels
-    U(±``AUG_SHIFT``·size), scale U(1 ± ``AUG_ZOOM``), each flip with p = 0.5, brightness factor
-    U(1 ± ``AUG_BRIGHTNESS``). Hand-written because the batch is what makes it fast and no library draws per image in
-    one pass as fast: for 48 images at 160 px, Pillow one image at a time took 41.6 ms, kornia's batched
-    ``RandomAffine`` + flips + ``ColorJitter`` 40.7 ms, one ``grid_sample`` of the batch 14.0 ms (medians of 10,
-    ``bench/train_speed.py``'s "data" column is the same work in training).
+    ``ColorJitter(brightness)``, which this replaced: angle U(±``AUG_ROTATION_DEG``), shifts rounded to whole pixels
+    U(±``AUG_SHIFT``·width) and U(±``AUG_SHIFT``·height), scale U(1 ± ``AUG_ZOOM``), each flip with p = 0.5,
+    brightness factor U(1 ± ``AUG_BRIGHTNESS``). Hand-written because the batch is what makes it fast and no library
+    draws per image in one pass as fast: for 48 images at 160 px, Pillow one image at a time took 41.6 ms, kornia's
+    batched ``RandomAffine`` + flips + ``ColorJitter`` 40.7 ms, one ``grid_sample`` of the batch 14.0 ms (medians of
+    10; ``bench/train_speed.py``'s "data" column is the same work in training).
     """
 
     batched = True  # ImageTensorDataset.collate augments the whole batch at once

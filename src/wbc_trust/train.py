@@ -298,7 +298,7 @@ class FrozenBatchNormFolded(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        #: id(convolution weight) → (that weight, folded weight, folded bias); the weight is kept so the id stays its own
+        #: id(conv weight) → (that weight, folded weight, folded bias); holding the weight keeps its id unique
         self.convs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         #: id(running mean) → running mean of the batch norms folded away
         self.norms: dict[int, torch.Tensor] = {}
