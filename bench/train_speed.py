@@ -2,7 +2,8 @@
 
     python bench/train_speed.py [--data ../shared/datasets/pbc-wbc] [--archs cnn resnet50 efficientnet_lite0]
                                 [--per-class 48] [--epochs 1] [--frozen-stages N] [--profile]
-                                [--workers N] [--depthwise fp32|bf16]   # wbc's settings, to measure each one
+                                [--workers N] [--depthwise fp32|bf16] [--chunks at-once|in-turn]
+                                # wbc's settings, to measure each one
 
 Both sides train the same model (same initial weights, same frozen stages: by default the default recipe's,
 config.DEFAULT_FROZEN_STAGES, i.e. EfficientNet-Lite0's first 4 stages), batch size (config.BATCH_SIZE),
@@ -14,7 +15,8 @@ augmentation, loss and optimiser on the same real PBC images, at the architectur
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
   ``train.train_loader`` (uint8 cache + ``train_transform``; config.TRAIN_LOADER_WORKERS worker processes) and
   ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, trained depthwise convolutions in
-  fp32 there, dropout masks from uniforms, frozen batch norms folded into their convolutions).
+  fp32 there, dropout masks from uniforms, frozen batch norms folded into their convolutions, the chunks of a step
+  at once on threads of their own: Lite0's 48 images at 160 px are two chunks).
 
 Whole epochs of the two loops alternate (naive, wbc, naive, ...), so background load on a shared machine hits both
 alike: only the ratios of one run are meaningful. Each epoch starts a fresh iterator and ends it before the other
@@ -224,8 +226,15 @@ def main() -> None:
         default="fp32" if config.CPU_DEPTHWISE_FP32 else "bf16",
         help="wbc's trained depthwise convolutions under bf16 autocast (config.CPU_DEPTHWISE_FP32)",
     )
+    parser.add_argument(
+        "--chunks",
+        choices=("at-once", "in-turn"),
+        default="at-once" if config.CPU_CHUNKS_AT_ONCE else "in-turn",
+        help="wbc's step chunks on threads of their own at once, or one after another (config.CPU_CHUNKS_AT_ONCE)",
+    )
     args = parser.parse_args()
     config.TRAIN_LOADER_WORKERS, config.CPU_DEPTHWISE_FP32 = args.workers, args.depthwise == "fp32"
+    config.CPU_CHUNKS_AT_ONCE = args.chunks == "at-once"
 
     print(f"machine: {machine()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute speeds)")
@@ -243,8 +252,8 @@ def main() -> None:
 
     print(
         f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.epochs} timed epoch(s) per loop "
-        f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}; ms per batch split into "
-        "data (waiting for the augmented batch) and step (forward + backward + AdamW)"
+        f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}, chunks {args.chunks}; ms "
+        "per batch split into data (waiting for the augmented batch) and step (forward + backward + AdamW)"
     )
     header = (
         f"{'arch':<19}{'px':>4}{'frozen':>7}  {'naive data':>10} {'step':>7} {'img/s':>6}  {'wbc data':>8} {'step':>7} "

@@ -1,13 +1,16 @@
 """The training step's speed settings keep training what it was: trained depthwise convolutions in fp32 under CPU bf16
 autocast (everything else bf16, the model untouched), dropout masks from uniforms, frozen batch norms folded into
-their convolutions, loader workers that augment reproducibly and resume exactly, and OpenMP threads that wait passively.
+their convolutions, a step's chunks at once on threads of their own, loader workers that augment reproducibly and
+resume exactly, and OpenMP threads that wait passively.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
+import threading
 from contextlib import nullcontext
 
 import pytest
@@ -16,6 +19,7 @@ from torch import nn
 
 from tests.conftest import pbc_files
 from wbc_trust import config
+from wbc_trust import train as train_module
 from wbc_trust.adapt import FineTuning
 from wbc_trust.data import Record, load_images
 from wbc_trust.models import REGISTRY, bf16_supported, build_model, prepare_for_cpu
@@ -133,7 +137,7 @@ def test_dropout_from_uniforms_is_dropout(loaded) -> None:
     with torch.profiler.profile() as prof:
         train_step(model, images, labels, nn.CrossEntropyLoss(), optimizer, use_bf16=False)
     ops = {event.key for event in prof.key_averages()}
-    assert "aten::rand_like" in ops and "aten::bernoulli_" not in ops, sorted(ops)
+    assert "aten::uniform_" in ops and "aten::bernoulli_" not in ops, sorted(ops)
 
 
 def test_wbc_adapt_fine_tunes_with_the_same_kernels(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +192,6 @@ def test_frozen_batch_norms_fold_into_their_convolutions(arch: str, loaded) -> N
     (plain_logits, plain_grads), (folded_logits, folded_grads) = gradients(False), gradients(True)
     assert torch.allclose(folded_logits, plain_logits, atol=1e-4, rtol=1e-4)
     # fp32 rounding differs, and the trained stages' batch statistics of 8 small images amplify it
-    print("REL", float((folded_grads - plain_grads).norm() / plain_grads.norm()))
     assert float((folded_grads - plain_grads).norm() / plain_grads.norm()) < 1e-2
     model.eval()
     with torch.no_grad():
@@ -199,6 +202,59 @@ def test_frozen_batch_norms_fold_into_their_convolutions(arch: str, loaded) -> N
         with fold:
             assert _batch_norm_calls(lambda: model(images)) == plain - len(pairs)
     assert all(torch.equal(a, b) for a, b in zip(before, kept))  # folded into copies: the frozen layers untouched
+
+
+def _chunked_step(model: nn.Module, loaded, at_once: bool, use_bf16: bool, monkeypatch: pytest.MonkeyPatch):
+    """One train_step (SGD, lr 0.5) of 16 real images in two chunks of 8, the chunks at once or one after another;
+    returns (logits, loss, state_dict after the step, names of the threads that ran the forward passes)."""
+    monkeypatch.setattr(config, "MICRO_BATCH_PIXELS", 8 * SIZE * SIZE)
+    monkeypatch.setattr(train_module, "_can_run_chunks_at_once", lambda *_: at_once)
+    threads: set[str] = set()
+    hook = model.register_forward_hook(lambda *_: threads.add(threading.current_thread().name))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    dtype = torch.float32 if use_bf16 else torch.float64
+    torch.manual_seed(3)
+    try:
+        logits, loss = train_step(
+            model, loaded.images[:16].to(dtype) / 255, loaded.labels[:16], nn.CrossEntropyLoss(), optimizer, use_bf16
+        )
+    finally:
+        hook.remove()
+    return logits, loss, {k: v.clone() for k, v in model.state_dict().items()}, threads
+
+
+def test_chunks_at_once_train_as_one_after_another(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's chunks run on threads of their own at once and give what they give one after another, on real images
+    in fp64: the same logits and loss, the same weights after the step, the same running statistics and batch counts
+    of every batch norm (each chunk's updates applied in chunk order). With dropout and bf16, as ``wbc train`` runs,
+    the same step twice gives the same weights bit for bit, whatever the threads' timing."""
+    model = _lite0().double()
+    model.net.drop_rate = 0.0  # the only random part: one after another, the chunks draw from torch's generator
+    start = copy.deepcopy(model.state_dict())
+    logits, loss, after, threads = _chunked_step(model, loaded, True, False, monkeypatch)
+    assert len(threads) == 2 and all(name.startswith("wbc-chunk") for name in threads)
+    model.load_state_dict(start)
+    plain_logits, plain_loss, plain_after, plain_threads = _chunked_step(model, loaded, False, False, monkeypatch)
+    assert plain_threads == {threading.current_thread().name}
+    assert torch.allclose(logits, plain_logits, rtol=0, atol=1e-10) and torch.allclose(loss, plain_loss, atol=1e-12)
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.weight.requires_grad}
+    buffers = {"running_mean", "running_var", "num_batches_tracked"}
+    statistics = [k for k in after if k.rsplit(".", 1)[0] in norms and k.rsplit(".", 1)[1] in buffers]
+    moved = [k for k in statistics if not torch.equal(after[k], start[k])]
+    assert len(moved) == 3 * len(norms)  # running mean, variance and count of every trained batch norm
+    assert all(int(after[k]) == int(start[k]) + 2 for k in moved if k.endswith("num_batches_tracked"))
+    for key, value in plain_after.items():
+        assert torch.allclose(after[key].double(), value.double(), rtol=1e-9, atol=1e-12), key
+
+    model = _lite0()  # dropout on, bf16 where the CPU has it
+    start = copy.deepcopy(model.state_dict())
+    use_bf16 = bf16_supported()
+    first = _chunked_step(model, loaded, True, use_bf16, monkeypatch)[2]
+    model.load_state_dict(start)
+    second = _chunked_step(model, loaded, True, use_bf16, monkeypatch)[2]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], start[k]) for k in first)
 
 
 def _epoch(loader) -> list[torch.Tensor]:

@@ -100,6 +100,9 @@ MICRO_BATCH_PIXELS: int = 16 * 224 * 224
 #: bf16 weight gradient of a depthwise convolution is a generic grouped kernel, 3-10× slower than fp32's; this took
 #: the default recipe's EfficientNet-Lite0 step (batch 48, 160 px) from 721 to 485 ms on this AVX512-BF16 EPYC (no AMX).
 CPU_DEPTHWISE_FP32: bool = True
+#: On CPU, a training step's chunks (MICRO_BATCH_PIXELS) run at once, one thread each, when there are at most as many
+#: as torch threads (train._chunks_at_once): the default recipe's step in `wbc train`, 355-371 → 282-302 ms (medians).
+CPU_CHUNKS_AT_ONCE: bool = True
 #: DataLoader worker processes that augment the next batches (PIL, one image at a time) while the step runs; 0 = in
 #: the training process. 0 on 2 cores: augmenting takes ~1.4 ms per image there, and a worker competing with the
 #: step's two threads cost more than it hid (EfficientNet-Lite0 at load 3.5: 39.7 images/s with 1 worker, 45.8 without).

@@ -12,12 +12,14 @@ decodes, splits and writes every file, the others read its decode cache; each tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -267,20 +269,34 @@ class DropoutMaskFromUniform(TorchFunctionMode):
     CNN's first dropout, 48×32×64×64), and the seed CNN's six dropouts were 13.6 % of its training step
     (``bench/train_speed.py --profile``); dropout forward + backward took 50 ms there, 25 ms this way. A function mode,
     like ``TrainableDepthwiseInFp32``: the model and its saved file keep their ``nn.Dropout`` modules.
+    ``generator``: where the uniforms come from (torch's default generator if None); chunks of a step that run at once
+    each draw from their own, so that which chunk gets which mask does not depend on the threads' timing.
     """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.generator = generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.dropout:
-            return _uniform_dropout(*args, **kwargs)
+            return _uniform_dropout(*args, **kwargs, generator=self.generator)
         return func(*args, **kwargs)
 
 
-def _uniform_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    """``F.dropout``'s contract, with the mask from ``torch.rand`` (fp32 uniforms, the input's memory layout)."""
+def _uniform_dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``F.dropout``'s contract, with the mask from uniforms (fp32, the input's memory layout; what ``torch.rand_like``
+    draws, from ``generator``)."""
     if not training or p == 0.0 or p == 1.0:  # the edge cases as ATen does them
         return F.dropout(input, p, training, inplace)
-    mask = (torch.rand_like(input, dtype=torch.float32) >= p).to(input.dtype).mul_(1.0 / (1.0 - p))
+    uniform = torch.empty_like(input, dtype=torch.float32).uniform_(generator=generator)
+    mask = (uniform >= p).to(input.dtype).mul_(1.0 / (1.0 - p))
     return input.mul_(mask) if inplace else input * mask
 
 
@@ -346,19 +362,70 @@ def frozen_conv_norm_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.modules
 
 
 @contextmanager
-def cpu_training_kernels(model: nn.Module, device_type: str, use_bf16: bool) -> Iterator[None]:
+def cpu_training_kernels(
+    model: nn.Module, device_type: str, use_bf16: bool, generator: torch.Generator | None = None
+) -> Iterator[None]:
     """The kernel choices of a training pass on CPU, for every loop that trains (``train_step`` and
     ``wbc adapt``'s fine-tuning): trained depthwise convolutions in fp32 under bf16 autocast
     (``TrainableDepthwiseInFp32``, ``config.CPU_DEPTHWISE_FP32``), dropout masks from uniforms
-    (``DropoutMaskFromUniform``) and frozen batch norms folded into their convolutions (``FrozenBatchNormFolded``).
-    On CUDA, none."""
+    (``DropoutMaskFromUniform``, drawn from ``generator``) and frozen batch norms folded into their convolutions
+    (``FrozenBatchNormFolded``). On CUDA, none. Function modes are per thread: each thread that trains enters its own."""
     with ExitStack() as modes:
         if device_type == "cpu":
             if use_bf16 and config.CPU_DEPTHWISE_FP32:
                 modes.enter_context(TrainableDepthwiseInFp32())
-            modes.enter_context(DropoutMaskFromUniform())
+            modes.enter_context(DropoutMaskFromUniform(generator))
             modes.enter_context(FrozenBatchNormFolded(model))
         yield
+
+
+class ChunkRunningStatistics(TorchFunctionMode):
+    """Inside one of a step's chunks that run at once (``train_step``): the batch norms in training mode update this
+    chunk's own copies of their running mean, variance and batch count, not the model's buffers, which two threads
+    would update in place at the same time. ``merge_running_statistics`` then applies the chunks' updates to the
+    buffers in chunk order, as running the chunks one after another does."""
+
+    def __init__(self, counters: set[int]) -> None:
+        super().__init__()
+        #: ids of the model's ``num_batches_tracked`` buffers (batch norms count their batches with ``add_``)
+        self.counters = counters
+        #: id(buffer) → [buffer, this chunk's copy, updates made, the update's momentum]
+        self.copies: dict[int, list] = {}
+
+    def _copy(self, buffer: torch.Tensor, momentum: float | None = None) -> torch.Tensor:
+        entry = self.copies.setdefault(id(buffer), [buffer, buffer.detach().clone(), 0, momentum])
+        entry[2] += 1
+        return entry[1]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = dict(zip(_BATCH_NORM_ARGS, args)) | kwargs
+            if call.get("training") and call.get("running_mean") is not None:
+                momentum = call.get("momentum", 0.1)
+                call["running_mean"] = self._copy(call["running_mean"], momentum)
+                call["running_var"] = self._copy(call["running_var"], momentum)
+            return func(**call)
+        if func is torch.Tensor.add_ and args and id(args[0]) in self.counters:
+            return self._copy(args[0]).add_(*args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+@torch.no_grad()
+def merge_running_statistics(chunks: list[ChunkRunningStatistics]) -> None:
+    """Each chunk's copy is ``keep · start + delta`` (``keep`` = (1 - momentum) to the number of its updates);
+    one after another the buffer would have become ``keep · buffer + delta`` chunk by chunk: so it does now."""
+    starts = {key: entry[0].clone() for chunk in chunks for key, entry in chunk.copies.items()}
+    for chunk in chunks:
+        for key, (buffer, copy, updates, momentum) in chunk.copies.items():
+            if momentum is None:  # a batch count: add the chunk's batches
+                buffer.add_(copy - starts[key])
+            else:
+                keep = (1.0 - momentum) ** updates
+                buffer.mul_(keep).add_(copy - keep * starts[key])
 
 
 def _sync_last_chunk_only(model: nn.Module, last: bool):
@@ -385,7 +452,8 @@ def train_step(
     Large inputs run forward + backward in equal chunks of at most ``config.MICRO_BATCH_PIXELS`` pixels, each chunk's
     (class-weighted) mean loss scaled by its share of the batch's weight, so the summed gradient is the whole batch's
     (batch norm sees each chunk's statistics). It cuts activation memory at 224 px to a third, which
-    keeps training on all of pbc-wbc at 224 px under 4 GiB (bench/train_memory.py).
+    keeps training on all of pbc-wbc at 224 px under 4 GiB (bench/train_memory.py). On CPU, when there are at most as
+    many chunks as torch threads, the chunks run at once (``_chunks_at_once``).
 
     ``batch_weight``: the weight the loss is normalised by, by default this batch's. Under DDP it is the mean over the
     processes of their batches' weights, so that DDP's average of the processes' gradients is the gradient of the
@@ -398,25 +466,92 @@ def train_step(
     total = sample_weights.sum() if batch_weight is None else batch_weight
     dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
     optimizer.zero_grad(set_to_none=True)
-    logits, loss = [], torch.zeros((), device=labels.device)
     chunks = list(
         zip(images.tensor_split(n_chunks), labels.tensor_split(n_chunks), sample_weights.tensor_split(n_chunks))
     )
-    with cpu_training_kernels(model, images.device.type, use_bf16):
-        for i, (x, y, w) in enumerate(chunks):
-            with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
-                with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
-                    chunk_logits = model(x)
-                chunk_loss = criterion(chunk_logits.float(), y) * (w.sum() / total)
-                (scaler.scale(chunk_loss) if scaler is not None else chunk_loss).backward()
-            logits.append(chunk_logits.detach())
-            loss += chunk_loss.detach()
+
+    def chunk_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
+            chunk_logits = model(x)
+        return chunk_logits, criterion(chunk_logits.float(), y) * (w.sum() / total)
+
+    if _can_run_chunks_at_once(model, images.device.type, len(chunks)):
+        results = _chunks_at_once(model, chunks, chunk_loss, use_bf16)
+    else:
+        results = []
+        with cpu_training_kernels(model, images.device.type, use_bf16):
+            for i, chunk in enumerate(chunks):
+                with _sync_last_chunk_only(model, last=i == len(chunks) - 1):
+                    chunk_logits, loss = chunk_loss(*chunk)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                results.append((chunk_logits.detach(), loss.detach()))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return torch.cat(logits), loss
+    return torch.cat([logits for logits, _ in results]), sum(loss for _, loss in results)
+
+
+def _can_run_chunks_at_once(model: nn.Module, device_type: str, n_chunks: int) -> bool:
+    """``config.CPU_CHUNKS_AT_ONCE``, on CPU, outside DDP, 2 to ``torch.get_num_threads()`` chunks, every batch norm
+    in training mode with a momentum (a cumulative average would read the batch count that
+    ``ChunkRunningStatistics`` keeps apart)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    return (
+        config.CPU_CHUNKS_AT_ONCE
+        and device_type == "cpu"
+        and not isinstance(model, DistributedDataParallel)
+        and 2 <= n_chunks <= torch.get_num_threads()
+        and all(m.momentum is not None for m in norms)
+    )
+
+
+def _chunks_at_once(model: nn.Module, chunks: list[tuple], chunk_loss, use_bf16: bool) -> list[tuple]:
+    """Forward and backward of a step's chunks on as many threads at once, each thread with its share of torch's
+    threads (one each on 2 cores); the gradients summed in chunk order.
+
+    Why: a CPU step of small convolutions scales poorly over threads, because every operator is a parallel region
+    whose threads must wake up and meet (OpenMP's passive wait, ``config.OMP_WAIT_POLICY``): the default recipe's step
+    (EfficientNet-Lite0, 48 images at 160 px, two chunks) took about 480 ms on one thread, 355 ms on two, and 261 ms
+    as two one-thread chunks at once (medians of 10 steps each, alternated; one-off timings). PyTorch's own data parallelism in one
+    process, ``nn.DataParallel``, runs only on CUDA devices; autograd supports concurrent backward passes on CPU.
+    Kept the same as one after another: each chunk draws its dropout masks from its own generator (seeded from
+    torch's default one, in chunk order), its batch norms update copies of their running statistics, merged in chunk
+    order (``ChunkRunningStatistics``), and each chunk's gradients are summed in chunk order, so a step gives the
+    same result whatever the threads' timing. The chunks' activations are held at once (the batch's, not a chunk's).
+    """
+    threads = torch.get_num_threads()
+    seeds = [int(torch.empty((), dtype=torch.int64).random_()) for _ in chunks]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    counters = {
+        id(m.num_batches_tracked) for m in model.modules() if getattr(m, "num_batches_tracked", None) is not None
+    }
+    statistics = [ChunkRunningStatistics(counters) for _ in chunks]
+
+    def run(i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        torch.set_num_threads(max(1, threads // len(chunks)))
+        generator = torch.Generator().manual_seed(seeds[i])
+        with cpu_training_kernels(model, "cpu", use_bf16, generator), statistics[i]:
+            chunk_logits, loss = chunk_loss(*chunks[i])
+            grads = torch.autograd.grad(loss, trained, allow_unused=True)
+        return chunk_logits.detach(), loss.detach(), grads
+
+    try:
+        results = list(_chunk_threads(len(chunks)).map(run, range(len(chunks))))
+    finally:
+        torch.set_num_threads(threads)  # torch's count for threads started later (this thread kept its own)
+    merge_running_statistics(statistics)
+    for p, grads in zip(trained, zip(*(grads for *_, grads in results))):
+        present = [g for g in grads if g is not None]
+        p.grad = functools.reduce(torch.add, present) if present else None
+    return [(logits, loss) for logits, loss, _ in results]
+
+
+@functools.cache
+def _chunk_threads(n: int) -> ThreadPoolExecutor:
+    """The ``n`` threads that run a step's chunks at once, started once per process."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="wbc-chunk")
 
 
 def _ema_update(averages: list[torch.Tensor], currents: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
