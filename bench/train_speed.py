@@ -2,7 +2,7 @@
 
     python bench/train_speed.py [--data ../shared/datasets/pbc-wbc] [--archs cnn resnet50 efficientnet_lite0]
                                 [--per-class 48] [--epochs 1] [--frozen-stages N] [--profile]
-                                [--workers N] [--depthwise fp32|bf16] [--chunks at-once|in-turn]
+                                [--workers N] [--depthwise by-kernel|fp32|bf16] [--chunks at-once|in-turn]
                                 # wbc's settings, to measure each one
 
 Both sides train the same model (same initial weights, same frozen stages: by default the default recipe's,
@@ -14,8 +14,8 @@ augmentation, loss and optimiser on the same real PBC images, at the architectur
   default (channels-first) memory layout: the textbook loop.
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
   ``train.train_loader`` (uint8 cache + ``train_transform``; config.TRAIN_LOADER_WORKERS worker processes) and
-  ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, trained depthwise convolutions in
-  fp32 there, dropout masks from uniforms, frozen batch norms folded into their convolutions, the chunks of a step
+  ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, the trained depthwise convolutions'
+  kernels chosen by kernel size there, dropout masks from uniforms, frozen batch norms folded into their convolutions, the chunks of a step
   at once on threads of their own: Lite0's 48 images at 160 px are two chunks).
 
 Whole epochs of the two loops alternate (naive, wbc, naive, ...), so background load on a shared machine hits both
@@ -222,9 +222,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--depthwise",
-        choices=("fp32", "bf16"),
-        default="fp32" if config.CPU_DEPTHWISE_FP32 else "bf16",
-        help="wbc's trained depthwise convolutions under bf16 autocast (config.CPU_DEPTHWISE_FP32)",
+        choices=("by-kernel", "fp32", "bf16"),
+        default=config.CPU_TRAINED_DEPTHWISE,
+        help="wbc's trained depthwise convolutions under bf16 autocast (config.CPU_TRAINED_DEPTHWISE)",
     )
     parser.add_argument(
         "--chunks",
@@ -233,7 +233,7 @@ def main() -> None:
         help="wbc's step chunks on threads of their own at once, or one after another (config.CPU_CHUNKS_AT_ONCE)",
     )
     args = parser.parse_args()
-    config.TRAIN_LOADER_WORKERS, config.CPU_DEPTHWISE_FP32 = args.workers, args.depthwise == "fp32"
+    config.TRAIN_LOADER_WORKERS, config.CPU_TRAINED_DEPTHWISE = args.workers, args.depthwise
     config.CPU_CHUNKS_AT_ONCE = args.chunks == "at-once"
 
     print(f"machine: {machine()}")

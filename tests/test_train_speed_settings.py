@@ -1,5 +1,5 @@
-"""The training step's speed settings keep training what it was: trained depthwise convolutions in fp32 under CPU bf16
-autocast (everything else bf16, the model untouched), dropout masks from uniforms, frozen batch norms folded into
+"""The training step's speed settings keep training what it was: the kernels chosen for trained depthwise convolutions
+under CPU bf16 autocast (everything else bf16, the model untouched), dropout masks from uniforms, frozen batch norms folded into
 their convolutions, a step's chunks at once on threads of their own, loader workers that augment reproducibly and
 resume exactly, and OpenMP threads that wait passively.
 """
@@ -11,7 +11,8 @@ import os
 import subprocess
 import sys
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from wbc_trust.adapt import FineTuning
 from wbc_trust.data import Record, load_images
 from wbc_trust.models import REGISTRY, bf16_supported, build_model, prepare_for_cpu
 from wbc_trust.train import (
+    DepthwiseGradByConvolution,
     DropoutMaskFromUniform,
     FrozenBatchNormFolded,
     frozen_conv_norm_pairs,
@@ -51,67 +53,128 @@ def _lite0() -> nn.Module:
     )
 
 
-def _step(model: nn.Module, loaded, use_bf16: bool) -> dict[str, torch.dtype]:
-    """One train_step on the first 16 images; returns each convolution's output dtype by module name."""
-    dtypes: dict[str, torch.dtype] = {}
-
-    def record(name: str):
-        def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
-            dtypes[name] = out.dtype
-
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+def _step(model: nn.Module, loaded, use_bf16: bool) -> dict[str, tuple[torch.dtype, str]]:
+    """One train_step on the first 16 images; returns each convolution's output dtype and the name of the autograd
+    node that made it, by module name."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay
     model.train()
-    try:
-        train_step(
-            model, loaded.images[:16].float() / 255, loaded.labels[:16], nn.CrossEntropyLoss(), optimizer, use_bf16
+    images, labels = loaded.images[:16].float() / 255, loaded.labels[:16]
+    with _convolution_outputs(model) as outputs:
+        train_step(model, images, labels, nn.CrossEntropyLoss(), optimizer, use_bf16)
+    return outputs
+
+
+@contextmanager
+def _convolution_outputs(model: nn.Module) -> Iterator[dict[str, tuple[torch.dtype, str]]]:
+    """While open, records (output dtype, grad_fn name) of each convolution's last forward; the hooks go at exit."""
+    outputs: dict[str, tuple[torch.dtype, str]] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, (out.dtype, type(out.grad_fn).__name__))
         )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        yield outputs
     finally:
         for hook in hooks:
             hook.remove()
-    return dtypes
 
 
-def _kinds(model: nn.Module) -> dict[str, tuple[bool, bool]]:
-    """(depthwise, trained) per convolution."""
-    return {
-        name: (m.groups > 1 and m.weight.shape[1] == 1, m.weight.requires_grad)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    }
+BY_CONVOLUTION = "DepthwiseGradByConvolutionBackward"
 
 
-def test_only_trained_depthwise_convolutions_leave_bf16(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+def _expected_by_kernel(model: nn.Module) -> dict[str, tuple[torch.dtype, bool]]:
+    """Per convolution, what ``TrainableDepthwiseKernels`` should run under bf16 autocast: (output dtype, whether its
+    weight gradient is ``DepthwiseGradByConvolution``'s). Trained depthwise ones larger than 3×3: bf16 through the
+    function with stride 1, fp32 when strided; everything else bf16 as autocast runs it."""
+    expected = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            large = m.groups > 1 and m.weight.shape[1] == 1 and m.weight.requires_grad and max(m.kernel_size) > 3
+            strided = max(m.stride) > 1
+            expected[name] = (torch.float32 if large and strided else torch.bfloat16, large and not strided)
+    return expected
+
+
+def _check_by_kernel(model: nn.Module, outputs: dict[str, tuple[torch.dtype, str]]) -> None:
+    expected = _expected_by_kernel(model)
+    assert outputs.keys() == expected.keys()
+    for name, (dtype, by_convolution) in expected.items():
+        assert outputs[name][0] == dtype, name
+        assert (outputs[name][1] == BY_CONVOLUTION) == by_convolution, name
+
+
+def test_trained_depthwise_convolutions_take_the_kernels_chosen_for_them(
+    loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under bf16 autocast the default recipe's trained depthwise convolutions larger than 3×3 leave autocast's plain
+    bf16 kernel (bf16 with the weight gradient by convolution at stride 1, fp32 when strided), and only they; the
+    other settings put all of them in fp32 or leave all in bf16; the model is left alone."""
+    if not bf16_supported():
+        pytest.skip("this CPU has no native bf16: autocast stays off and every convolution runs in fp32")
     model = _lite0()
-    kinds = _kinds(model)
-    assert {k for k in kinds.values()} == {(True, True), (True, False), (False, True), (False, False)}  # all 4 occur
-    dtypes = _step(model, loaded, use_bf16=True)
-    assert dtypes.keys() == kinds.keys()
-    for name, (depthwise, trained) in kinds.items():
-        assert dtypes[name] == (torch.float32 if depthwise and trained else torch.bfloat16), name
-    # the setting switches it off: then every convolution runs in bf16
-    monkeypatch.setattr(config, "CPU_DEPTHWISE_FP32", False)
-    assert set(_step(model, loaded, use_bf16=True).values()) == {torch.bfloat16}
-    # and it leaves the model alone: same parameter names, plain modules, no hooks left
+    expected = _expected_by_kernel(model)
+    assert {kind for kind in expected.values()} == {
+        (torch.bfloat16, False),
+        (torch.bfloat16, True),
+        (torch.float32, False),
+    }  # all three occur
+    _check_by_kernel(model, _step(model, loaded, use_bf16=True))
+    trained_depthwise = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    trained_depthwise = {n for n in trained_depthwise if model.get_submodule(n).weight.requires_grad}
+    monkeypatch.setattr(config, "CPU_TRAINED_DEPTHWISE", "fp32")
+    outputs = _step(model, loaded, use_bf16=True)
+    assert {n for n, (dtype, _) in outputs.items() if dtype == torch.float32} == trained_depthwise
+    monkeypatch.setattr(config, "CPU_TRAINED_DEPTHWISE", "bf16")
+    assert {dtype for dtype, _ in _step(model, loaded, use_bf16=True).values()} == {torch.bfloat16}
+    # and it leaves the model alone: same parameter names, plain modules
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in _lite0().named_parameters()]
     assert all(type(m).__module__.split(".")[0] in ("torch", "timm", "wbc_trust") for m in model.modules())
 
 
-def test_fp32_depthwise_keeps_the_bf16_step_as_close_to_fp32(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The step's gradients with the trained depthwise convolutions in fp32 agree with the fp32 step's at least as
+@pytest.mark.parametrize("kernel", [5, 7])
+def test_depthwise_weight_gradient_by_convolution_is_the_gradient(kernel: int, loaded) -> None:
+    """``DepthwiseGradByConvolution`` computes what torch's depthwise convolution does, on real images in fp64: the
+    output, the input gradient, the weight and bias gradients (channels_last, as in training)."""
+    torch.manual_seed(0)
+    x = (loaded.images[:4].double() / 255).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(3, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64)
+    results = []
+    for run in (
+        lambda: nn.functional.conv2d(x, weight, bias, 1, kernel // 2, 1, 3),
+        lambda: DepthwiseGradByConvolution.apply(x, weight, bias, (kernel // 2, kernel // 2)),
+    ):
+        out = run()
+        grads = torch.autograd.grad(out, (x, weight, bias), upstream)
+        results.append((out, *grads))
+    for reference, ours in zip(*results):
+        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+    assert results[0][2].abs().max() > 1  # a gradient worth comparing
+
+
+def test_by_kernel_depthwise_keeps_the_bf16_step_as_close_to_fp32(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's gradients with the trained depthwise convolutions by kernel agree with the fp32 step's at least as
     well as the all-bf16 step's did (the recipe trains the same network), and are not the all-bf16 step's."""
     grads = {}
-    for name, use_bf16, depthwise_fp32 in (("fp32", False, True), ("mixed", True, True), ("bf16", True, False)):
-        monkeypatch.setattr(config, "CPU_DEPTHWISE_FP32", depthwise_fp32)
+    for name, use_bf16, depthwise in (
+        ("fp32", False, "by-kernel"),
+        ("by-kernel", True, "by-kernel"),
+        ("bf16", True, "bf16"),
+    ):
+        monkeypatch.setattr(config, "CPU_TRAINED_DEPTHWISE", depthwise)
         model = _lite0()
         _step(model, loaded, use_bf16)
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    agreement = {k: float(nn.functional.cosine_similarity(grads[k], grads["fp32"], dim=0)) for k in ("mixed", "bf16")}
-    assert agreement["mixed"] >= agreement["bf16"] - 0.02, agreement
-    assert agreement["mixed"] > 0.5, agreement  # bf16 autocast's own noise at 16 images (measured: 0.79)
-    assert not torch.equal(grads["mixed"], grads["bf16"])
+    agreement = {
+        k: float(nn.functional.cosine_similarity(grads[k], grads["fp32"], dim=0)) for k in ("by-kernel", "bf16")
+    }
+    assert agreement["by-kernel"] >= agreement["bf16"] - 0.02, agreement
+    assert agreement["by-kernel"] > 0.5, agreement  # bf16 autocast's own noise at 16 images
+    assert not torch.equal(grads["by-kernel"], grads["bf16"])
 
 
 def test_dropout_from_uniforms_is_dropout(loaded) -> None:
@@ -140,22 +203,16 @@ def test_dropout_from_uniforms_is_dropout(loaded) -> None:
     assert "aten::uniform_" in ops and "aten::bernoulli_" not in ops, sorted(ops)
 
 
-def test_wbc_adapt_fine_tunes_with_the_same_kernels(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wbc_adapt_fine_tunes_with_the_same_kernels(loaded) -> None:
     """``wbc adapt``'s fine-tuning step is a training step too: under bf16 autocast its trained depthwise convolutions
-    run in fp32 (the bf16 weight gradient is oneDNN's slow generic kernel) and the rest in bf16."""
+    take the kernels chosen for them (``TrainableDepthwiseKernels``) and the rest bf16."""
     if not bf16_supported():
         pytest.skip("this CPU has no native bf16: autocast stays off and every convolution runs in fp32")
     model = _lite0()
-    kinds = _kinds(model)
-    dtypes: dict[str, torch.dtype] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
     cells = (loaded.images[:16], loaded.labels[:16])
-    FineTuning(None, "seed", config.DEFAULT_FROZEN_STAGES[config.DEFAULT_ARCH], steps=1).run(model, cells)
-    assert dtypes.keys() == kinds.keys()
-    for name, (depthwise, trained) in kinds.items():
-        assert dtypes[name] == (torch.float32 if depthwise and trained else torch.bfloat16), name
+    with _convolution_outputs(model) as outputs:
+        FineTuning(None, "seed", config.DEFAULT_FROZEN_STAGES[config.DEFAULT_ARCH], steps=1).run(model, cells)
+    _check_by_kernel(model, outputs)
 
 
 def _batch_norm_calls(run) -> int:

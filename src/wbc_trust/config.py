@@ -96,10 +96,12 @@ TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
 #: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
-#: Under CPU bf16 autocast, trainable depthwise convolutions run in fp32 (train.TrainableDepthwiseInFp32): oneDNN's
-#: bf16 weight gradient of a depthwise convolution is a generic grouped kernel, 3-10× slower than fp32's; this took
-#: the default recipe's EfficientNet-Lite0 step (batch 48, 160 px) from 721 to 485 ms on this AVX512-BF16 EPYC (no AMX).
-CPU_DEPTHWISE_FP32: bool = True
+#: Under CPU bf16 autocast, the kernels of trainable depthwise convolutions (train.TrainableDepthwiseKernels): oneDNN's
+#: depthwise weight-gradient kernel serves only 3×3, larger ones take a generic grouped kernel, 3-10× slower.
+#: "by-kernel": 3×3 in bf16, larger with stride 1 in bf16 with the weight gradient as a forward convolution, larger
+#: strided in fp32 (the default recipe's step: 302 → 259 ms, medians); "fp32": all of them in fp32 (sessions 6-13:
+#: 721 → 485 ms against "bf16"); "bf16": autocast's choice, all in bf16.
+CPU_TRAINED_DEPTHWISE: str = "by-kernel"
 #: On CPU, a training step's chunks (MICRO_BATCH_PIXELS) run at once, one thread each, when there are at most as many
 #: as torch threads (train._chunks_at_once): the default recipe's step in `wbc train`, 355-371 → 282-302 ms (medians).
 CPU_CHUNKS_AT_ONCE: bool = True

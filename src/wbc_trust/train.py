@@ -230,35 +230,95 @@ def _workers() -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class TrainableDepthwiseInFp32(TorchFunctionMode):
-    """Inside a CPU bf16 autocast region, run the depthwise convolutions whose weights are trained in fp32.
+class TrainableDepthwiseKernels(TorchFunctionMode):
+    """Inside a CPU bf16 autocast region, choose the kernels of the depthwise convolutions whose weights are trained
+    (``config.CPU_TRAINED_DEPTHWISE``: ``by-kernel``, or all of them in ``fp32``).
 
-    Why: oneDNN has no depthwise kernel for the bf16 weight gradient on this AVX512-BF16 CPU (no AMX): ONEDNN_VERBOSE
-    shows ``jit_bf16`` backward_weights on a 16×16-blocked grouped layout, 3-10× slower than the fp32 depthwise kernel
-    (EfficientNet-Lite0's 5×5 depthwise layers: 133-140 ms each in bf16, 13-44 ms in fp32, batch 48 at 160 px); they
-    were two thirds of the default recipe's step. Frozen depthwise convolutions (no weight gradient) stay bf16, whose
-    forward is faster; so do all other layers. A function mode, not a module change: the model, its ``state_dict``
-    keys, its weight average and the saved file stay the plain modules.
+    Why: oneDNN computes a depthwise convolution's weight gradient with its depthwise kernel (``jit_dw``) only for 3×3
+    kernels; larger ones fall to a generic grouped kernel on a 16×16-blocked layout (ONEDNN_VERBOSE on this
+    AVX512-BF16 CPU, no AMX; 24 images, 480 channels at 10×10, one thread: 0.48 ms for 3×3 in bf16, 23.5 ms for 5×5).
+    So, by kernel:
+
+    * 3×3: bf16, as autocast runs it;
+    * larger, stride 1: bf16, the weight gradient computed as a forward convolution (``DepthwiseGradByConvolution``);
+    * larger, strided: fp32, where the generic kernel is least slow (that trick would need a dilated convolution,
+      slow in bf16 too).
+
+    Forward + backward of one chunk's layers of EfficientNet-Lite0 (24 images, one thread; ms; all in fp32 → by
+    kernel): 480 channels at 10×10, 3×3: 6.1 → 0.9; 672 at 10×10, 5×5: 13.1 → 6.8 (plain bf16: 34.6); 1152 at 5×5,
+    5×5: 9.0 → 2.7 (plain bf16: 30.0); 672 at 10×10, 5×5, stride 2: 8.6, fp32 both (plain bf16: 66.2). The default
+    recipe's step, 12 steps of each alternated: median 302 ms with all of them in fp32, 259 ms by kernel.
+    A function mode, not a module change: the model, its ``state_dict`` keys, its weight average and the saved file
+    stay the plain modules.
     """
+
+    def __init__(self, all_fp32: bool = False) -> None:
+        super().__init__()
+        self.all_fp32 = all_fp32
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and _is_trainable_depthwise(args, kwargs):
-            with torch.autocast("cpu", enabled=False):
-                return func(*_as_fp32(args), **dict(zip(kwargs, _as_fp32(kwargs.values()))))
-        return func(*args, **kwargs)
+        if func is not F.conv2d:
+            return func(*args, **kwargs)
+        call = dict(zip(_CONV2D_ARGS, args)) | kwargs
+        weight = call["weight"]
+        if not (weight.requires_grad and call.get("groups", 1) > 1 and weight.shape[1] == 1):  # not trained depthwise
+            return func(**call)
+        if not self.all_fp32 and max(weight.shape[-2:]) <= 3:
+            return func(**call)
+        stride, dilation, padding = call.get("stride", 1), call.get("dilation", 1), call.get("padding", 0)
+        if not self.all_fp32 and _pair(stride) == _pair(dilation) == (1, 1) and not isinstance(padding, str):
+            x = call["input"].to(torch.get_autocast_dtype("cpu"))
+            return DepthwiseGradByConvolution.apply(x, weight, call.get("bias"), _pair(padding))
+        with torch.autocast("cpu", enabled=False):
+            return func(**{k: v.float() if isinstance(v, torch.Tensor) else v for k, v in call.items()})
 
 
-def _is_trainable_depthwise(args: tuple, kwargs: dict) -> bool:
-    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups)``: one input channel per group, several
-    groups, and a weight that gets a gradient."""
-    weight = args[1] if len(args) > 1 else kwargs.get("weight")
-    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-    return isinstance(weight, torch.Tensor) and weight.requires_grad and groups > 1 and weight.shape[1] == 1
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def _as_fp32(values) -> list:
-    return [v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[-1])
+
+
+class DepthwiseGradByConvolution(torch.autograd.Function):
+    """A depthwise convolution (stride 1, no dilation) in the input's dtype whose weight gradient is computed as a
+    forward depthwise convolution, since oneDNN's own kernel for it serves only 3×3 (``TrainableDepthwiseKernels``).
+
+    The weight gradient of channel c at kernel offset (i, j) is Σ over images n and output pixels (y, x) of
+    grad[n, c, y, x] · input[n, c, y + i - p, x + j - p]: the correlation of each (image, channel) input plane with
+    its gradient plane. As one convolution, with every (channel, image) pair a group of its own: the inputs as one
+    image of C·N channels, the gradients as its C·N kernels, the same padding; its k×k output per pair, summed over
+    the images in the weight's dtype, is the weight gradient. The input gradient is oneDNN's depthwise backward-data kernel.
+    Written here because neither torch nor oneDNN offers another weight-gradient kernel for depthwise convolutions.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]):
+        low = weight.to(x.dtype)
+        ctx.save_for_backward(x, low)
+        ctx.padding, ctx.weight_dtype = padding, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.conv2d(x, low, None if bias is None else bias.to(x.dtype), 1, padding, 1, low.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, low = ctx.saved_tensors
+        channels, images = low.shape[0], x.shape[0]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, low, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], channels, [True, False, False]
+            )[0]
+        if ctx.needs_input_grad[1]:
+            planes = x.transpose(0, 1).reshape(1, channels * images, *x.shape[2:])
+            kernels = grad.to(x.dtype).transpose(0, 1).reshape(channels * images, 1, *grad.shape[2:])
+            per_image = F.conv2d(planes, kernels, None, 1, ctx.padding, 1, channels * images)
+            per_image = per_image.reshape(channels, images, *low.shape[2:])
+            grad_weight = per_image.sum(1, keepdim=True, dtype=ctx.weight_dtype)  # summed in the weight's dtype
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3), dtype=ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
 
 
 class DropoutMaskFromUniform(TorchFunctionMode):
@@ -268,7 +328,7 @@ class DropoutMaskFromUniform(TorchFunctionMode):
     Why: ATen's CPU ``bernoulli_(p)`` draws about 3× slower than ``torch.rand`` (42.5 against 14.6 ms for the seed
     CNN's first dropout, 48×32×64×64), and the seed CNN's six dropouts were 13.6 % of its training step
     (``bench/train_speed.py --profile``); dropout forward + backward took 50 ms there, 25 ms this way. A function mode,
-    like ``TrainableDepthwiseInFp32``: the model and its saved file keep their ``nn.Dropout`` modules.
+    like ``TrainableDepthwiseKernels``: the model and its saved file keep their ``nn.Dropout`` modules.
     ``generator``: where the uniforms come from (torch's default generator if None); chunks of a step that run at once
     each draw from their own, so that which chunk gets which mask does not depend on the threads' timing.
     """
@@ -366,14 +426,14 @@ def cpu_training_kernels(
     model: nn.Module, device_type: str, use_bf16: bool, generator: torch.Generator | None = None
 ) -> Iterator[None]:
     """The kernel choices of a training pass on CPU, for every loop that trains (``train_step`` and
-    ``wbc adapt``'s fine-tuning): trained depthwise convolutions in fp32 under bf16 autocast
-    (``TrainableDepthwiseInFp32``, ``config.CPU_DEPTHWISE_FP32``), dropout masks from uniforms
+    ``wbc adapt``'s fine-tuning): the kernels of the trained depthwise convolutions under bf16 autocast
+    (``TrainableDepthwiseKernels``, ``config.CPU_TRAINED_DEPTHWISE``), dropout masks from uniforms
     (``DropoutMaskFromUniform``, drawn from ``generator``) and frozen batch norms folded into their convolutions
     (``FrozenBatchNormFolded``). On CUDA, none. Function modes are per thread: each thread that trains enters its own."""
     with ExitStack() as modes:
         if device_type == "cpu":
-            if use_bf16 and config.CPU_DEPTHWISE_FP32:
-                modes.enter_context(TrainableDepthwiseInFp32())
+            if use_bf16 and config.CPU_TRAINED_DEPTHWISE != "bf16":
+                modes.enter_context(TrainableDepthwiseKernels(all_fp32=config.CPU_TRAINED_DEPTHWISE == "fp32"))
             modes.enter_context(DropoutMaskFromUniform(generator))
             modes.enter_context(FrozenBatchNormFolded(model))
         yield
