@@ -13,12 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC
 from wbc_trust.cli import app
 from wbc_trust.colour import ColourTransfer, LabStatistics
-from wbc_trust.data import list_files
+from wbc_trust.data import Record, list_files, load_images
 from wbc_trust.errors import WbcError
+from wbc_trust.lab import statistics
 from wbc_trust.modelfile import load_model, read_metadata
 from wbc_trust.predict import Predictor
 
@@ -184,3 +186,13 @@ def test_two_warnings_and_one_notice_for_a_folder_from_another_lab(tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert " ".join(result.output.split()).count("wbc adapt --data") == 1  # one message up front, not one per row
     assert predictor.batch_notice(predictor.predict_files(platelets, progress=False)) is None
+
+
+def test_lab_statistics_are_each_images_own_whatever_the_batch() -> None:
+    """The lab statistic is computed a few images at a time (it held ~1 GB for a whole calibration split): on real
+    images of two labs, any batch size gives the same numbers, and the two labs' colours differ."""
+    records = [Record(p, 0) for p in list_files(BCCD / "Neutrophil")[:5] + pbc_files("neutrophil", 5)]
+    images = load_images(records, 96, cache=False).images
+    whole = statistics(images, batch_size=len(images))
+    assert whole.shape == (10, 15) and torch.equal(statistics(images, batch_size=3), whole)
+    assert float((whole[:5].mean(0) - whole[5:].mean(0)).abs().max()) > 0.05  # BCCD's pale blue against PBC's

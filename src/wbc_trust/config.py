@@ -96,6 +96,10 @@ TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
 #: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
+#: Inference passes (calibration, evaluation, adaptation) take this many input pixels a batch unless told otherwise:
+#: 128 network inputs at the default 160 px, 65 at 224 px (128 there put the calibration of resnet50 at 224 px, and
+#: with it training's peak memory, over 4 GiB: bench/train_memory.py).
+INFERENCE_BATCH_PIXELS: int = 128 * 160 * 160
 #: Under CPU bf16 autocast, the kernels of trainable depthwise convolutions (train.TrainableDepthwiseKernels): oneDNN's
 #: depthwise weight-gradient kernel serves only 3×3, larger ones take a generic grouped kernel, 3-10× slower.
 #: "by-kernel": 3×3 in bf16, larger with stride 1 in bf16 with the weight gradient as a forward convolution, larger

@@ -34,8 +34,15 @@ STATISTICS = "per RGB channel of the whole model input in [0, 1]: mean, std, 5th
 _QUANTILES = (0.05, 0.5, 0.95)
 
 
-def statistics(images: torch.Tensor) -> torch.Tensor:
-    """Colour statistics of uint8 (or [0, 1] float) images N×3×S×S: N×15, float64."""
+def statistics(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Colour statistics of uint8 (or [0, 1] float) images N×3×S×S: N×15, float64. Per image, so computed
+    ``batch_size`` images at a time: a whole calibration split at once (920 images at 224 px) held ~1 GB of floats and
+    their sorted copies, and set the peak memory of training resnet50 (``bench/train_memory.py``: 4.45 GiB)."""
+    parts = [_statistics(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 5 * 3, dtype=torch.float64)
+
+
+def _statistics(images: torch.Tensor) -> torch.Tensor:
     x = (images.float() / 255.0 if images.dtype == torch.uint8 else images.float()).flatten(2)
     quantiles = torch.quantile(x, torch.tensor(_QUANTILES), dim=2).permute(1, 2, 0).flatten(1)
     return torch.cat([x.mean(2), x.std(2), quantiles], 1).double()

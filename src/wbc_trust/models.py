@@ -441,12 +441,16 @@ def prepare_for_cpu(model: nn.Module) -> nn.Module:
 
 @torch.inference_mode()
 def logits_and_features(
-    model: WbcClassifier, images: torch.Tensor, batch_size: int = 128, progress: bool = False
+    model: WbcClassifier, images: torch.Tensor, batch_size: int | None = None, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.predict`` for uint8 (or [0, 1] float) images N×3×S×S, in batches of ``batch_size`` network inputs
-    (views included), under bf16 where supported: logits N×C and pooled features N×D."""
+    (views included; by default ``config.INFERENCE_BATCH_PIXELS`` worth), under bf16 where supported: logits N×C and
+    pooled features N×D."""
     model.eval()
     device = next(model.parameters()).device  # the images go where the model is (a GPU after training on one)
+    if batch_size is None:
+        pixels = images.shape[-2] * images.shape[-1] if images.dim() == 4 else 1  # (an empty batch may be 1-D)
+        batch_size = max(1, config.INFERENCE_BATCH_PIXELS // pixels)
     step = max(1, batch_size // len(model.views))
     starts = range(0, len(images), step)
     logits, features = [], []
@@ -463,7 +467,7 @@ def logits_and_features(
 
 
 def predict_probs(
-    model: WbcClassifier, images: torch.Tensor, batch_size: int = 128, temperature: float = 1.0
+    model: WbcClassifier, images: torch.Tensor, batch_size: int | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """Softmax probabilities (logits / ``temperature``) of ``logits_and_features``."""
     logits, _ = logits_and_features(model, images, batch_size)
