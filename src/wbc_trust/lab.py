@@ -39,7 +39,7 @@ def statistics(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     ``batch_size`` images at a time: a whole calibration split at once (920 images at 224 px) held ~1 GB of floats and
     their sorted copies, and set the peak memory of training resnet50 (``bench/train_memory.py``: 4.45 GiB)."""
     parts = [_statistics(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0, 5 * 3, dtype=torch.float64)
+    return torch.cat(parts) if parts else torch.empty(0, 3 * (2 + len(_QUANTILES)), dtype=torch.float64)
 
 
 def _statistics(images: torch.Tensor) -> torch.Tensor:

@@ -423,19 +423,29 @@ def frozen_conv_norm_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.modules
 
 @contextmanager
 def cpu_training_kernels(
-    model: nn.Module, device_type: str, use_bf16: bool, generator: torch.Generator | None = None
+    model: nn.Module,
+    device_type: str,
+    use_bf16: bool,
+    generator: torch.Generator | None = None,
+    folded: FrozenBatchNormFolded | None = None,
 ) -> Iterator[None]:
     """The kernel choices of a training pass on CPU, for every loop that trains (``train_step`` and
     ``wbc adapt``'s fine-tuning): the kernels of the trained depthwise convolutions under bf16 autocast
     (``TrainableDepthwiseKernels``, ``config.CPU_TRAINED_DEPTHWISE``), dropout masks from uniforms
     (``DropoutMaskFromUniform``, drawn from ``generator``) and frozen batch norms folded into their convolutions
-    (``FrozenBatchNormFolded``). On CUDA, none. Function modes are per thread: each thread that trains enters its own."""
+    (``FrozenBatchNormFolded``; ``folded`` when already made for this step). On CUDA, none. Function modes are per
+    thread: each thread that trains enters its own (a mode keeps no state of its own on entering, so threads can
+    share one)."""
+    if config.CPU_TRAINED_DEPTHWISE not in ("by-kernel", "fp32", "bf16"):
+        raise WbcError(
+            f"config.CPU_TRAINED_DEPTHWISE = {config.CPU_TRAINED_DEPTHWISE!r}: choose by-kernel, fp32 or bf16"
+        )
     with ExitStack() as modes:
         if device_type == "cpu":
             if use_bf16 and config.CPU_TRAINED_DEPTHWISE != "bf16":
                 modes.enter_context(TrainableDepthwiseKernels(all_fp32=config.CPU_TRAINED_DEPTHWISE == "fp32"))
             modes.enter_context(DropoutMaskFromUniform(generator))
-            modes.enter_context(FrozenBatchNormFolded(model))
+            modes.enter_context(folded or FrozenBatchNormFolded(model))
         yield
 
 
@@ -588,11 +598,12 @@ def _chunks_at_once(model: nn.Module, chunks: list[tuple], chunk_loss, use_bf16:
         id(m.num_batches_tracked) for m in model.modules() if getattr(m, "num_batches_tracked", None) is not None
     }
     statistics = [ChunkRunningStatistics(counters) for _ in chunks]
+    folded = FrozenBatchNormFolded(model)  # once for the step, shared by the chunks' threads
 
     def run(i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
         torch.set_num_threads(max(1, threads // len(chunks)))
         generator = torch.Generator().manual_seed(seeds[i])
-        with cpu_training_kernels(model, "cpu", use_bf16, generator), statistics[i]:
+        with cpu_training_kernels(model, "cpu", use_bf16, generator, folded), statistics[i]:
             chunk_logits, loss = chunk_loss(*chunks[i])
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
         return chunk_logits.detach(), loss.detach(), grads
