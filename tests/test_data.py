@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
+from kornia.color import rgb_to_lab
 from torchvision.transforms import v2
 
 from wbc_trust import config
 from wbc_trust.crop import CropPolicy
 from wbc_trust.data import (
+    LabLookJitter,
     RandomTightCrop,
     Record,
     SeedAugment,
@@ -235,6 +237,31 @@ def test_travel_augmentation_is_seeded_keeps_the_cell_and_varies_the_stain() -> 
     assert channel_means.std(0).max() > 3  # colours vary from draw to draw ...
     grey = original.mean(2).ravel()
     assert all(np.corrcoef(grey, s.mean(2).ravel())[0, 1] > 0.85 for s in stained)  # ... the cell stays the cell
+
+
+def test_lab_look_jitter_scales_the_lightness_spread_and_shifts_the_colours() -> None:
+    """Another lab's look on a real cell view: a fixed draw halves L*'s spread about its mean and moves b* by the
+    shift (a paler, bluer smear, as BCCD's against PBC's), within a unit or two of rounding and clipping; the cell
+    stays where it was (lightness correlates with the original's)."""
+    view = CropPolicy("cell", 96).apply(read_image(pbc_files("eosinophil", 1)[0])).image
+
+    def lab(image) -> torch.Tensor:
+        return rgb_to_lab(v2.functional.pil_to_tensor(image).float() / 255)
+
+    before = lab(view)
+    torch.manual_seed(0)
+    paler = LabLookJitter(((0.5, 0.5), (1.0, 1.0), (1.0, 1.0)), (0.0, 0.0, 0.0))(view)
+    after = lab(paler)
+    assert float(after[0].std() / before[0].std()) == pytest.approx(0.5, abs=0.03)
+    assert float(after[0].mean()) == pytest.approx(float(before[0].mean()), abs=1.5)
+    assert np.corrcoef(before[0].ravel(), after[0].ravel())[0, 1] > 0.99
+
+    bluer = LabLookJitter(((1.0, 1.0),) * 3, (0.0, 0.0, 8.0))
+    shifts = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        shifts.append(float(lab(bluer(view))[2].mean() - before[2].mean()))
+    assert max(abs(s) for s in shifts) <= 8.5 and max(shifts) - min(shifts) > 4  # drawn within ± 8, not fixed
 
 
 def test_too_few_images_to_split_is_a_clear_error(tmp_path: Path) -> None:

@@ -96,7 +96,10 @@ def test_conformal_sets_cover_held_out_images_at_the_chosen_rate(shipped: dict, 
         sizes.append(float(sets.sum(1).float().mean()))
         assert bool((conformal.sets(probs[held], 0.8) <= sets).all()), "a lower coverage must give subsets"
     assert 0.93 <= np.mean(coverages) <= 0.975, np.mean(coverages)
-    assert min(coverages) >= 0.85 and np.mean(sizes) <= 1.2, (min(coverages), np.mean(sizes))
+    # one split's coverage scatters around 95 % (calibration and test halves of 160 images: about ± 2.4 points), so
+    # the bound is on the 5th percentile of the 200 splits (about 95 - 1.645 × 2.4), not on the lowest of them
+    low = float(np.percentile(coverages, 5))
+    assert low >= 0.90 and np.mean(sizes) <= 1.2, (low, min(coverages), np.mean(sizes))
     tiny = SplitConformal.fit(probs[:10], labels[:10], 0.95)  # ceil(11 × 0.95) > 10: only the full set is valid
     assert bool(tiny.sets(probs[10:20]).all())
 

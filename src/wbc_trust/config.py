@@ -61,6 +61,16 @@ TRAVEL_BLUR_SIGMA: tuple[float, float] = (0.5, 2.5)
 TRAVEL_BLUR_P: float = 0.4
 TRAVEL_JPEG_QUALITY: tuple[int, int] = (40, 95)
 TRAVEL_JPEG_P: float = 0.3
+#: Another lab's look (data.LabLookJitter): per CIELAB channel, the view's spread about its mean scaled by a factor in
+#: the range and the mean shifted by up to ± the shift: Reinhard's colour transfer to a random lab's statistics.
+#: The ranges cover the TXL-PBC labs' fields against PBC's (CIELAB statistics of each field at 160 px, lab means: L*
+#: spread 0.48-0.91×, a* 0.96-1.10×, b* 0.77-0.85×; L* mean -17 to -5, a* -6 to +6, b* -9 to -5): BCCD's smears are
+#: pale and bluer, Raabin's darker and redder (BCD's fields, partly BCCD's resized, read like BCCD's). So BCCD, the
+#: cross-lab check, informed the ranges (README, "Another lab's look"). ColorJitter's contrast (0.7-1.3×) never
+#: halves the spread.
+TRAVEL_LOOK_SCALE: tuple[tuple[float, float], ...] = ((0.45, 1.1), (0.85, 1.15), (0.75, 1.1))
+TRAVEL_LOOK_SHIFT: tuple[float, ...] = (18.0, 7.0, 10.0)
+TRAVEL_LOOK_P: float = 0.5
 
 #: Split fractions (the rest is training) and the default seed.
 VAL_FRACTION: float = 0.15

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kornia.color import lab_to_rgb, rgb_to_lab
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 from skimage.color import hed2rgb, rgb2hed
 from sklearn.model_selection import train_test_split
@@ -766,8 +767,8 @@ def train_transform(augment: str = "seed") -> v2.Transform:
     shift 10 %, flips, brightness (``SeedAugment``, on whole batches). ``cross-lab``: the same with zoom up to 3×, blur
     and colour jitter (``config.CROSS_LAB_*``), for whole-frame models that must work on other labs' images.
     ``travel``: for models of the cell view (``--crop cell``, whose scale is already set by magnification, so zoom
-    stays small): tight crops as other labs cut them, stain (HED jitter, scikit-image), colour and camera jitter, blur
-    and JPEG (``config.TRAVEL_*``)."""
+    stays small): tight crops as other labs cut them, stain (HED jitter, scikit-image), another lab's look
+    (``LabLookJitter``), colour and camera jitter, blur and JPEG (``config.TRAVEL_*``)."""
     if augment not in config.AUGMENTS:
         raise WbcError(f"unknown --augment {augment!r}: choose one of {', '.join(config.AUGMENTS)}")
     if augment == "seed":
@@ -784,6 +785,7 @@ def train_transform(augment: str = "seed") -> v2.Transform:
         zoom = config.TRAVEL_ZOOM
         after = [
             v2.RandomApply([StainAugment(*config.TRAVEL_STAIN)], p=config.TRAVEL_STAIN_P),
+            v2.RandomApply([LabLookJitter(config.TRAVEL_LOOK_SCALE, config.TRAVEL_LOOK_SHIFT)], p=config.TRAVEL_LOOK_P),
             v2.ColorJitter(**config.TRAVEL_JITTER),
             v2.RandomApply([PilGaussianBlur(config.TRAVEL_BLUR_SIGMA)], p=config.TRAVEL_BLUR_P),
             v2.RandomApply([v2.JPEG(config.TRAVEL_JPEG_QUALITY)], p=config.TRAVEL_JPEG_P),
@@ -867,6 +869,30 @@ class StainAugment(_PilTransform):
         offset = self.shift * (2 * torch.rand(3).numpy() - 1)
         mixed = hed2rgb(rgb2hed(np.asarray(image)) * factor + offset)
         return Image.fromarray((np.clip(mixed, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+class LabLookJitter(_PilTransform):
+    """Another lab's look: Reinhard's colour transfer (the one ``colour.ColourTransfer`` undoes for a known lab) to
+    random target statistics. In CIELAB (kornia), each channel's spread about the view's mean is scaled by a factor
+    drawn from ``scale`` and its mean shifted by up to ± ``shift``. Where HED jitter varies the stains' densities and
+    ColorJitter the camera, this moves the whole picture as another lab's stain, lamp and camera do together (a paler,
+    bluer smear has half the lightness spread). Hand-written as one affine map per channel: no augmentation library
+    draws Reinhard targets (torchstain's Reinhard fits one image to one given target)."""
+
+    def __init__(self, scale: Sequence[tuple[float, float]], shift: Sequence[float]) -> None:
+        super().__init__()
+        self.low = torch.tensor([low for low, _ in scale]).view(3, 1, 1)
+        self.high = torch.tensor([high for _, high in scale]).view(3, 1, 1)
+        self.shift = torch.tensor(shift).view(3, 1, 1)
+
+    def pil(self, image: Image.Image) -> Image.Image:
+        factor = self.low + (self.high - self.low) * torch.rand(3, 1, 1)
+        offset = self.shift * (2 * torch.rand(3, 1, 1) - 1)
+        with torch.no_grad():
+            lab = rgb_to_lab(v2.functional.pil_to_tensor(image).float() / 255)
+            mean = lab.mean((1, 2), keepdim=True)
+            rgb = lab_to_rgb((lab - mean) * factor + mean + offset, clip=True)
+        return v2.functional.to_pil_image((rgb * 255 + 0.5).to(torch.uint8))
 
 
 def _background_fill() -> list[float]:
