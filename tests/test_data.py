@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CONFLICTING_PAIR, CORRUPT_FILE, PBC, make_tree, pbc_files
 from kornia.color import rgb_to_lab
+from PIL import Image
 from torchvision.transforms import v2
 
 from wbc_trust import config
@@ -245,7 +246,7 @@ def test_lab_look_jitter_scales_the_lightness_spread_and_shifts_the_colours() ->
     stays where it was (lightness correlates with the original's)."""
     view = CropPolicy("cell", 96).apply(read_image(pbc_files("eosinophil", 1)[0])).image
 
-    def lab(image) -> torch.Tensor:
+    def lab(image: Image.Image) -> torch.Tensor:
         return rgb_to_lab(v2.functional.pil_to_tensor(image).float() / 255)
 
     before = lab(view)
