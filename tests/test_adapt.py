@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pbc_files
 from typer.testing import CliRunner
 
-from tests.conftest import pbc_files
 from wbc_trust import config
 from wbc_trust.calibration import FLAG_NEW_LAB, FLAG_NOT_WBC
 from wbc_trust.cli import app

@@ -16,9 +16,9 @@ from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
+from conftest import pbc_files
 from torch import nn
 
-from tests.conftest import pbc_files
 from wbc_trust import config
 from wbc_trust import train as train_module
 from wbc_trust.adapt import FineTuning
