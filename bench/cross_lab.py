@@ -5,12 +5,14 @@ warnings ("not a white cell" on PBC's own non-white cells, "white cell from an u
 
     python bench/cross_lab.py [--bccd ../shared/datasets/bccd-wbc] [--pbc ../shared/datasets/pbc-wbc]
                               [--non-wbc ../shared/datasets/pbc-non-wbc] [--model M] [--out bench_out/cross_lab]
-                              [--install-lab-statistic]
+                              [--install-lab-statistic] [--end-to-end]
 
 The curves run the code of `wbc adapt --fine-tune-steps 0` (``adapt.fit_on_features``, ``adapt.reestimate_batchnorm``)
 on features computed once per backbone (the head is all that changes between seeds); fine-tuning changes the backbone
 for every seed and is measured end to end instead (README). One end-to-end `wbc adapt` run (fine-tuning included) on
-10 cells per class is timed. ``--unlabelled`` uses every BCCD image, labels unread (the lab's unlabelled images). PBC =
+10 cells per class is timed. ``--end-to-end`` adds the curve of `wbc adapt` as a lab runs it, fine-tuning included,
+with the lab's unlabelled images (``bench/adapt_few.py`` on random selections of 5, 10 and 20 BCCD cells per class, the
+same seeds; about 2 minutes a run on 2 cores). ``--unlabelled`` uses every BCCD image, labels unread (the lab's unlabelled images). PBC =
 the model's own held-out test split. ``--install-lab-statistic`` first stores the lab statistic (``lab.py``) in the
 model file, fitted on its calibration images. Writes results.json and cross_lab.png.
 """
@@ -34,11 +36,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adapt_few import adapt_and_score  # noqa: E402  (bench/adapt_few.py)
+
 from wbc_trust import config  # noqa: E402
 from wbc_trust.adapt import HeadData, adapt, fit_on_features, reestimate_batchnorm, replay_cells  # noqa: E402
 from wbc_trust.calibration import Calibration, calibration_error  # noqa: E402
 from wbc_trust.crop import CropPolicy  # noqa: E402
 from wbc_trust.data import Record, find_dataset, list_files, load_images, model_labels  # noqa: E402
+from wbc_trust.errors import WbcError  # noqa: E402
 from wbc_trust.evaluate import compute_metrics  # noqa: E402
 from wbc_trust.lab import add_lab_statistic  # noqa: E402
 from wbc_trust.modelfile import load_extra, load_model  # noqa: E402
@@ -46,6 +52,10 @@ from wbc_trust.models import logits_and_features, prepare_for_cpu  # noqa: E402
 
 CELLS = (1, 5, 10, 20)
 SEEDS = (0, 1, 2)
+END_TO_END = "wbc adapt --data FEW --unlabelled BCCD (end to end, fine-tuned)"
+UNLABELLED_END_TO_END = "wbc adapt --unlabelled BCCD (end to end) · BCCD"
+HEAD_ONLY = "head only: wbc adapt --fine-tune-steps 0 --data FEW"
+ADABN = "batch-norm statistics of BCCD (AdaBN, the head-only curves' base) · BCCD"
 
 
 def trust_metrics(
@@ -102,6 +112,9 @@ def main() -> None:
         help="keep the computed features in this file and reuse them when it exists (re-runs)",
     )
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images per set (dry runs)")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="add the curve of `wbc adapt` with fine-tuning (18 min or more)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.install_lab_statistic:
@@ -163,8 +176,9 @@ def main() -> None:
     zero = results["zero_labels"]
     zero["default · PBC held-out"] = trust_metrics(base, *feats["pbc"], y_pbc, pbc.images, classes)
     zero["default · BCCD"] = trust_metrics(base, *feats["bccd"], y_bccd, bccd.images, classes)
-    # `wbc adapt --unlabelled` keeps the base calibration: no labels to refit it on
-    zero["--unlabelled · BCCD"] = trust_metrics(base, *feats["bccd_adabn"], y_bccd, bccd.images, classes)
+    # batch-norm statistics of the lab (AdaBN), the head-only curves' base; `wbc adapt --unlabelled` alone maps the
+    # lab's colours instead and reads its prevalence (its end-to-end row: --end-to-end)
+    zero[ADABN] = trust_metrics(base, *feats["bccd_adabn"], y_bccd, bccd.images, classes)
     # --- the two warnings -----------------------------------------------------------------------------------------
     ood_white = base.ood.score(*feats["pbc"]).numpy()
     ood_non = base.ood.score(*feats["non_wbc"]).numpy()
@@ -194,8 +208,8 @@ def main() -> None:
         )
     # --- a few labelled cells --------------------------------------------------------------------------------------
     for variant, key, replay_key in (
-        ("wbc adapt --data FEW", "bccd", "base"),
-        ("wbc adapt --data FEW --unlabelled BCCD", "bccd_adabn", "adabn"),
+        (HEAD_ONLY, "bccd", "base"),
+        (f"{HEAD_ONLY} --unlabelled BCCD", "bccd_adabn", "adabn"),
     ):
         results["adapt"][variant] = {}
         logits, features = feats[key]
@@ -230,6 +244,9 @@ def main() -> None:
                 )
             else:
                 print(f"{variant}, {n}/class: refused ({runs[0]['refused']})")
+    if args.end_to_end:
+        zero[UNLABELLED_END_TO_END] = as_row(adapt_and_score(0, unlabelled=args.bccd, model=args.model))
+        results["adapt"][END_TO_END] = end_to_end_curve(args.model, args.bccd)
     # --- one end-to-end `wbc adapt` on 10 cells per class, timed ---------------------------------------------------
     train, _ = few_cells(y_bccd, 10, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,10 +267,41 @@ def main() -> None:
     print(f"command: {results['command']} → {args.out}/results.json, cross_lab.png")
 
 
+def as_row(scored: dict) -> dict:
+    """``adapt_few.score``'s dictionary under this table's names."""
+    renamed = dict(scored)
+    renamed["coverage"] = renamed.pop("set_coverage")
+    return renamed
+
+
+def end_to_end_curve(model: Path, bccd: Path) -> dict[int, list[dict]]:
+    """`wbc adapt` with fine-tuning on random selections of the lab's cells (``adapt_few.adapt_and_score``: every
+    BCCD image as the lab's unlabelled images), scored on the rest by the adapted model as `wbc predict` reads them."""
+    curve: dict[int, list[dict]] = {}
+    for n in CELLS:
+        runs = []
+        for seed in SEEDS:
+            try:
+                row = adapt_and_score(n, seed, unlabelled=bccd, model=model)
+            except WbcError as exc:  # too few cells: what `wbc adapt` says is the result
+                runs.append({"seed": seed, "refused": str(exc)})
+                continue
+            runs.append({"seed": seed, **as_row(row)})
+        curve[n] = runs
+        ok = [r for r in runs if "accuracy" in r]
+        summary = f"accuracy {np.mean([r['accuracy'] for r in ok]):.1%}" if ok else f"refused ({runs[0]['refused']})"
+        print(f"{END_TO_END}, {n}/class: {summary}", flush=True)
+    return curve
+
+
 def plot(results: dict, path: Path) -> None:
     """Accuracy and trust against labelled cells per class, with the zero-label models as lines."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {"wbc adapt --data FEW": "tab:blue", "wbc adapt --data FEW --unlabelled BCCD": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7))
+    colours = {
+        HEAD_ONLY: "tab:blue",
+        f"{HEAD_ONLY} --unlabelled BCCD": "tab:green",
+        END_TO_END: "tab:orange",
+    }
     for variant, per_n in results["adapt"].items():
         per_n = {int(n): runs for n, runs in per_n.items()}  # JSON keys are strings
         ns = [n for n in CELLS if any("accuracy" in r for r in per_n[n])]
@@ -273,8 +321,13 @@ def plot(results: dict, path: Path) -> None:
                 capsize=3,
                 label=f"{variant}" if ax is axes[0] else f"{key.replace('_', ' ')}, {variant}",
             )
-    for name, colour in (("default · BCCD", "tab:red"), ("--unlabelled · BCCD", "tab:purple")):
-        axes[0].axhline(results["zero_labels"][name]["accuracy"], color=colour, ls=":", label=f"{name} (no labels)")
+    for name, colour in (
+        ("default · BCCD", "tab:red"),
+        (ADABN, "tab:purple"),
+        (UNLABELLED_END_TO_END, "tab:brown"),
+    ):
+        if name in results["zero_labels"]:
+            axes[0].axhline(results["zero_labels"][name]["accuracy"], color=colour, ls=":", label=f"{name} (no labels)")
     axes[0].axhline(0.93, color="grey", ls="-.", lw=1, label="target at 10 cells/class: 93 %")
     axes[0].set(
         title="BCCD accuracy on the cells not labelled (mean ± sd, 3 seeds)",
@@ -289,9 +342,9 @@ def plot(results: dict, path: Path) -> None:
         ylim=(0, 1),
         xticks=CELLS,
     )
-    for ax, where in zip(axes, ("lower right", "center right")):
+    for ax in axes:  # legends under the plots: inside, they hid the curves
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc=where)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
