@@ -23,12 +23,15 @@ from wbc_trust import config
 from wbc_trust import train as train_module
 from wbc_trust.adapt import FineTuning
 from wbc_trust.data import Record, load_images
+from wbc_trust.distributed import Context
 from wbc_trust.models import REGISTRY, bf16_supported, build_model, prepare_for_cpu
+from wbc_trust.recipe import make_config
 from wbc_trust.train import (
     DepthwiseGradByConvolution,
     DropoutMaskFromUniform,
     FrozenBatchNormFolded,
     frozen_conv_norm_pairs,
+    resolve,
     train_loader,
     train_step,
 )
@@ -312,6 +315,39 @@ def test_chunks_at_once_train_as_one_after_another(loaded, monkeypatch: pytest.M
     second = _chunked_step(model, loaded, True, use_bf16, monkeypatch)[2]
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], start[k]) for k in first)
+
+
+def test_mixup_targets_train_as_the_classes_they_blend(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixup's soft targets (``--config`` ``mixup: α``, torchvision's ``v2.MixUp``) on real images (an fp64 network, the
+    loss in fp32 as always), two chunks,
+    unequal class weights: one-hot targets give the hard labels' loss and weights after the step (the loss is the
+    class-weighted mean either way), and the trainer of a mixup recipe blends each batch (images and targets)."""
+    monkeypatch.setattr(config, "MICRO_BATCH_PIXELS", 8 * SIZE * SIZE)
+    monkeypatch.setattr(train_module, "_can_run_chunks_at_once", lambda *_: False)
+    images, labels = loaded.images[:16].double() / 255, loaded.labels[:16]
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor([3.0, 0.5, 2.0, 1.0, 0.7]))  # the loss is taken in fp32
+    model = _lite0().double()
+    model.net.drop_rate = 0.0
+    start = copy.deepcopy(model.state_dict())
+    results = []
+    for targets in (labels, nn.functional.one_hot(labels, len(config.CLASSES)).float()):
+        model.load_state_dict(start)
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        _, loss = train_step(model, images, targets, criterion, optimizer, use_bf16=False)
+        results.append((loss, {k: v.clone() for k, v in model.state_dict().items()}))
+    (hard_loss, hard), (soft_loss, soft) = results
+    assert torch.allclose(hard_loss, soft_loss, rtol=1e-6)
+    assert all(torch.allclose(hard[k].double(), soft[k].double(), rtol=1e-5, atol=1e-7) for k in hard)
+    assert not all(torch.equal(hard[k], start[k]) for k in hard)  # the step did train
+
+    cfg = resolve(make_config(data="d", out="o", mixup=0.4))
+    trainer = train_module._build_trainer(cfg, loaded, train_loader(loaded, 8, 0), Context(torch.device("cpu")))
+    torch.manual_seed(0)
+    blended, targets = trainer.mixup(images.float(), labels)
+    assert targets.shape == (16, len(config.CLASSES)) and torch.allclose(targets.sum(1), torch.ones(16))
+    mix = float(targets[0, labels[0]])  # λ (or 1 - λ where both images of the pair share a class)
+    assert 0 < mix < 1 and not torch.equal(blended, images.float())
 
 
 def _epoch(loader) -> list[torch.Tensor]:

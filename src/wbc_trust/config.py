@@ -96,6 +96,10 @@ BATCH_SIZE: int = 48
 LEARNING_RATE: float = 1e-3
 WEIGHT_DECAY: float = 1e-4
 LABEL_SMOOTHING: float = 0.05
+#: Mixup's α (Zhang et al. 2018, torchvision's ``v2.MixUp``): each step's batch blended with itself rolled by one,
+#: λ ~ Beta(α, α), the targets likewise; 0 = off. One of issue 13's candidates for a model that travels (Tsutsui et al.
+#: 2023 report it helping on BCCD); measured in README "One view for the model".
+MIXUP_ALPHA: float = 0.0
 EARLY_STOP_PATIENCE: int = 4
 #: Per-step decay of the weight average that is validated and saved (≈ 1/(1-decay) = 200 steps of memory).
 EMA_DECAY: float = 0.995

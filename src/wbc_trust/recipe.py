@@ -42,6 +42,7 @@ class TrainConfig:
     resume: bool = False
     patience: int = config.EARLY_STOP_PATIENCE
     label_smoothing: float = config.LABEL_SMOOTHING
+    mixup: float = config.MIXUP_ALPHA  # mixup's α (torchvision's v2.MixUp); 0 = off
     max_images: int | None = None  # cap per split for quick runs and tests
     bf16: bool | None = None  # None → autocast where it pays: CPUs with native bf16, every CUDA GPU (bf16 or fp16)
     test_views: tuple[str, ...] = config.TEST_VIEWS  # what the saved model's predictions average over

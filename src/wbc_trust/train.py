@@ -33,6 +33,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.optim.swa_utils import AveragedModel
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from wbc_trust import config, distributed, plots
@@ -528,11 +529,12 @@ def train_step(
     ``batch_weight``: the weight the loss is normalised by, by default this batch's. Under DDP it is the mean over the
     processes of their batches' weights, so that DDP's average of the processes' gradients is the gradient of the
     whole step's weighted mean loss.
+
+    ``labels``: class indices, or one row of class probabilities per image (mixup's blended targets).
     """
     images = images.contiguous(memory_format=torch.channels_last)
     n_chunks = -(-len(images) * images.shape[-2] * images.shape[-1] // config.MICRO_BATCH_PIXELS)  # ceiling division
-    weight = getattr(criterion, "weight", None)
-    sample_weights = weight[labels] if weight is not None else torch.ones(len(labels), device=labels.device)
+    sample_weights = _sample_weights(getattr(criterion, "weight", None), labels)
     total = sample_weights.sum() if batch_weight is None else batch_weight
     dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
     optimizer.zero_grad(set_to_none=True)
@@ -543,6 +545,16 @@ def train_step(
     def chunk_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(images.device.type, dtype=dtype, enabled=use_bf16):
             chunk_logits = model(x)
+        if y.is_floating_point():
+            # mixup's blended targets: the loss's mean would divide by the images, not by their class weights
+            per_image = F.cross_entropy(
+                chunk_logits.float(),
+                y,
+                weight=criterion.weight,
+                label_smoothing=criterion.label_smoothing,
+                reduction="none",
+            )
+            return chunk_logits, per_image.sum() / total
         return chunk_logits, criterion(chunk_logits.float(), y) * (w.sum() / total)
 
     if _can_run_chunks_at_once(model, images.device.type, len(chunks)):
@@ -651,6 +663,14 @@ class Trainer:
     criterion: nn.Module
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
+    mixup: v2.MixUp | None = None  # blends each batch (images and one-hot targets) when the recipe asks for it
+
+
+def _sample_weights(weight: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """Each image's class weight: its class's, or for mixup's soft targets the blend of its classes' weights."""
+    if weight is None:
+        return torch.ones(len(targets), device=targets.device)
+    return targets @ weight if targets.is_floating_point() else weight[targets]
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -673,14 +693,17 @@ def train_one_epoch(
     for images, labels in bar:
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
+        targets = labels
+        if trainer.mixup is not None:
+            images, targets = trainer.mixup(images, labels)
         batch_weight = None
         if ctx.distributed:
-            local = weight[labels].sum() if weight is not None else torch.tensor(float(len(labels)))
+            local = _sample_weights(weight, targets).sum()
             batch_weight = torch.tensor(ctx.sum(float(local))[0] / ctx.world_size, device=ctx.device)
         logits, loss = train_step(
             trainer.network,
             images,
-            labels,
+            targets,
             trainer.criterion,
             trainer.optimizer,
             trainer.amp is not None,
@@ -690,7 +713,7 @@ def train_one_epoch(
         trainer.scheduler.step()
         trainer.ema.update_parameters(trainer.model)
         seen += len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        correct += int((logits.argmax(1) == labels).sum())  # with mixup: against the image's own class
         loss_sum += float(loss.detach()) * len(labels)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     seen, correct, loss_sum = ctx.sum(seen, correct, loss_sum)
@@ -837,7 +860,8 @@ def _build_trainer(cfg: TrainConfig, train_set: LoadedImages, loader: DataLoader
     network = model
     if ctx.distributed:
         network = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return Trainer(model, network, ema, optimizer, scheduler, criterion, scaler, amp)
+    mixup = v2.MixUp(alpha=cfg.mixup, num_classes=len(config.CLASSES)) if cfg.mixup > 0 else None
+    return Trainer(model, network, ema, optimizer, scheduler, criterion, scaler, amp, mixup)
 
 
 def _split_digest(split_file: dict) -> str:
