@@ -4,8 +4,8 @@ cells, the other BCCD cells are read as ``wbc predict`` reads them with the adap
     python bench/adapt_few.py [--per-class 10] [--unlabelled DIR] [--px-per-um X] [--model M] [--fine-tune-steps 80]
         [--keep RUN_DIR]
 
-Prints and writes (``OUT/<name>.json``) accuracy, macro-F1, ECE, 95 % set coverage, mean set size, the unflagged share and the
-unflagged answers' accuracy on the rest, per-class recall and the confusion matrix, and the seconds ``wbc adapt``
+Prints and writes (``OUT/<name>.json``) accuracy, macro-F1, ECE, 95 % set coverage, mean set size, the unflagged share
+and the unflagged answers' accuracy on the rest, per-class recall and the confusion matrix, and the seconds ``wbc adapt``
 took; ``--keep`` keeps the adapted model for a closer look. BCCD has 3 basophils: at N ≥ 3 two of
 them are labelled (all but one, so one is left to test on).
 """

@@ -12,9 +12,9 @@ on features computed once per backbone (the head is all that changes between see
 for every seed and is measured end to end instead (README). One end-to-end `wbc adapt` run (fine-tuning included) on
 10 cells per class is timed. ``--end-to-end`` adds the curve of `wbc adapt` as a lab runs it, fine-tuning included,
 with the lab's unlabelled images (``bench/adapt_few.py`` on random selections of 5, 10 and 20 BCCD cells per class, the
-same seeds; about 2 minutes a run on 2 cores). ``--unlabelled`` uses every BCCD image, labels unread (the lab's unlabelled images). PBC =
-the model's own held-out test split. ``--install-lab-statistic`` first stores the lab statistic (``lab.py``) in the
-model file, fitted on its calibration images. Writes results.json and cross_lab.png.
+same seeds; about 2 minutes a run on 2 cores). ``--unlabelled`` uses every BCCD image, labels unread (the lab's
+unlabelled images). PBC = the model's own held-out test split. ``--install-lab-statistic`` first stores the lab
+statistic (``lab.py``) in the model file, fitted on its calibration images. Writes results.json and cross_lab.png.
 """
 
 from __future__ import annotations
