@@ -186,8 +186,17 @@ def test_two_warnings_and_one_notice_for_a_folder_from_another_lab(tmp_path: Pat
     assert platelet_flags.count(FLAG_NOT_WBC) >= 7 and platelet_flags.count(FLAG_NEW_LAB) <= 1, platelet_flags
     result = CliRunner().invoke(app, ["predict", *map(str, other_lab)])
     assert result.exit_code == 0, result.output
-    assert " ".join(result.output.split()).count("wbc adapt --data") == 1  # one message up front, not one per row
+    output = " ".join(result.output.split())
+    assert output.count("wbc adapt --data") == 1  # one message up front, not one per row
+    assert output.count("--px-per-um X") == 1  # BCCD's tight crops: no magnification measured, so say how to give it
     assert predictor.batch_notice(predictor.predict_files(platelets, progress=False)) is None
+
+    # the same lab's whole fields show their red cells: the batch's magnification is measured, nothing to add
+    fields = sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:10]
+    crop = predictor.batch_policy(fields)
+    assert crop.px_per_um is not None and 11 < crop.px_per_um < 18
+    notice = predictor.batch_notice(predictor.predict_files(fields, progress=False, crop=crop), crop)
+    assert notice is not None and "wbc adapt --data" in notice and "--px-per-um" not in notice
 
 
 def test_lab_statistics_are_each_images_own_whatever_the_batch() -> None:

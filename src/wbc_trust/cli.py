@@ -255,7 +255,7 @@ def predict(
         results = predictor.predict_files(files, crop=crop)
     if csv:
         predictor.write_csv(results, csv)
-    notice = predictor.batch_notice(results)  # one message for a folder from another lab, not a flag per row
+    notice = predictor.batch_notice(results, crop)  # one message for a folder from another lab, not a flag per row
     if notice:
         Console(stderr=True).print(f"[bold yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     if as_json:

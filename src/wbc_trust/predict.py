@@ -168,10 +168,13 @@ class Predictor:
                 results.update(zip(positions, self.predict_views(names, torch.stack(tensors), view_flags)))
         return [results[i] for i in range(len(paths))]
 
-    def batch_notice(self, predictions: Sequence[Prediction]) -> str | None:
-        """One message for a batch that mostly looks like another lab's (``lab.batch_notice``), or None."""
+    def batch_notice(self, predictions: Sequence[Prediction], crop: CropPolicy | None = None) -> str | None:
+        """One message for a batch that mostly looks like another lab's (``lab.batch_notice``), or None; ``crop``:
+        the policy the batch was read with (``batch_policy``), which says whether its magnification was known."""
         readable = [p for p in predictions if p.prediction is not None]
-        return batch_notice(sum(p.flag == FLAG_NEW_LAB for p in readable), len(readable))
+        crop = crop or self.crop
+        scale_known = crop.kind != "cell" or crop.px_per_um is not None
+        return batch_notice(sum(p.flag == FLAG_NEW_LAB for p in readable), len(readable), scale_known)
 
     def write_csv(self, predictions: Iterable[Prediction], path: Path) -> None:
         """The ``--csv`` file: one row per input file."""
