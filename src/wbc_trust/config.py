@@ -313,6 +313,11 @@ LAB_SCALE_MIN_IMAGES: int = 5
 #: crops 0.04, BCCD fields 0.12); in small crops the edges cut the red cells and the readings scatter (BCCD's crops
 #: 0.58, reading half the true scale), so no scale is taken from them.
 LAB_SCALE_MAX_SPREAD: float = 0.25
+#: ... and at least this share of the images must read one. Where most images show no ruler, the few that do are tight
+#: crops misread from the red cells their edges cut, and a handful of them can agree by chance: 6 of 21 BCCD crops
+#: agreed on 8.0 px/µm (the lab's fields read 14.66). Shares measured (`data._ruler_reading`): PBC crops 0.57-0.66,
+#: BCCD fields 0.98, BCCD crops 0.20 (all 351) and 0.29 (those 21).
+LAB_SCALE_MIN_SHARE: float = 0.4
 #: A lab's magnification is measured on at most this many of its images, spread over the batch (wbc train on its
 #: training folder, wbc adapt on the lab's cells, and every batch a cell-view model reads: data.batch_policy).
 SCALE_SAMPLE: int = 300

@@ -199,13 +199,14 @@ def image_ruler(image: Image.Image, finder: CellFinder | None = None) -> float |
 
 def lab_scale(readings: list[float | None]) -> tuple[float | None, str]:
     """A lab's magnification from its images' rulers (``image_ruler``): their median where at least
-    ``config.LAB_SCALE_MIN_IMAGES`` read one and they agree (``config.LAB_SCALE_MAX_SPREAD``); else None. With a
-    sentence saying which."""
+    ``config.LAB_SCALE_MIN_IMAGES`` and ``config.LAB_SCALE_MIN_SHARE`` of them read one and they agree
+    (``config.LAB_SCALE_MAX_SPREAD``); else None. With a sentence saying which."""
     values = np.array([r for r in readings if r is not None])
-    if len(values) < config.LAB_SCALE_MIN_IMAGES:
+    needed = max(config.LAB_SCALE_MIN_IMAGES, math.ceil(config.LAB_SCALE_MIN_SHARE * len(readings)))
+    if len(values) < needed:
         return None, (
-            f"{len(values)} of {len(readings)} images show enough red cells (at least {config.LAB_SCALE_MIN_IMAGES} "
-            "needed; tight crops show none)"
+            f"{len(values)} of {len(readings)} images show enough red cells (at least {needed} needed; tight crops "
+            "show none, or misread the few their edges cut)"
         )
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     if (q3 - q1) / median > config.LAB_SCALE_MAX_SPREAD:

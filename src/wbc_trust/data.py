@@ -577,7 +577,9 @@ def as_policy(crop: CropPolicy | int) -> CropPolicy:
 
 
 def _cache_key(paths: Sequence[Path], crop: CropPolicy) -> str:
-    return _files_key(f"v1|{crop.size}" if crop.kind == "frame" else f"v3|{crop.key}", paths)
+    # a cell view's batch is cut at the magnification measured by the rule of ``crop.lab_scale``, so its constants too
+    lab_rule = (config.LAB_SCALE_MIN_IMAGES, config.LAB_SCALE_MAX_SPREAD, config.LAB_SCALE_MIN_SHARE)
+    return _files_key(f"v1|{crop.size}" if crop.kind == "frame" else f"v3|{crop.key}|{lab_rule}", paths)
 
 
 def load_images(
