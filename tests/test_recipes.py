@@ -66,6 +66,8 @@ def test_bad_recipes_say_what_is_wrong(tmp_path: Path) -> None:
     bad.write_text("epochs: 8\nlearning_rate: 0.1\n")
     with pytest.raises(WbcError, match="unknown setting 'learning_rate'.*lr"):
         load_recipe(bad)
+    with pytest.raises(WbcError, match="mixup's alpha must be 0"):
+        resolve(make_config(data="d", out="o", mixup=-0.2))
     bad.write_text("epochs: many\n")
     with pytest.raises(WbcError, match="epochs: expected int"):
         load_recipe(bad)

@@ -82,6 +82,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             f"use a comma-separated list of {', '.join(VIEWS)}"
         )
     distributed.resolve_device(cfg.device)
+    if not cfg.mixup >= 0:
+        raise WbcError(f"mixup: {cfg.mixup}: mixup's alpha must be 0 (off) or positive (e.g. 0.2)")
     pretrained = cfg.pretrained if cfg.pretrained is not None else config.DEFAULT_PRETRAINED.get(cfg.arch, "none")
     frozen = cfg.frozen_stages
     if frozen is None:
