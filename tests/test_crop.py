@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from wbc_trust import config
 from wbc_trust.cli import app
-from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, image_ruler, lab_scale, shared_finder
+from wbc_trust.crop import FLAG_NONE, FLAG_SEVERAL, CropPolicy, image_reading, lab_scale, shared_finder
 from wbc_trust.data import batch_policy, measure_scale, read_image, view_image
 from wbc_trust.errors import WbcError
 from wbc_trust.finder import CellFinder, read_voc
@@ -99,29 +99,38 @@ def _bccd_fields(n: int) -> list[Path]:
     return sorted((SHARED / "bccd-fields" / "JPEGImages").glob("*.jpg"))[:n]
 
 
-def test_a_labs_magnification_is_measured_on_its_fields_not_on_its_cropped_cells() -> None:
-    scale, why = lab_scale([image_ruler(read_image(p)) for p in _bccd_fields(10)])
-    assert scale is not None and 11 < scale < 18, why  # BCCD's annotated red cells: ~101 px ≈ 13.5 px/µm
+def test_a_labs_magnification_is_measured_on_its_fields_or_on_the_frames_of_its_tight_crops() -> None:
+    fields, why = lab_scale([image_reading(read_image(p)) for p in _bccd_fields(10)])
+    assert fields is not None and 11 < fields < 18 and "red-cell ruler" in why, why  # annotated red cells: ~13.5 px/µm
+    # the same lab's cropped cells: their rulers are too few and disagree (the edges cut the red cells), but 16 of these
+    # 40 are tight crops, whose frames give the lab's scale (a frame per cell taken as CROP_TIGHT_FRAME_UM)
     crops = [p for cls in ("Neutrophil", "Eosinophil") for p in _files(SHARED / "bccd-wbc" / cls, 20)]
-    none, why = lab_scale([image_ruler(read_image(p)) for p in crops])
-    assert none is None and ("too far apart" in why or "enough red cells" in why), why
+    from_frames, why = lab_scale([image_reading(read_image(p)) for p in crops])
+    assert from_frames is not None and 11 < from_frames < 18, (from_frames, fields, why)  # the fields' range
+    assert "tight crops" in why and "show enough red cells" in why, why
     # a few tight crops that do read a ruler can agree by chance (these 21 read 8.0 px/µm before the share rule):
-    # where most of the images read none, the few that do are not believed
+    # where most of the images read none, the few that do are not believed, and the frames are read instead
     few = [
         p
         for cls, n in (("Basophil", 1), ("Eosinophil", 5), ("Lymphocyte", 5), ("Monocyte", 5), ("Neutrophil", 5))
         for p in _files(SHARED / "bccd-wbc" / cls, n)
     ]
-    readings = [image_ruler(read_image(p)) for p in few]
-    read = sum(r is not None for r in readings)
+    readings = [image_reading(read_image(p)) for p in few]
+    read = sum(r.ruler is not None for r in readings)
     assert config.LAB_SCALE_MIN_IMAGES <= read < config.LAB_SCALE_MIN_SHARE * len(few), readings
-    none, why = lab_scale(readings)
-    assert none is None and f"{read} of {len(few)} images show enough red cells" in why, why
+    scale, why = lab_scale(readings)
+    assert f"{read} of {len(few)} images show enough red cells" in why, why
+    assert scale is not None and 11 < scale < 18, (scale, fields, why)  # not the rulers' 8.0
+    # too few rulers and too few tight crops (7 of these 24): no scale, each image keeps its own
+    mixed = [p for cls in ("Neutrophil", "Eosinophil") for p in _files(SHARED / "bccd-wbc" / cls, 12)]
+    none, why = lab_scale([image_reading(read_image(p)) for p in mixed])
+    assert none is None and "too few to measure their cells" in why, why
 
 
 def test_a_folder_is_read_at_its_one_measured_magnification() -> None:
     """A batch from one microscope: every image cut at the median ruler of the batch, not at its own reading; a batch
-    whose rulers disagree (BCCD's cropped cells) or a single image keeps each image's own scale."""
+    whose rulers disagree and which is not mostly tight crops (24 of BCCD's cropped cells), or a single image, keeps
+    each image's own scale."""
     pbc = [p for cls in ("neutrophil", "monocyte", "lymphocyte") for p in _files(PBC / cls, 4)]
     batch = batch_policy(CELL, pbc)
     assert batch.px_per_um is not None and 9.5 < batch.px_per_um < 12.0

@@ -315,9 +315,15 @@ LAB_SCALE_MIN_IMAGES: int = 5
 LAB_SCALE_MAX_SPREAD: float = 0.25
 #: ... and at least this share of the images must read one. Where most images show no ruler, the few that do are tight
 #: crops misread from the red cells their edges cut, and a handful of them can agree by chance: 6 of 21 BCCD crops
-#: agreed on 8.0 px/µm (the lab's fields read 14.66). Shares measured (`data._ruler_reading`): PBC crops 0.57-0.66,
+#: agreed on 8.0 px/µm (the lab's fields read 14.66). Shares measured (`data._scale_reading`): PBC crops 0.57-0.66,
 #: BCCD fields 0.98, BCCD crops 0.20 (all 351) and 0.29 (those 21).
 LAB_SCALE_MIN_SHARE: float = 0.4
+#: Where a folder's red cells give no scale but as many of its images as a ruler needs are tight crops, its
+#: magnification is their median frame (short side) over this many µm: a lab's tool cuts a tight crop around its
+#: cell, so the median frame is its median white cell. The median annotated white cell (long side, at each field's
+#: annotated red-cell ruler) in txl-fields, per lab: PBC 13.4, Raabin 14.5, BCCD 15.7, BCD 16.6 µm, median of the
+#: four 15.1 (`python bench/cell_sizes.py`).
+CROP_TIGHT_FRAME_UM: float = 15.1
 #: A lab's magnification is measured on at most this many of its images, spread over the batch (wbc train on its
 #: training folder, wbc adapt on the lab's cells, and every batch a cell-view model reads: data.batch_policy).
 SCALE_SAMPLE: int = 300

@@ -9,9 +9,9 @@ when the image shows enough of them and is not a tight crop; a crop without a ru
 training crops (its short side ``window_um`` µm); a tight crop (the cell fills the frame, as in BCCD's crops) gives
 only the cell, which is then taken to be ``config.CROP_CELL_UM`` across (the median white cell of PBC). Where the
 window leaves the image it is filled with the image's median colour (the smear's background). Where the lab's
-magnification is known (``px_per_um``: ``wbc adapt`` measures it as the median ruler of the lab's images, or is told
-it), every image is cut at it instead: one microscope has one scale, and the median of many rulers scatters far less
-than one image's. ``wbc train`` measures its own lab's magnification the same way and cuts every training image at
+magnification is known (``px_per_um``: ``wbc adapt`` measures it as the median ruler of the lab's images, or from
+the frames of its tight crops, ``lab_scale``, or is told it), every image is cut at it instead: one microscope has one
+scale, and the median of many rulers scatters far less than one image's. ``wbc train`` measures its own lab's magnification the same way and cuts every training image at
 it (``home_px_per_um``, recorded so that ``wbc adapt`` cuts the training lab's replay images as they were trained);
 other images are read at their own scale. The constants are checked by ``tests/test_crop.py``.
 
@@ -51,8 +51,8 @@ def _finder_version() -> str:
 
 
 def ruler_key() -> str:
-    """What one image's red-cell reading (``image_ruler``) depends on besides its pixels: the finder's weights and
-    the constants of ``ruler_fits`` and ``central_cell`` (``data.measure_scale`` keys its cached readings by it)."""
+    """What one image's reading (``image_reading``) depends on besides its pixels: the finder's weights and
+    the constants of ``ruler_fits``, ``_tight`` and ``central_cell`` (``data.measure_scale`` keys its cached readings by it)."""
     constants = (
         config.CROP_RULER_CELLS,
         config.RED_CELL_DIAMETER_UM,
@@ -186,27 +186,54 @@ def ruler_fits(image: Image.Image, result: FinderResult, cell: Cell) -> bool:
     return low <= _long_side(cell) / (result.px_per_um * config.RED_CELL_DIAMETER_UM) <= high
 
 
-def image_ruler(image: Image.Image, finder: CellFinder | None = None) -> float | None:
-    """One image's red-cell reading of its magnification (px/µm), where the ruler holds (``ruler_fits`` for its most
-    central white cell; any field without one); None for a tight crop or too few red cells."""
+@dataclass(frozen=True)
+class ScaleReading:
+    """What one image tells of its lab's magnification: its red-cell ruler in px/µm (``ruler_fits`` for its most
+    central white cell; any field without one), and for a tight crop the short side of its frame in pixels, which a
+    lab's tool cut around the cell (``lab_scale`` reads a folder's frames as its white cells' size)."""
+
+    ruler: float | None = None
+    tight_frame: int | None = None
+
+
+def image_reading(image: Image.Image, finder: CellFinder | None = None) -> ScaleReading:
+    """One image's ``ScaleReading``; a tight crop has no ruler (its edges cut the few red cells it shows)."""
     result = (finder or shared_finder()).find(image)
-    if result.px_per_um is None:
-        return None
-    if result.cells and not ruler_fits(image, result, central_cell(result.cells, image.size)[0]):
-        return None
-    return result.px_per_um
+    if not result.cells:
+        return ScaleReading(result.px_per_um)
+    cell = central_cell(result.cells, image.size)[0]
+    if _tight(image, cell):
+        return ScaleReading(tight_frame=min(image.size))
+    return ScaleReading(result.px_per_um if ruler_fits(image, result, cell) else None)
 
 
-def lab_scale(readings: list[float | None]) -> tuple[float | None, str]:
-    """A lab's magnification from its images' rulers (``image_ruler``): their median where at least
-    ``config.LAB_SCALE_MIN_IMAGES`` and ``config.LAB_SCALE_MIN_SHARE`` of them read one and they agree
-    (``config.LAB_SCALE_MAX_SPREAD``); else None. With a sentence saying which."""
-    values = np.array([r for r in readings if r is not None])
+def lab_scale(readings: list[ScaleReading]) -> tuple[float | None, str]:
+    """A lab's magnification from its images' readings (``image_reading``), with a sentence saying how, or None and
+    why not. First the red cells: the median ruler where at least ``config.LAB_SCALE_MIN_IMAGES`` and
+    ``config.LAB_SCALE_MIN_SHARE`` of the images read one and they agree (``config.LAB_SCALE_MAX_SPREAD``). Else, in a
+    folder of tight crops (as many of them as a ruler needs), the median frame over ``config.CROP_TIGHT_FRAME_UM``:
+    each frame is about its cell, so over many cells of a normal mix the median frame is the lab's median white cell;
+    one scale for the folder keeps a small lymphocyte smaller than a monocyte, which a scale per crop (each cell
+    taken as ``config.CROP_CELL_UM``) erases."""
     needed = max(config.LAB_SCALE_MIN_IMAGES, math.ceil(config.LAB_SCALE_MIN_SHARE * len(readings)))
+    scale, why = _ruler_scale([r.ruler for r in readings if r.ruler is not None], len(readings), needed)
+    if scale is not None:
+        return scale, why
+    frames = [r.tight_frame for r in readings if r.tight_frame is not None]
+    if len(frames) < needed:
+        return None, f"{why}; {len(frames)} are tight crops, too few to measure their cells"
+    return float(np.median(frames)) / config.CROP_TIGHT_FRAME_UM, (
+        f"median frame of {len(frames)} of {len(readings)} images, tight crops taken as a white cell of "
+        f"{config.CROP_TIGHT_FRAME_UM:g} µm, since {why}"
+    )
+
+
+def _ruler_scale(values: list[float], n: int, needed: int) -> tuple[float | None, str]:
+    """``lab_scale``'s red-cell rule: the median of ``values`` (read from ``n`` images), or None and why not."""
     if len(values) < needed:
         return None, (
-            f"{len(values)} of {len(readings)} images show enough red cells (at least {needed} needed; tight crops "
-            "show none, or misread the few their edges cut)"
+            f"{len(values)} of {n} images show enough red cells (at least {needed} needed; tight crops show none, or "
+            "misread the few their edges cut)"
         )
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     if (q3 - q1) / median > config.LAB_SCALE_MAX_SPREAD:
@@ -214,7 +241,7 @@ def lab_scale(readings: list[float | None]) -> tuple[float | None, str]:
             f"the red cells of {len(values)} images read {q1:.1f}-{q3:.1f} px/µm (quartiles), too far apart to be one "
             "magnification (small crops cut their red cells)"
         )
-    return float(median), f"median red-cell ruler of {len(values)} of {len(readings)} images"
+    return float(median), f"median red-cell ruler of {len(values)} of {n} images"
 
 
 def _long_side(cell: Cell) -> float:

@@ -17,7 +17,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from wbc_trust import config
-from wbc_trust.crop import CropPolicy, CropResult, background_colour, image_ruler, lab_scale, ruler_key
+from wbc_trust.crop import CropPolicy, CropResult, ScaleReading, background_colour, image_reading, lab_scale, ruler_key
 from wbc_trust.errors import WbcError
 from wbc_trust.io import atomic_write, atomic_write_text
 
@@ -221,9 +221,9 @@ def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
 
 
 def measure_scale(paths: Sequence[Path], desc: str) -> tuple[float | None, str]:
-    """The magnification (px/µm) of the lab that made ``paths``: the median red-cell ruler of at most
-    ``config.SCALE_SAMPLE`` of its images, spread over the list, where they agree (``crop.lab_scale``), or None; with a
-    sentence saying which. Unreadable files are skipped here (they are reported where the images are read for the
+    """The magnification (px/µm) of the lab that made ``paths``, read from at most ``config.SCALE_SAMPLE`` of its
+    images, spread over the list: their median red-cell ruler where they agree, else the median frame of its tight
+    crops (``crop.lab_scale``), or None; with a sentence saying which. Unreadable files are skipped here (they are reported where the images are read for the
     model).
 
     The sample's readings are searched on threads, as ``load_images`` decodes, and kept on disk (``cache_dir``), keyed
@@ -233,27 +233,27 @@ def measure_scale(paths: Sequence[Path], desc: str) -> tuple[float | None, str]:
     sample = list(paths)[:: max(1, len(paths) // config.SCALE_SAMPLE)]
     key_file = cache_dir() / f"scale-{_scale_key(sample)}.json"
     try:
-        readings = json.loads(key_file.read_text())["readings"]
+        readings = [ScaleReading(**r) for r in json.loads(key_file.read_text())["readings"]]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: measured again, never trusted
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            read = pool.map(_ruler_reading, sample)
+            read = pool.map(_scale_reading, sample)
             read = list(tqdm(read, total=len(sample), desc=desc, unit="img", leave=False, disable=len(sample) < 20))
-        readings = [value for readable, value in read if readable]
-        atomic_write_text(key_file, json.dumps({"readings": readings}))
+        readings = [r for r in read if r is not None]
+        atomic_write_text(key_file, json.dumps({"readings": [asdict(r) for r in readings]}))
     return lab_scale(readings)
 
 
-def _ruler_reading(path: Path) -> tuple[bool, float | None]:
-    """(readable, ``image_ruler`` of the image) for one file."""
+def _scale_reading(path: Path) -> ScaleReading | None:
+    """``crop.image_reading`` of one file; None where it cannot be read."""
     try:
-        return True, image_ruler(read_image(path))
+        return image_reading(read_image(path))
     except UnreadableImage:
-        return False, None
+        return None
 
 
 def _scale_key(sample: Sequence[Path]) -> str:
-    """The sampled files and what reads their rulers (``crop.ruler_key``)."""
-    return _files_key(f"scale-v1|{ruler_key()}", sample)
+    """The sampled files and what reads them (``crop.ruler_key``)."""
+    return _files_key(f"scale-v2|{ruler_key()}", sample)
 
 
 def _files_key(head: str, paths: Sequence[Path]) -> str:
@@ -578,7 +578,12 @@ def as_policy(crop: CropPolicy | int) -> CropPolicy:
 
 def _cache_key(paths: Sequence[Path], crop: CropPolicy) -> str:
     # a cell view's batch is cut at the magnification measured by the rule of ``crop.lab_scale``, so its constants too
-    lab_rule = (config.LAB_SCALE_MIN_IMAGES, config.LAB_SCALE_MAX_SPREAD, config.LAB_SCALE_MIN_SHARE)
+    lab_rule = (
+        config.LAB_SCALE_MIN_IMAGES,
+        config.LAB_SCALE_MAX_SPREAD,
+        config.LAB_SCALE_MIN_SHARE,
+        config.CROP_TIGHT_FRAME_UM,
+    )
     return _files_key(f"v1|{crop.size}" if crop.kind == "frame" else f"v3|{crop.key}|{lab_rule}", paths)
 
 

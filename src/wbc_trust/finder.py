@@ -417,7 +417,7 @@ class CellFinder:
             ) from exc
         self.min_score = min_score
         # The results of the last images found, by pixel content. A folder's images are each found twice: once
-        # when its magnification is measured (crop.image_ruler on up to 2 x config.SCALE_SAMPLE of them), once
+        # when its magnification is measured (crop.image_reading on up to 2 x config.SCALE_SAMPLE of them), once
         # when each is cut at it; the finder is most of the time of both (200 PBC crops: 23 of 28 s). Results are
         # frozen, so one object can be handed out twice; a lock, since the app's threads share one finder. Written
         # out rather than functools.lru_cache, whose keys would have to carry the pixels and so keep 600 images
