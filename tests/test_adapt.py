@@ -4,6 +4,7 @@ camera) and PBC's own platelets (the model's lab, not white cells)."""
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import subprocess
 import sys
@@ -29,19 +30,21 @@ BCCD = SHARED / "bccd-wbc"
 PLATELETS = SHARED / "pbc-non-wbc" / "platelet"
 #: labelled cells per class given to `wbc adapt` (BCCD has 3 basophils: one of them is the one-cell case)
 FEW = {"Basophil": 1, "Eosinophil": 5, "Lymphocyte": 5, "Monocyte": 5, "Neutrophil": 5}
+SELECTION_SEED = 0
 
 pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="needs ../shared/datasets/bccd-wbc")
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
-    """A lab folder with FEW labelled cells per class, and all its other cells: a folder of them (the lab's
-    unlabelled images) and their files, to test on."""
+    """A lab folder with FEW labelled cells per class drawn at random (seeded), and all its other cells: a folder of
+    them (the lab's unlabelled images) and their files, to test on."""
     root = tmp_path_factory.mktemp("lab")
     (root / "rest").mkdir()
     test: list[Path] = []
     for name, n in FEW.items():
         files = list_files(BCCD / name)
+        random.Random(SELECTION_SEED).shuffle(files)
         (root / "cells" / name).mkdir(parents=True)
         for f in files[:n]:
             shutil.copy(f, root / "cells" / name / f.name)
@@ -73,8 +76,8 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     adapted = tmp_path / "run" / "model.safetensors"
     meta = read_metadata(adapted)
     provenance = meta["adapted"]
-    # BCCD's tight crops: few of them read a ruler (6 of the 21 labelled ones, agreeing by chance on 8.0 px/µm); most
-    # are tight crops, whose frames give the lab's scale (its fields' red cells: 14.67 px/µm)
+    # BCCD's crops: too few read a ruler (70 of 351), and most are tight crops, whose frames give the lab's scale
+    # (its fields' red cells: 14.67 px/µm)
     assert "tight crops" in provenance["px_per_um"]["source"] and 11 < provenance["px_per_um"]["value"] < 18
     assert provenance["cells_per_class"] == {c.lower(): n for c, n in FEW.items()}
     assert provenance["classes_kept_from_base"] == ["basophil"]
@@ -96,10 +99,11 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     last_frozen = zip(base.stages()[frozen - 1].parameters(), tuned.stages()[frozen - 1].parameters())
     assert frozen > 0 and all(torch.equal(a, b) for a, b in last_frozen)
     (base_accuracy, _), (adapted_accuracy, flags) = _answers(None, test), _answers(adapted, test)
-    # the 330 other cells, each read at the lab's scale: the shipped default 248 zero-label, adapted 254 (measured,
-    # session 17; 3 random selections of 5 or 10 cells gave +8 to +19). Until session 17 the base read such crops
-    # without their lab's scale and the adapted model beat it by more than 15 points on 34 of them.
-    assert adapted_accuracy > base_accuracy, (base_accuracy, adapted_accuracy)
+    # the 330 other cells, read at the lab's scale (session 17): the shipped default 240 right zero-label, adapted 259
+    # (selections 1 and 2: 246 -> 256, 243 -> 261; the first files of each class, the worst selection measured:
+    # 248 -> 254). Until session 17 the base read such crops without their lab's scale and the adapted model beat it
+    # by more than 15 points on 34 of them.
+    assert adapted_accuracy >= base_accuracy + 0.03, (base_accuracy, adapted_accuracy)
     # recalibrated on the lab: its own cells are no longer "from an unfamiliar lab"
     assert flags.count(FLAG_NEW_LAB) <= len(test) // 4, flags
 
