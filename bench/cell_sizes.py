@@ -1,4 +1,4 @@
-"""How large is a white cell, in µm, in each lab's smears, and what does a folder of tight crops say of its lab's scale?
+"""How large is a white cell in µm in each lab's smears, and what does a folder of tight crops say of its lab's scale?
 
     python bench/cell_sizes.py    # ~1 min
 

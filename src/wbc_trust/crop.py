@@ -9,11 +9,12 @@ when the image shows enough of them and is not a tight crop; a crop without a ru
 training crops (its short side ``window_um`` µm); a tight crop (the cell fills the frame, as in BCCD's crops) gives
 only the cell, which is then taken to be ``config.CROP_CELL_UM`` across (the median white cell of PBC). Where the
 window leaves the image it is filled with the image's median colour (the smear's background). Where the lab's
-magnification is known (``px_per_um``: ``wbc adapt`` measures it as the median ruler of the lab's images, or from
-the frames of its tight crops, ``lab_scale``, or is told it), every image is cut at it instead: one microscope has one
-scale, and the median of many rulers scatters far less than one image's. ``wbc train`` measures its own lab's magnification the same way and cuts every training image at
-it (``home_px_per_um``, recorded so that ``wbc adapt`` cuts the training lab's replay images as they were trained);
-other images are read at their own scale. The constants are checked by ``tests/test_crop.py``.
+magnification is known (``px_per_um``: measured on a folder, ``lab_scale``, as the median ruler of its images or, for
+tight crops, from their frames; or given to ``wbc adapt``), every image is cut at it instead: one microscope has one
+scale, and the median of many readings scatters far less than one image's. ``wbc train`` measures its own lab's
+magnification the same way and cuts every training image at it (``home_px_per_um``, recorded so that ``wbc adapt``
+cuts the training lab's replay images as they were trained); other images are read at their own scale. The
+constants are checked by ``tests/test_crop.py``.
 
 ``CropPolicy("frame")``: the whole image resized, what model files from before the finder do (they have no ``crop``
 entry in their metadata and keep predicting exactly as before).
@@ -51,8 +52,9 @@ def _finder_version() -> str:
 
 
 def ruler_key() -> str:
-    """What one image's reading (``image_reading``) depends on besides its pixels: the finder's weights and
-    the constants of ``ruler_fits``, ``_tight`` and ``central_cell`` (``data.measure_scale`` keys its cached readings by it)."""
+    """What one image's reading (``image_reading``) depends on besides its pixels: the finder's weights and the
+    constants of ``ruler_fits``, ``_tight`` and ``central_cell`` (``data.measure_scale`` keys its cached readings by
+    it)."""
     constants = (
         config.CROP_RULER_CELLS,
         config.RED_CELL_DIAMETER_UM,

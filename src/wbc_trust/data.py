@@ -223,8 +223,8 @@ def read_image(source: Path | bytes, size: int | None = None) -> Image.Image:
 def measure_scale(paths: Sequence[Path], desc: str) -> tuple[float | None, str]:
     """The magnification (px/µm) of the lab that made ``paths``, read from at most ``config.SCALE_SAMPLE`` of its
     images, spread over the list: their median red-cell ruler where they agree, else the median frame of its tight
-    crops (``crop.lab_scale``), or None; with a sentence saying which. Unreadable files are skipped here (they are reported where the images are read for the
-    model).
+    crops (``crop.lab_scale``), or None; with a sentence saying which. Unreadable files are skipped here (they are
+    reported where the images are read for the model).
 
     The sample's readings are searched on threads, as ``load_images`` decodes, and kept on disk (``cache_dir``), keyed
     by the sampled files and the finder like the decoded views: the other processes of a torchrun job, and every later
