@@ -99,7 +99,8 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     last_frozen = zip(base.stages()[frozen - 1].parameters(), tuned.stages()[frozen - 1].parameters())
     assert frozen > 0 and all(torch.equal(a, b) for a, b in last_frozen)
     (base_accuracy, _), (adapted_accuracy, flags) = _answers(None, test), _answers(adapted, test)
-    # the 330 other cells, read at the lab's scale (session 17): the shipped default 240 right zero-label, adapted 259
+    # the 330 other cells, read at the lab's scale (session 17; `python bench/adapt_test_recipe.py --selection first 0
+    # 1 2`): the shipped default 240 right zero-label, adapted 259
     # (selections 1 and 2: 246 -> 256, 243 -> 261; the first files of each class, the worst selection measured:
     # 248 -> 254). Until session 17 the base read such crops without their lab's scale and the adapted model beat it
     # by more than 15 points on 34 of them.

@@ -639,8 +639,8 @@ def adapt(
         log.info(provenance["batch_norm"])
     if cells is not None and unlabelled is None:
         # measured on BCCD, 5 labelled cells per class and 12 fine-tuning steps, its other 330 cells, two selections
-        # (README "A folder of tight crops is measured by its frames"): 220 and 249 right without --unlabelled, 254
-        # and 259 with them, 248 and 240 for the base model
+        # (`python bench/adapt_test_recipe.py`): 220 and 249 right without --unlabelled, 254 and 259 with them, 248
+        # and 240 for the base model
         log.warning(
             "no --unlabelled images: the model keeps equal class priors (a lab's smears are mostly neutrophils) and "
             "batch-norm statistics from the labelled cells alone; pass the lab's other cells or fields as "

@@ -121,23 +121,26 @@ def batch_notice(n_new_lab: int, n_images: int, scale_known: bool = True) -> str
     """One message for a batch in which most images look like another lab's (``config.LAB_BATCH_SHARE``, at least
     ``config.LAB_BATCH_MIN`` images), instead of the same flag on every row; None otherwise.
 
-    ``scale_known`` False (a cell view that could not measure the batch's magnification: tight crops cut their red
-    cells) adds how to give `wbc adapt` the lab's scale, without which adapting does not help such crops: on BCCD's
-    351 crops `wbc adapt --unlabelled` read 47.9 % alone (the default 51.0 %), 78.6 % with `--px-per-um 14.67` and
-    79.2 % from the lab's fields (README, "Another lab's cells")."""
+    ``scale_known`` False (a cell view that could not measure the batch's magnification: too few red cells and too
+    few tight crops, ``crop.lab_scale``) adds how to give `wbc adapt` the lab's scale, without which adapting does not
+    help such crops: on BCCD's 351 crops, before session 17 measured them by their frames, `wbc adapt --unlabelled`
+    read 47.9 % alone (the default 51.0 %), 78.6 % with `--px-per-um 14.67` and 79.2 % from the lab's fields (README,
+    "Another lab's cells")."""
     if n_images < config.LAB_BATCH_MIN or n_new_lab < config.LAB_BATCH_SHARE * n_images:
         return None
     notice = (
         f"{n_new_lab} of {n_images} images look like they come from another lab than the one the model was "
         "calibrated on (other stain, microscope or camera): its answers and trust columns are not reliable for "
         "them. Label a few of that lab's cells (about 10 per class, one folder per class) and run "
-        "`wbc adapt --data LABELLED_DIR --out RUN_DIR` (or `wbc adapt --unlabelled DIR --out RUN_DIR` without "
-        "labels), then predict with --model RUN_DIR/model.safetensors."
+        "`wbc adapt --data LABELLED_DIR --unlabelled DIR --out RUN_DIR` (DIR: the lab's other images, such as these; "
+        "or `wbc adapt --unlabelled DIR --out RUN_DIR` without labels), then predict with "
+        "--model RUN_DIR/model.safetensors."
     )
     if scale_known:
         return notice
     return notice + (
-        " These images show too few whole red cells to measure the lab's magnification by, so each is read at a "
+        " These images show too few whole red cells or tight crops to measure the lab's magnification by, so each "
+        "is read at a "
         f"guess (a tight crop's cell as if it were {config.CROP_CELL_UM:g} µm across) and a cell's size, which tells "
         "a small lymphocyte from a monocyte, is lost: give `wbc adapt` the lab's pixels per µm (--px-per-um X), or "
         "a few of its whole smear fields as --unlabelled DIR, and it measures them."
