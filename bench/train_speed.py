@@ -15,8 +15,10 @@ augmentation, loss and optimiser on the same real PBC images, at the architectur
 * wbc: the code path of ``wbc train`` itself: images decoded once (``data.load_images``), batches from
   ``train.train_loader`` (uint8 cache + ``train_transform``; config.TRAIN_LOADER_WORKERS worker processes) and
   ``train.train_step`` (channels_last, bf16 autocast where the CPU supports it, the trained depthwise convolutions'
-  kernels chosen by kernel size there, dropout masks from uniforms, frozen batch norms folded into their convolutions, the chunks of a step
-  at once on threads of their own: Lite0's 48 images at 160 px are two chunks).
+  kernels chosen by kernel size there, dropout masks from uniforms, frozen batch norms folded into their convolutions,
+  the chunks of a step at once on threads of their own: 48 images are two chunks of 24, config.CHUNK_IMAGES), its
+  optimiser as built (``train.make_optimizer``: the same AdamW, its fused kernel) and the weight average it updates
+  after every step (``train.weight_average``), which the naive loop does not have.
 
 Whole epochs of the two loops alternate (naive, wbc, naive, ...), so background load on a shared machine hits both
 alike: only the ratios of one run are meaningful. Each epoch starts a fresh iterator and ends it before the other
@@ -25,6 +27,12 @@ batch are charged to wbc in every epoch (in ``wbc train``, once per ~125 batches
 ``data`` (waiting for the augmented batch) and ``step`` (forward, backward, optimiser), so the table shows what the
 decode-once cache and the worker give and what the step's settings give. The one-time decode of the wbc side is timed
 too (it is cached on disk for later runs).
+
+Each architecture runs in a fresh interpreter, as one would train it. The naive loop's speed depends on glibc's
+malloc: its fp32 activations are large enough to be handed back to the system and faulted in again each step (4.8
+million minor page faults in one seed-CNN run against 1.0 million with the thresholds below), while wbc's bf16 chunks
+mostly are not. For the comparison of computation alone, give both loops an allocator that keeps its memory:
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python bench/train_speed.py``.
 ``--profile`` prints torch.profiler's top operators for one wbc step per architecture.
 """
 
@@ -33,10 +41,13 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import multiprocessing
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 # isort: off
@@ -52,7 +63,7 @@ from torchvision import datasets, transforms
 from wbc_trust import config
 from wbc_trust.data import LoadedImages, Record, find_dataset, load_images
 from wbc_trust.models import bf16_supported, build_model, prepare_for_cpu
-from wbc_trust.train import class_weights, train_loader, train_step
+from wbc_trust.train import class_weights, make_optimizer, train_loader, train_step, weight_average
 
 
 def pick_images(data: Path, per_class: int) -> list[Record]:
@@ -101,32 +112,14 @@ def naive_step(
     optimizer.step()
 
 
-class Side:
-    """One training loop under test: its batches, its step, and the time spent in each."""
+@dataclass
+class Timing:
+    """What one loop spent: seconds waiting for batches and in steps, over its timed images and batches."""
 
-    def __init__(self, loader: DataLoader, step) -> None:
-        self.loader, self.step = loader, step
-        self.data_s = self.step_s = 0.0
-        self.images = self.n_batches = 0
-
-    def run_epoch(self, timed: bool, max_batches: int | None = None) -> None:
-        """One epoch (or its first ``max_batches``) from a fresh iterator, ended (workers stopped) before returning;
-        starting and ending it count as data time."""
-        t0 = time.perf_counter()
-        batches = iter(self.loader)
-        for images, labels in itertools.islice(batches, max_batches):
-            t1 = time.perf_counter()
-            self.step(images, labels)
-            t2 = time.perf_counter()
-            if timed:
-                self.data_s += t1 - t0
-                self.step_s += t2 - t1
-                self.images += len(labels)
-                self.n_batches += 1
-            t0 = time.perf_counter()
-        del batches  # stops the workers
-        if timed:
-            self.data_s += time.perf_counter() - t0
+    data_s: float = 0.0
+    step_s: float = 0.0
+    images: int = 0
+    n_batches: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -138,9 +131,37 @@ class Side:
         return f"{1000 * self.data_s / n:>8.0f} {1000 * self.step_s / n:>7.0f} {self.images_per_s:>6.1f}"
 
 
+class Side:
+    """One training loop under test: its batches, its step, and the time spent in each."""
+
+    def __init__(self, loader: DataLoader, step) -> None:
+        self.loader, self.step = loader, step
+        self.timing = Timing()
+
+    def run_epoch(self, timed: bool, max_batches: int | None = None) -> None:
+        """One epoch (or its first ``max_batches``) from a fresh iterator, ended (workers stopped) before returning;
+        starting and ending it count as data time."""
+        t = self.timing
+        t0 = time.perf_counter()
+        batches = iter(self.loader)
+        for images, labels in itertools.islice(batches, max_batches):
+            t1 = time.perf_counter()
+            self.step(images, labels)
+            t2 = time.perf_counter()
+            if timed:
+                t.data_s += t1 - t0
+                t.step_s += t2 - t1
+                t.images += len(labels)
+                t.n_batches += 1
+            t0 = time.perf_counter()
+        del batches  # stops the workers
+        if timed:
+            t.data_s += time.perf_counter() - t0
+
+
 def bench_arch(
     arch: str, records: list[Record], loaded: LoadedImages, size: int, args: argparse.Namespace, folder: Path
-) -> tuple[Side, Side]:
+) -> tuple[Timing, Timing]:
     """Time interleaved batches of the naive loop and wbc's loop for one architecture."""
     use_bf16 = bf16_supported()
     torch.manual_seed(config.SEED)
@@ -151,11 +172,15 @@ def bench_arch(
         weight=class_weights(loaded.labels, len(config.CLASSES)), label_smoothing=config.LABEL_SMOOTHING
     )
 
-    def optimiser(model: nn.Module) -> torch.optim.Optimizer:
-        trained = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trained, lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
+    trained = [p for p in naive_model.parameters() if p.requires_grad]
+    naive_opt = torch.optim.AdamW(trained, lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
+    wbc_opt, wbc_average = make_optimizer(wbc_model, config.LEARNING_RATE), weight_average(wbc_model)
 
-    naive_opt, wbc_opt = optimiser(naive_model), optimiser(wbc_model)
+    def wbc_step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        """What ``wbc train`` does for each batch: its step, then its weight average."""
+        train_step(wbc_model, images, labels, criterion, wbc_opt, use_bf16)
+        wbc_average.update_parameters(wbc_model)
+
     naive_model.train()
     wbc_model.train()
     naive = Side(
@@ -164,7 +189,7 @@ def bench_arch(
     )
     wbc = Side(
         train_loader(loaded, config.BATCH_SIZE, config.SEED),
-        lambda x, y: train_step(wbc_model, x, y, criterion, wbc_opt, use_bf16),
+        wbc_step,
     )
     for side in (naive, wbc):  # the first batches build oneDNN's kernels: not timed
         side.run_epoch(timed=False, max_batches=args.warmup)
@@ -176,7 +201,7 @@ def bench_arch(
             wbc.run_epoch(timed=False, max_batches=1)
         print(f"\n{arch}: one wbc training step, top operators by own CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return naive, wbc
+    return naive.timing, wbc.timing
 
 
 def frozen_stages(arch: str, args: argparse.Namespace) -> int:
@@ -201,6 +226,20 @@ def machine() -> str:
         f"{model}, {os.cpu_count()} CPU threads, torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"native bf16: {bf16_supported()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(OpenMP default)')}"
     )
+
+
+def measure(arch: str, args: argparse.Namespace) -> tuple[Timing, Timing, float]:
+    """One architecture's two loops (naive, wbc) and wbc's one-time decode per image, in the process that calls it."""
+    config.TRAIN_LOADER_WORKERS, config.CPU_TRAINED_DEPTHWISE = args.workers, args.depthwise
+    config.CPU_CHUNKS_AT_ONCE = args.chunks == "at-once"
+    records = pick_images(args.data, args.per_class)
+    size = config.DEFAULT_IMG_SIZE[arch]
+    t0 = time.perf_counter()
+    loaded = load_images(records, size, cache=False)
+    decode_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="wbc-naive-") as folder:
+        naive, wbc = bench_arch(arch, loaded.records, loaded, size, args, Path(folder))
+    return naive, wbc, decode_s / len(loaded.records)
 
 
 def main() -> None:
@@ -233,25 +272,22 @@ def main() -> None:
         help="wbc's step chunks on threads of their own at once, or one after another (config.CPU_CHUNKS_AT_ONCE)",
     )
     args = parser.parse_args()
-    config.TRAIN_LOADER_WORKERS, config.CPU_TRAINED_DEPTHWISE = args.workers, args.depthwise
-    config.CPU_CHUNKS_AT_ONCE = args.chunks == "at-once"
 
     print(f"machine: {machine()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute speeds)")
-    records = pick_images(args.data, args.per_class)
     rows = []
     for arch in args.archs:
-        size = config.DEFAULT_IMG_SIZE[arch]
-        t0 = time.perf_counter()
-        loaded = load_images(records, size, cache=False)
-        decode_s = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory(prefix="wbc-naive-") as folder:
-            naive, wbc = bench_arch(arch, loaded.records, loaded, size, args, Path(folder))
-        rows.append((arch, size, naive, wbc, decode_s / len(loaded.records)))
+        # each architecture in a fresh interpreter: the naive loop's fp32 activations are large enough that glibc's
+        # malloc hands them back to the system and faults them in again every step, and how much it does depends on
+        # what the process allocated before (its thresholds adapt), so the row of an architecture measured after
+        # resnet50 in the same process had a naive loop up to 1.8x faster than the same loop on its own
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+            naive, wbc, decode_per_image = fresh.submit(measure, arch, args).result()
+        rows.append((arch, config.DEFAULT_IMG_SIZE[arch], naive, wbc, decode_per_image))
         print(f"{arch}: naive {naive.images_per_s:.1f} images/s, wbc {wbc.images_per_s:.1f} images/s", flush=True)
 
     print(
-        f"\n{len(records)} real PBC images, batch {config.BATCH_SIZE}, {args.epochs} timed epoch(s) per loop "
+        f"\n{len(config.CLASSES) * args.per_class} real PBC images, batch {config.BATCH_SIZE}, {args.epochs} timed epoch(s) per loop "
         f"(alternating); wbc: {args.workers} loader worker(s), depthwise {args.depthwise}, chunks {args.chunks}; ms "
         "per batch split into data (waiting for the augmented batch) and step (forward + backward + AdamW)"
     )

@@ -317,6 +317,30 @@ def test_chunks_at_once_train_as_one_after_another(loaded, monkeypatch: pytest.M
     assert not all(torch.equal(first[k], start[k]) for k in first)
 
 
+def test_batch_norm_sees_at_most_chunk_images(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch small in pixels (the seed CNN's 16 real images at 96 px, far under the pixel budget) is still cut into
+    chunks of ``config.CHUNK_IMAGES``: every batch norm normalises over 8 images, twice, and on CPU with two torch
+    threads the two chunks run at once."""
+    monkeypatch.setattr(config, "CHUNK_IMAGES", 8)
+    torch.manual_seed(0)
+    model = prepare_for_cpu(build_model("cnn"))
+    model.train()
+    seen: list[int] = []
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(len(args[0]))) for m in norms]
+    threads: set[str] = set()
+    hooks.append(model.register_forward_hook(lambda *_: threads.add(threading.current_thread().name)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        train_step(model, loaded.images[:16].float() / 255, loaded.labels[:16], nn.CrossEntropyLoss(), optimizer, False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(seen) == [8] * (2 * len(norms))
+    if torch.get_num_threads() >= 2:
+        assert len(threads) == 2 and all(name.startswith("wbc-chunk") for name in threads)
+
+
 def test_mixup_targets_train_as_the_classes_they_blend(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mixup's soft targets (``--config`` ``mixup: α``, torchvision's ``v2.MixUp``) on real images (an fp64 network, the
     loss in fp32 as always), two chunks,

@@ -110,6 +110,11 @@ TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
 #: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
+#: ... and of at most this many images. Batch norm normalises over a chunk (a "ghost batch", Hoffer et al. 2017), so
+#: every recipe's batch norm sees at most this many images whatever its input size: the default recipe's
+#: EfficientNet-Lite0 at 160 px has two chunks of 24 for memory, and the seed CNN at 128 px now has two as well (one of
+#: 48 before), which on CPU run at once (CPU_CHUNKS_AT_ONCE): its step 542-640 → 441-448 ms (bench/train_speed.py).
+CHUNK_IMAGES: int = 24
 #: Inference passes (calibration, evaluation, adaptation) take this many input pixels a batch unless told otherwise:
 #: 128 network inputs at the default 160 px, 65 at 224 px (128 there put the calibration of resnet50 at 224 px, and
 #: with it training's peak memory, over 4 GiB: bench/train_memory.py).
@@ -121,7 +126,7 @@ INFERENCE_BATCH_PIXELS: int = 128 * 160 * 160
 #: strided in fp32 (the default recipe's step: 302 → 259 ms, medians); "fp32": all of them in fp32 (sessions 6-13:
 #: 721 → 485 ms against "bf16"); "bf16": autocast's choice, all in bf16.
 CPU_TRAINED_DEPTHWISE: str = "by-kernel"
-#: On CPU, a training step's chunks (MICRO_BATCH_PIXELS) run at once, one thread each, when there are at most as many
+#: On CPU, a training step's chunks (MICRO_BATCH_PIXELS, CHUNK_IMAGES) run at once, one thread each, when there are at most as many
 #: as torch threads (train._chunks_at_once): the default recipe's step in `wbc train`, 355-371 → 282-302 ms (medians).
 CPU_CHUNKS_AT_ONCE: bool = True
 #: DataLoader worker processes that augment the next batches (PIL, one image at a time) while the step runs; 0 = in
