@@ -133,3 +133,35 @@ def test_model_file_calibrated_with_marginal_lac_still_predicts_as_before(
         assert answer.prediction_set == [c for c, q in zip(meta["classes"], p) if 1 - q <= old_meta["qhat"]]
     restored = conformal_from_metadata(json.loads(json.dumps(new.conformal.metadata()[0])), tensors)
     assert torch.equal(restored.sets(probs), new.conformal.sets(probs))
+
+
+def test_class_weighted_marginal_sets_cover_the_class_mix_they_are_weighted_for(validation: dict) -> None:
+    """Marginal sets for images to come in another class mix (``wbc adapt`` with a lab's prevalence), on the shipped
+    model's real calibration scores at an input temperature that makes it unsure: with equal weights the weighted
+    quantile is the plain one; with class weights it is the smallest score whose weight, with the new image's largest
+    one, reaches the coverage, so the calibration images cover that class mix, which the plain quantile does not.
+    The weights survive the model file."""
+    logits, labels = validation["logits"], validation["labels"]
+    probs = torch.softmax(logits / 3.0, 1)  # blurred: a model as unsure as on another lab's cells
+    plain = SplitConformal.fit(probs, labels, 0.9)
+    equal = SplitConformal.fit(probs, labels, 0.9, torch.ones(5))
+    for coverage in (0.5, 0.8, 0.9, 0.95):
+        assert equal.qhat(coverage) == pytest.approx(plain.qhat(coverage))
+
+    mix = torch.tensor([0.01, 0.03, 0.06, 0.25, 0.65])  # mostly neutrophils, and many monocytes, the hardest here
+    share = torch.bincount(labels, minlength=5).float() / len(labels)
+    weighted = SplitConformal.fit(probs, labels, 0.9, mix / share)
+    w, q = weighted.weights.double(), weighted.qhat()
+    total = w.sum() + w.max()
+    assert float(w[weighted.scores <= q].sum() / total) >= 0.9 > float(w[weighted.scores < q].sum() / total)
+
+    scores = 1 - probs[torch.arange(len(labels)), labels]
+
+    def mix_coverage(qhat: float) -> float:
+        return float(sum(mix[k] * (scores[labels == k] <= qhat).float().mean() for k in range(5)))
+
+    assert mix_coverage(weighted.qhat()) >= 0.9 > mix_coverage(plain.qhat())
+
+    meta, tensors = weighted.metadata()
+    restored = conformal_from_metadata(json.loads(json.dumps(meta)), tensors)
+    assert meta["weighted"] and torch.equal(restored.sets(probs), weighted.sets(probs))

@@ -32,7 +32,10 @@ unlabelled images, and recalibrate its trust columns on that lab.
 - **The lab's class prevalence** (with ``--unlabelled``, with or without labels): the model is fitted class-balanced,
   a lab's smears are mostly neutrophils; EM on the lab's unlabelled images estimates how many of each class they
   hold (``lab_prevalence``), and the head's bias moves the calibrated probabilities to that prevalence
-  (``shift_to_lab_prevalence``), recorded in ``meta["adapted"]["class_prevalence"]``.
+  (``shift_to_lab_prevalence``), recorded in ``meta["adapted"]["class_prevalence"]``. With labels too, the
+  prediction sets are then refitted on the probabilities as the moved head gives them, the marginal ones with each
+  lab cell weighted by its class's share of the lab over its share of the labelled cells
+  (``sets_at_lab_prevalence``), so that they cover the lab's cells in the proportions the lab holds them.
 
 - **The lab's magnification** (cell-view models): one microscope has one scale, so the adapted model cuts every image
   of the lab at it (``meta["crop"]["px_per_um"]``) instead of each image's own ruler: ``--px-per-um`` where the lab
@@ -531,6 +534,8 @@ class Adapted:
     summary: dict
     adapted_classes: list[int]
     cross_fitted_accuracy: float
+    out_of_fold: torch.Tensor  # the cross-fitted logits the calibration was fitted on, and their cells' labels
+    labels: torch.Tensor
 
 
 def fit_on_features(
@@ -557,7 +562,25 @@ def fit_on_features(
         out_of_fold = cross_fitted_logits(base_head, lab, n_classes, seed=seed)
     head = fit_head(base_head, lab, n_classes, seed=seed)
     calibration, summary = lab_calibration(out_of_fold, lab.features, lab.labels, images[use], coverage, fitted_on)
-    return Adapted(head, calibration, summary, keep, float((out_of_fold.argmax(1) == lab.labels).float().mean()))
+    accuracy = float((out_of_fold.argmax(1) == lab.labels).float().mean())
+    return Adapted(head, calibration, summary, keep, accuracy, out_of_fold, lab.labels)
+
+
+def sets_at_lab_prevalence(
+    fitted: Adapted, prevalence: torch.Tensor, coverage: float
+) -> MondrianConformal | SplitConformal:
+    """The prediction sets refitted for the lab's class prevalence (``shift_to_lab_prevalence`` has moved the head):
+    the cells' cross-fitted scores taken on the probabilities as the shifted head gives them, and, for marginal sets,
+    each cell weighted by its class's share of the lab over its share of the labelled cells (a lab labels a few of
+    each class; most of its cells are neutrophils), so that the sets cover the lab's cells as the lab holds them.
+    Class-conditional sets need no weights: each class has its own quantile."""
+    n_classes = fitted.out_of_fold.shape[1]
+    shift = torch.log(n_classes * prevalence)
+    probs = torch.softmax(fitted.out_of_fold.float() / fitted.calibration.temperature + shift, 1)
+    if isinstance(fitted.calibration.conformal, MondrianConformal):
+        return MondrianConformal.fit(probs, fitted.labels, coverage)
+    share = torch.bincount(fitted.labels, minlength=n_classes).float() / len(fitted.labels)
+    return SplitConformal.fit(probs, fitted.labels, coverage, prevalence / share.clamp(min=1e-6))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -729,6 +752,8 @@ def adapt(
         provenance["class_prevalence"] = shift_to_lab_prevalence(
             model, lab_views, fitted.calibration.temperature, classes
         )
+        prevalence = torch.tensor([provenance["class_prevalence"][c] for c in classes])
+        fitted.calibration.conformal = sets_at_lab_prevalence(fitted, prevalence, coverage)
     stored, tensors = fitted.calibration.metadata()
     stored.update(fitted.summary)
     provenance.update(

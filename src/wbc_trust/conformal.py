@@ -7,7 +7,8 @@ true class with probability at least the chosen coverage.
   model's validation split, README "Calibration").
 - ``SplitConformal``: the marginal LAC sets of model files calibrated before (metadata ``"method": "LAC"``); kept so
   that those files predict exactly as they did. Its sets may be empty and rare classes may get less than the
-  coverage (monocytes got 90.6 % at 95 % on the default model's test split).
+  coverage (monocytes got 90.6 % at 95 % on the default model's test split). ``wbc adapt`` fits it on a lab's few
+  labelled cells, weighted by class where the lab's class prevalence is known (label shift).
 
 Both keep their calibration scores in the model file, so ``wbc predict --coverage`` can pick another coverage
 without recalibrating.
@@ -46,24 +47,39 @@ class SplitConformal:
 
     scores: torch.Tensor
     coverage: float = config.CONFORMAL_COVERAGE
+    weights: torch.Tensor | None = None  # one per score (same order), where the images to come differ in class mix
 
     @property
     def name(self) -> str:
         """What the reports call these sets."""
-        return "marginal LAC"
+        return "marginal LAC" + (", weighted by class" if self.weights is not None else "")
 
     @classmethod
     def fit(
-        cls, probs: torch.Tensor, labels: torch.Tensor, coverage: float = config.CONFORMAL_COVERAGE
+        cls,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        coverage: float = config.CONFORMAL_COVERAGE,
+        class_weights: torch.Tensor | None = None,
     ) -> SplitConformal:
-        """Scores of calibrated probabilities ``probs`` (N×C) on images with known ``labels``."""
-        scores = 1.0 - probs[torch.arange(len(labels)), labels]
-        return cls(scores.float().sort().values, check_coverage(coverage))
+        """Scores of calibrated probabilities ``probs`` (N×C) on images with known ``labels``. ``class_weights``
+        (C): where the images to come hold the classes in other proportions than the calibration images, each
+        class's share there over its share here (label shift: Podkopaev & Ramdas, UAI 2021)."""
+        scores, order = (1.0 - probs[torch.arange(len(labels)), labels]).float().sort()
+        weights = None if class_weights is None else class_weights.float()[labels][order]
+        return cls(scores, check_coverage(coverage), weights)
 
     def qhat(self, coverage: float | None = None) -> float:
-        """The ceil((n+1)·coverage)-th smallest score; 1.0 (every class in the set) when n is too small for it."""
-        rank = math.ceil((len(self.scores) + 1) * check_coverage(coverage or self.coverage))
-        return 1.0 if rank > len(self.scores) else float(self.scores[rank - 1])
+        """The ceil((n+1)·coverage)-th smallest score; 1.0 (every class in the set) when n is too small for it.
+        Weighted: the smallest score at which the weights up to it reach the coverage of all weights plus the new
+        image's own, taken as the largest (its class is unknown), which keeps the guarantee."""
+        coverage = check_coverage(coverage or self.coverage)
+        if self.weights is None:
+            rank = math.ceil((len(self.scores) + 1) * coverage)
+            return 1.0 if rank > len(self.scores) else float(self.scores[rank - 1])
+        weights = self.weights.double()
+        reached = torch.nonzero(weights.cumsum(0) / (weights.sum() + weights.max()) >= coverage)
+        return 1.0 if len(reached) == 0 else float(self.scores[reached[0, 0]])
 
     def sets(self, probs: torch.Tensor, coverage: float | None = None) -> torch.Tensor:
         """Boolean N×C membership: class c is in image i's set when 1 - p_ic ≤ qhat."""
@@ -71,15 +87,25 @@ class SplitConformal:
 
     def metadata(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON part (method, coverage, qhat, n) and tensor part (the scores) for the model file."""
+        tensors = {"conformal.scores": self.scores}
+        if self.weights is not None:
+            tensors["conformal.weights"] = self.weights
         return (
-            {"method": METHOD, "coverage": self.coverage, "qhat": self.qhat(), "n": len(self.scores)},
-            {"conformal.scores": self.scores},
+            {
+                "method": METHOD,
+                "coverage": self.coverage,
+                "qhat": self.qhat(),
+                "n": len(self.scores),
+                "weighted": self.weights is not None,
+            },
+            tensors,
         )
 
     @classmethod
     def from_metadata(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> SplitConformal:
         """Inverse of ``metadata``."""
-        return cls(tensors["conformal.scores"].float(), float(meta["coverage"]))
+        weights = tensors.get("conformal.weights")
+        return cls(tensors["conformal.scores"].float(), float(meta["coverage"]), weights)
 
 
 # --- class-conditional (Mondrian) sets: what `wbc calibrate` fits now ------------------------------------------------
