@@ -1,6 +1,7 @@
 """Prediction sets a hematologist can use, on real images: never empty, class-conditional (Mondrian) coverage on
 held-out halves of the shipped model's calibration split, two classes where the model hesitates, and model files
-calibrated before (marginal LAC) still predicting exactly as they did."""
+calibrated before (marginal LAC) still predicting exactly as they did, and marginal sets weighted by class for a
+lab's class prevalence (``wbc adapt``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from conftest import PBC
 
 from wbc_trust import config
+from wbc_trust.adapt import Adapted, sets_at_lab_prevalence
 from wbc_trust.calibration import FLAG_UNCERTAIN, Calibration, fit_temperature
 from wbc_trust.conformal import MondrianConformal, SplitConformal, aps_scores, conformal_from_metadata, raps_scores
 from wbc_trust.data import list_files, model_labels, validation_split
@@ -165,3 +167,28 @@ def test_class_weighted_marginal_sets_cover_the_class_mix_they_are_weighted_for(
     meta, tensors = weighted.metadata()
     restored = conformal_from_metadata(json.loads(json.dumps(meta)), tensors)
     assert meta["weighted"] and torch.equal(restored.sets(probs), weighted.sets(probs))
+
+
+@pytest.mark.parametrize("per_class, weighted", [(5, False), (40, True)])
+def test_adapted_sets_weigh_the_lab_prevalence_where_the_cells_allow(
+    validation: dict, per_class: int, weighted: bool
+) -> None:
+    """``wbc adapt``'s sets at a lab's class prevalence (``sets_at_lab_prevalence``), on real calibration logits as a
+    lab's labelled cells: 40 per class get marginal sets weighted by class that cover the lab's mix on those cells;
+    5 per class are too few for a weighted 95 % quantile (every set would hold every class), so the sets fitted on
+    the cells as they are stay."""
+    logits, labels = validation["logits"], validation["labels"]
+    picked = torch.cat([(labels == k).nonzero().flatten()[:per_class] for k in range(5)])
+    cells, cell_labels = logits[picked], labels[picked]
+    temperature = fit_temperature(cells, cell_labels)
+    plain = SplitConformal.fit(torch.softmax(cells / temperature, 1), cell_labels, 0.95)
+    fitted = Adapted(None, Calibration(temperature, plain, None), {}, list(range(5)), 1.0, cells, cell_labels)
+    prevalence = torch.tensor([0.01, 0.25, 0.07, 0.06, 0.61])
+    sets = sets_at_lab_prevalence(fitted, prevalence, 0.95)
+    if not weighted:
+        assert sets is plain
+        return
+    assert isinstance(sets, SplitConformal) and sets.weights is not None and sets.qhat() < 1.0
+    probs = torch.softmax(cells / temperature + torch.log(5 * prevalence), 1)  # as the shifted head gives them
+    covered = sets.sets(probs)[torch.arange(len(cell_labels)), cell_labels].float()
+    assert float(sum(prevalence[k] * covered[cell_labels == k].mean() for k in range(5))) >= 0.95

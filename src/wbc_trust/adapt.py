@@ -573,14 +573,23 @@ def sets_at_lab_prevalence(
     the cells' cross-fitted scores taken on the probabilities as the shifted head gives them, and, for marginal sets,
     each cell weighted by its class's share of the lab over its share of the labelled cells (a lab labels a few of
     each class; most of its cells are neutrophils), so that the sets cover the lab's cells as the lab holds them.
-    Class-conditional sets need no weights: each class has its own quantile."""
+    Class-conditional sets need no weights: each class has its own quantile. Too few cells for the weighted
+    quantile (5 per class at 95 %: the cells' weights, with a new neutrophil's, never reach the coverage, and every set
+    would hold every class) keep the sets fitted on the labelled cells as they are, and say so."""
     n_classes = fitted.out_of_fold.shape[1]
     shift = torch.log(n_classes * prevalence)
     probs = torch.softmax(fitted.out_of_fold.float() / fitted.calibration.temperature + shift, 1)
     if isinstance(fitted.calibration.conformal, MondrianConformal):
         return MondrianConformal.fit(probs, fitted.labels, coverage)
     share = torch.bincount(fitted.labels, minlength=n_classes).float() / len(fitted.labels)
-    return SplitConformal.fit(probs, fitted.labels, coverage, prevalence / share.clamp(min=1e-6))
+    weighted = SplitConformal.fit(probs, fitted.labels, coverage, prevalence / share.clamp(min=1e-6))
+    if weighted.qhat() >= 1.0:
+        log.info(
+            f"prediction sets: {len(fitted.labels)} labelled cells are too few to weigh {coverage:.0%} sets by the "
+            "lab's class prevalence; they stay fitted on the labelled cells as they are (label more cells per class)"
+        )
+        return fitted.calibration.conformal
+    return weighted
 
 
 # ---------------------------------------------------------------------------------------------------------------
