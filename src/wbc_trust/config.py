@@ -108,7 +108,7 @@ EMA_DECAY: float = 0.995
 #: horizontal flip, 8 adding the vertical flip, 4 adding both (python bench/test_views.py).
 TEST_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 #: A training step runs forward + backward in equal chunks of at most this many input pixels (gradients summed, one
-#: optimiser step per batch) to bound activation memory: 48 images at 128 px are one chunk, at 224 px three of 16.
+#: optimiser step per batch) to bound activation memory: 48 images at 224 px are three chunks of 16.
 MICRO_BATCH_PIXELS: int = 16 * 224 * 224
 #: ... and of at most this many images. Batch norm normalises over a chunk (a "ghost batch", Hoffer et al. 2017), so
 #: every recipe's batch norm sees at most this many images whatever its input size: the default recipe's
@@ -126,8 +126,9 @@ INFERENCE_BATCH_PIXELS: int = 128 * 160 * 160
 #: strided in fp32 (the default recipe's step: 302 → 259 ms, medians); "fp32": all of them in fp32 (sessions 6-13:
 #: 721 → 485 ms against "bf16"); "bf16": autocast's choice, all in bf16.
 CPU_TRAINED_DEPTHWISE: str = "by-kernel"
-#: On CPU, a training step's chunks (MICRO_BATCH_PIXELS, CHUNK_IMAGES) run at once, one thread each, when there are at most as many
-#: as torch threads (train._chunks_at_once): the default recipe's step in `wbc train`, 355-371 → 282-302 ms (medians).
+#: On CPU, a training step's chunks (MICRO_BATCH_PIXELS, CHUNK_IMAGES) run at once, one thread each, when there are
+#: at most as many as torch threads (train._chunks_at_once): the default recipe's step in `wbc train`, 355-371 →
+#: 282-302 ms (medians).
 CPU_CHUNKS_AT_ONCE: bool = True
 #: DataLoader worker processes that augment the next batches (PIL, one image at a time) while the step runs; 0 = in
 #: the training process. 0 on 2 cores: augmenting takes ~1.4 ms per image there, and a worker competing with the
