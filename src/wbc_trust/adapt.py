@@ -255,28 +255,38 @@ def lab_prevalence(
     return prior.float()
 
 
+def prior_shift(prevalence: torch.Tensor) -> torch.Tensor:
+    """What the calibrated logits of a model fitted class-balanced gain at a class ``prevalence``: log(C·prevalence),
+    so that their softmax is the Bayes posterior under it."""
+    return torch.log(len(prevalence) * prevalence)
+
+
 @torch.no_grad()
 def shift_to_lab_prevalence(
     model: WbcClassifier, images: torch.Tensor, temperature: float, classes: list[str]
-) -> dict[str, float]:
+) -> torch.Tensor:
     """Move the head's priors to the lab's class prevalence (``lab_prevalence`` on ``images``, the lab's unlabelled
     views): the final bias gains T·log(C·prevalence), so the calibrated probabilities become the Bayes posteriors under
     the lab's prevalence (softmax(z/T + log C·prevalence)) in every path that runs the network (predict, count, ONNX).
     The model was fitted class-balanced, and a lab's smears are not: most of BCCD's cells are neutrophils, which the
     balanced head gave away to eosinophils and monocytes. Measured on BCCD (README "Another lab's cells"). Reads at most
-    ``config.ADAPT_PRIOR_IMAGES`` of the views, spread over them. Returns the prevalence by class."""
+    ``config.ADAPT_PRIOR_IMAGES`` of the views, spread over them. Returns the prevalence (one share per class)."""
     picked = np.unique(np.linspace(0, len(images) - 1, min(len(images), config.ADAPT_PRIOR_IMAGES)).round().astype(int))
     images = images[torch.from_numpy(picked)]
     probs = torch.softmax(logits_and_features(model, images, progress=True)[0].float() / temperature, 1)
     prevalence = lab_prevalence(probs)
     bias = model.last_linear().bias
-    bias += (temperature * torch.log(len(classes) * prevalence)).to(bias.dtype)
-    shares = {c: round(float(v), 4) for c, v in zip(classes, prevalence)}
+    bias += (temperature * prior_shift(prevalence)).to(bias.dtype)
     log.info(
         f"the lab's class prevalence, estimated on {len(images)} of its images: "
-        + ", ".join(f"{c} {v:.0%}" for c, v in shares.items())
+        + ", ".join(f"{c} {float(v):.0%}" for c, v in zip(classes, prevalence))
     )
-    return shares
+    return prevalence
+
+
+def _shares(classes: list[str], prevalence: torch.Tensor) -> dict[str, float]:
+    """The prevalence as ``meta["adapted"]["class_prevalence"]`` records it."""
+    return {c: round(float(v), 4) for c, v in zip(classes, prevalence)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,8 +587,7 @@ def sets_at_lab_prevalence(
     quantile (5 per class at 95 %: the cells' weights, with a new neutrophil's, never reach the coverage, and every set
     would hold every class) keep the sets fitted on the labelled cells as they are, and say so."""
     n_classes = fitted.out_of_fold.shape[1]
-    shift = torch.log(n_classes * prevalence)
-    probs = torch.softmax(fitted.out_of_fold.float() / fitted.calibration.temperature + shift, 1)
+    probs = torch.softmax(fitted.out_of_fold.float() / fitted.calibration.temperature + prior_shift(prevalence), 1)
     if isinstance(fitted.calibration.conformal, MondrianConformal):
         return MondrianConformal.fit(probs, fitted.labels, coverage)
     share = torch.bincount(fitted.labels, minlength=n_classes).float() / len(fitted.labels)
@@ -685,9 +694,8 @@ def adapt(
             "model's (fitted on its own lab), so this lab's cells stay flagged as from an unfamiliar lab; "
             "label a few cells and pass --data to recalibrate on this lab"
         )
-        provenance["class_prevalence"] = shift_to_lab_prevalence(
-            model, lab_views, Calibration.temperature_of(meta), classes
-        )
+        prevalence = shift_to_lab_prevalence(model, lab_views, Calibration.temperature_of(meta), classes)
+        provenance["class_prevalence"] = _shares(classes, prevalence)
         provenance["seconds"] = time.perf_counter() - started
         _write(out, model, {**meta, "adapted": provenance}, load_extra(base_path))
         return provenance
@@ -758,10 +766,8 @@ def adapt(
     )
     model.head().load_state_dict(fitted.head.state_dict())
     if lab_views is not None:
-        provenance["class_prevalence"] = shift_to_lab_prevalence(
-            model, lab_views, fitted.calibration.temperature, classes
-        )
-        prevalence = torch.tensor([provenance["class_prevalence"][c] for c in classes])
+        prevalence = shift_to_lab_prevalence(model, lab_views, fitted.calibration.temperature, classes)
+        provenance["class_prevalence"] = _shares(classes, prevalence)
         fitted.calibration.conformal = sets_at_lab_prevalence(fitted, prevalence, coverage)
     stored, tensors = fitted.calibration.metadata()
     stored.update(fitted.summary)

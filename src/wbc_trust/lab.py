@@ -140,10 +140,9 @@ def batch_notice(n_new_lab: int, n_images: int, scale_known: bool = True) -> str
         return notice
     return notice + (
         " These images show too few whole red cells or tight crops to measure the lab's magnification by, so each "
-        "is read at a "
-        f"guess (a tight crop's cell as if it were {config.CROP_CELL_UM:g} µm across) and a cell's size, which tells "
-        "a small lymphocyte from a monocyte, is lost: give `wbc adapt` the lab's pixels per µm (--px-per-um X), or "
-        "a few of its whole smear fields as --unlabelled DIR, and it measures them."
+        f"is read at a guess (a tight crop's cell as if it were {config.CROP_CELL_UM:g} µm across) and a cell's size, "
+        "which tells a small lymphocyte from a monocyte, is lost: give `wbc adapt` the lab's pixels per µm "
+        "(--px-per-um X), or a few of its whole smear fields as --unlabelled DIR, and it measures them."
     )
 
 
