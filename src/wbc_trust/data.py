@@ -795,7 +795,7 @@ def train_transform(augment: str = "seed") -> v2.Transform:
             v2.RandomApply([LabLookJitter(config.TRAVEL_LOOK_SCALE, config.TRAVEL_LOOK_SHIFT)], p=config.TRAVEL_LOOK_P),
             v2.ColorJitter(**config.TRAVEL_JITTER),
             v2.RandomApply([PilGaussianBlur(config.TRAVEL_BLUR_SIGMA)], p=config.TRAVEL_BLUR_P),
-            v2.RandomApply([v2.JPEG(config.TRAVEL_JPEG_QUALITY)], p=config.TRAVEL_JPEG_P),
+            v2.RandomApply([PilJpeg(config.TRAVEL_JPEG_QUALITY)], p=config.TRAVEL_JPEG_P),
         ]
     return v2.Compose(
         [
@@ -858,6 +858,27 @@ class PilGaussianBlur(_PilTransform):
     def pil(self, image: Image.Image) -> Image.Image:
         low, high = self.sigma
         return image.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
+
+
+def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    """The image as a camera or a slide scanner's JPEG at ``quality`` would leave it (Pillow's libjpeg encoder).
+    Pillow, not torchvision's ``jpeg``: torchvision deprecated its image codecs in 0.29."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+class PilJpeg(_PilTransform):
+    """JPEG compression at a random quality in ``quality`` (inclusive), like torchvision's ``v2.JPEG``."""
+
+    def __init__(self, quality: tuple[int, int]) -> None:
+        super().__init__()
+        self.quality = quality
+
+    def pil(self, image: Image.Image) -> Image.Image:
+        low, high = self.quality
+        return jpeg_round_trip(image, int(torch.randint(low, high + 1, ())))
 
 
 class StainAugment(_PilTransform):

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from wbc_trust import config, plots
-from wbc_trust.data import to_unit
+from wbc_trust.data import jpeg_round_trip, to_unit
 from wbc_trust.evaluate import LabelledImages, load_test_images
 from wbc_trust.io import write_json
 from wbc_trust.modelfile import load_model
@@ -46,7 +46,8 @@ def _gaussian_blur(x: torch.Tensor, sigma_at_128: float, seed: int) -> torch.Ten
 
 def _jpeg(x: torch.Tensor, quality: float, seed: int) -> torch.Tensor:
     as_bytes = (x * 255).round().to(torch.uint8)
-    return to_unit(F.jpeg(as_bytes, int(quality)))
+    compressed = [F.pil_to_tensor(jpeg_round_trip(F.to_pil_image(image), int(quality))) for image in as_bytes]
+    return to_unit(torch.stack(compressed)).to(x.device)
 
 
 def _stain_shift(x: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
