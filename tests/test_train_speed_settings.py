@@ -224,7 +224,9 @@ def _batch_norm_calls(run) -> int:
     return sum(event.count for event in prof.key_averages() if event.key == "aten::batch_norm")
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+# Lite1 and Lite2 come from the same spec function as Lite0 (models._efficientnet_lite), with the same block types,
+# so Lite0 stands for the family here: each of them would add ~30 s of fp64 to the suite.
+@pytest.mark.parametrize("arch", [a for a in sorted(REGISTRY) if a not in ("efficientnet_lite1", "efficientnet_lite2")])
 def test_frozen_batch_norms_fold_into_their_convolutions(arch: str, loaded) -> None:
     """Every batch norm of the frozen stages that follows a convolution is folded into it (none of the trained ones),
     and the folded network computes what the plain one does, on real images: the same logits, the same training

