@@ -14,7 +14,6 @@ magnification). Writes bench_out/label_ceiling/<model's folder name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: 
 from tqdm import tqdm  # noqa: E402
 
 from wbc_trust.data import image_to_tensor, list_files  # noqa: E402
+from wbc_trust.io import write_json  # noqa: E402
 from wbc_trust.models import WbcClassifier, build_model, logits_and_features  # noqa: E402
 from wbc_trust.predict import Predictor  # noqa: E402
 
@@ -67,9 +67,8 @@ def main() -> None:
         report["probe"][f"{arch} ImageNet features"] = probe(plain, views, labels)
     for name, accuracies in report["probe"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracies.items()))
-    OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"{args.model.parent.name if args.model else 'default'}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(f"written: {out}")
 
 
