@@ -62,9 +62,10 @@ def main() -> None:
             predictor.crop = predictor.crop.with_lab_scale(float(scale))
         crop = predictor.crop if scale == "own" else None  # a given policy is not measured on the batch
         result = {}
-        if "valcal" in parts:
+        home = scale in ("batch", "own")  # PBC cut at another lab's magnification would measure nothing
+        if "valcal" in parts and home:
             result["pbc_val_calib"] = held_out(predictor, chosen_on, crop)
-        if "pbc" in parts:
+        if "pbc" in parts and home:
             result["pbc_held_out"] = held_out(predictor, records, crop)
         if "fields" in parts:
             result["bccd_fields"] = field_accuracy(finder, predictor)
