@@ -8,7 +8,9 @@ true class with probability at least the chosen coverage.
 - ``SplitConformal``: the marginal LAC sets of model files calibrated before (metadata ``"method": "LAC"``); kept so
   that those files predict exactly as they did. Its sets may be empty and rare classes may get less than the
   coverage (monocytes got 90.6 % at 95 % on the default model's test split). ``wbc adapt`` fits it on a lab's few
-  labelled cells, weighted by class where the lab's class prevalence is known (label shift).
+  labelled cells, weighted by class where the lab's class prevalence is known (label shift). The weighting is a few
+  lines over the stored scores, written here: TorchCP's weighted predictor is for covariate shift (weights from a
+  classifier of the images), not for known per-class weights, and the sets must re-threshold from the model file.
 
 Both keep their calibration scores in the model file, so ``wbc predict --coverage`` can pick another coverage
 without recalibrating.

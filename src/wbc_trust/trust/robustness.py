@@ -45,7 +45,7 @@ def _gaussian_blur(x: torch.Tensor, sigma_at_128: float, seed: int) -> torch.Ten
 
 
 def _jpeg(x: torch.Tensor, quality: float, seed: int) -> torch.Tensor:
-    as_bytes = (x * 255).round().to(torch.uint8)
+    as_bytes = (x * 255).round().to(torch.uint8).cpu()  # Pillow encodes on the CPU, wherever the model runs
     compressed = [F.pil_to_tensor(jpeg_round_trip(F.to_pil_image(image), int(quality))) for image in as_bytes]
     return to_unit(torch.stack(compressed)).to(x.device)
 
