@@ -5,8 +5,9 @@
 The clock starts before the first image is decoded (an empty decode cache is forced) and stops when the best model is
 saved and calibrated (the time to a usable model); the evaluation on the held-out test split (seed 0: images the model
 never saw, duplicates kept on one side) is timed separately.
-``--install`` copies the result to the shipped default model (src/wbc_trust/assets/default_model.safetensors), which
-is made with ``--config travel --install`` (the cell view and the travel augmentation: src/wbc_trust/assets/README.md).
+``--install`` copies the result, weights in half precision (``modelfile.store_half``), to the shipped default model
+(src/wbc_trust/assets/default_model.safetensors), which is made with ``--config travel --install`` (the cell view and
+the travel augmentation: src/wbc_trust/assets/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from wbc_trust import config
+from wbc_trust.modelfile import store_half
 from wbc_trust.recipe import make_config
 from wbc_trust.train import train
 
@@ -60,8 +62,8 @@ def main() -> None:
     )
     print(f"best validation epoch {result['best_epoch']}: accuracy {result['val_accuracy']:.4f}")
     if args.install:
-        shutil.copy(args.out / "model.safetensors", config.DEFAULT_MODEL_PATH)
-        print(f"installed as {config.DEFAULT_MODEL_PATH}")
+        store_half(args.out / "model.safetensors", config.DEFAULT_MODEL_PATH)
+        print(f"installed as {config.DEFAULT_MODEL_PATH} (weights in half precision)")
 
 
 if __name__ == "__main__":

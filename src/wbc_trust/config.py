@@ -84,8 +84,8 @@ SEED: int = 0
 #: every set); the remaining ~400 images still choose the checkpoint.
 CALIB_FRACTION: float = 0.7
 
-#: Training defaults: the recipe of the shipped default model (``wbc train`` with no options; spelled out in
-#: ``recipes/default.yaml``). The architecture, and per architecture the starting weights when ``--pretrained`` is not
+#: Training defaults: ``wbc train`` with no options, spelled out in ``recipes/default.yaml`` (the shipped default model
+#: is ``recipes/travel.yaml`` over them). The architecture, and per architecture the starting weights when ``--pretrained`` is not
 #: given (ImageNet only where they install offline with the package; VGG16/ResNet50 would download theirs) and the
 #: backbone stages kept at those weights when ``--frozen-stages`` is not given (none when training from scratch).
 DEFAULT_ARCH: str = "efficientnet_lite0"

@@ -44,6 +44,24 @@ def save_model(path: Path, model: WbcClassifier, meta: dict, extra: dict[str, to
     atomic_write(Path(path), lambda f: f.write(blob))
 
 
+def store_half(source: Path, target: Path) -> None:
+    """Rewrite a model file with its network's weight matrices and kernels in half precision (float16).
+
+    Why: the model shipped in the package must stay under the project's 20 MB for a file in git, and EfficientNet-Lite1
+    in float32 is 20.4 MB. Only tensors of two or more dimensions (convolution kernels, the head's matrix) are rounded,
+    where the bytes are; batch-norm parameters and statistics, biases and the extra tensors (OOD and conformal
+    statistics) stay as they were. ``load_model`` copies the weights into the float32 network, so nothing else reads
+    them differently; ``meta["weights_dtype"]`` says it was done.
+    """
+    meta = {**read_metadata(source), "weights_dtype": "float16"}
+    state = load_file(str(source))
+    for name, tensor in state.items():
+        if not name.startswith(_EXTRA_PREFIX) and tensor.is_floating_point() and tensor.dim() >= 2:
+            state[name] = tensor.half()
+    blob = save(state, metadata={_META_KEY: json.dumps(meta)})
+    atomic_write(Path(target), lambda f: f.write(blob))
+
+
 def read_metadata(path: Path) -> dict:
     """Read and validate only the metadata of a model file (fast: the weights are not loaded)."""
     path = Path(path)

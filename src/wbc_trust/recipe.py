@@ -1,5 +1,6 @@
-"""Recipes: every setting of a training run, their defaults (the shipped default model's recipe) and YAML files of
-them (``wbc train --config FILE``; each run folder's ``args.yaml``, as timm writes it).
+"""Recipes: every setting of a training run, their defaults (``wbc train`` with no options) and YAML files of them
+(``wbc train --config FILE``; each run folder's ``args.yaml``, as timm writes it). The shipped default model is
+``recipes/travel.yaml`` over these defaults.
 
 Kept apart from ``train.py`` so that reading, checking and writing a recipe needs neither torch nor a model.
 """
@@ -25,7 +26,7 @@ RECIPE_DIR: Path = config.PACKAGE_DIR / "recipes"
 class TrainConfig:
     """Everything ``wbc train`` accepts; stored in the model's metadata and, as the run's recipe, in ``args.yaml``.
 
-    The defaults are the shipped default model's recipe (``config.py``; ``recipes/default.yaml`` spells it out).
+    The defaults live in ``config.py``; ``recipes/default.yaml`` spells them out.
     """
 
     data: Path
