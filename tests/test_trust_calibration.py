@@ -92,7 +92,8 @@ def test_conformal_sets_cover_held_out_images_at_the_chosen_rate(shipped: dict, 
         fit, held = _halves(len(labels), seed)
         conformal = SplitConformal.fit(probs[fit], labels[fit], 0.95)
         sets = conformal.sets(probs[held])
-        coverages.append(float(sets[torch.arange(len(held)), labels[held]].float().mean()))
+        covered = sets[torch.arange(len(held)), labels[held]]
+        coverages.append(float(covered.double().mean()))  # in float64: 144 of 160 is 0.9, not float32's 0.89999998
         sizes.append(float(sets.sum(1).float().mean()))
         assert bool((conformal.sets(probs[held], 0.8) <= sets).all()), "a lower coverage must give subsets"
     assert 0.93 <= np.mean(coverages) <= 0.975, np.mean(coverages)

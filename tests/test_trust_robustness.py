@@ -127,7 +127,7 @@ def test_cli_compares_two_models(
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "robustness.json").read_text())
-    assert [m["arch"] for m in summary["models"]] == ["cnn", "efficientnet_lite0"]
+    assert [m["arch"] for m in summary["models"]] == ["cnn", read_metadata(config.DEFAULT_MODEL_PATH)["arch"]]
     assert [m["img_size"] for m in summary["models"]] == [64, read_metadata(config.DEFAULT_MODEL_PATH)["img_size"]]
     for entry in summary["models"]:
         assert entry["n_images"] == 5
