@@ -145,7 +145,8 @@ def train(
 ) -> None:
     """Train a model; the best-on-validation weights go to OUT/model.safetensors.
 
-    Defaults: recipes/default.yaml (whole frames); the shipped model is --config travel. Several processes: torchrun --nproc-per-node N wbc train ...
+    Defaults: recipes/default.yaml (whole frames); the shipped model is --config travel.
+    Several processes: torchrun --nproc-per-node N wbc train ...
     """
     if arch == "list":
         from wbc_trust.models import arch_help

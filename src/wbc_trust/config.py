@@ -85,9 +85,10 @@ SEED: int = 0
 CALIB_FRACTION: float = 0.7
 
 #: Training defaults: ``wbc train`` with no options, spelled out in ``recipes/default.yaml`` (the shipped default model
-#: is ``recipes/travel.yaml`` over them). The architecture, and per architecture the starting weights when ``--pretrained`` is not
-#: given (ImageNet only where they install offline with the package; VGG16/ResNet50 would download theirs) and the
-#: backbone stages kept at those weights when ``--frozen-stages`` is not given (none when training from scratch).
+#: is ``recipes/travel.yaml`` over them). The architecture, and per architecture the starting weights when
+#: ``--pretrained`` is not given (ImageNet only where they install offline with the package; VGG16/ResNet50 would
+#: download theirs) and the backbone stages kept at those weights when ``--frozen-stages`` is not given (none when
+#: training from scratch).
 DEFAULT_ARCH: str = "efficientnet_lite0"
 DEFAULT_PRETRAINED: dict[str, str] = {f"efficientnet_lite{v}": "imagenet" for v in (0, 1, 2)}
 DEFAULT_FROZEN_STAGES: dict[str, int] = {f"efficientnet_lite{v}": 4 for v in (0, 1, 2)}
