@@ -1,6 +1,6 @@
 """How far BCCD's labels can be learnt from a model's features at all: a linear probe with most of the labels.
 
-    python bench/label_ceiling.py [--model M] [--imagenet efficientnet_lite0 ...]
+    python bench/label_ceiling.py [--model M] [--imagenet efficientnet_lite0 ...] [--bccd ../shared/datasets/bccd-wbc]
 
 Issue 13 asks for ≥ 93 % on BCCD with 10 labelled cells per class. This bench asks what a classifier on the model's
 pooled features reaches when it is given two thirds of all 351 BCCD labels (3-fold cross-validated, stratified; logistic
@@ -31,7 +31,6 @@ from wbc_trust.io import write_json  # noqa: E402
 from wbc_trust.models import WbcClassifier, build_model, logits_and_features  # noqa: E402
 from wbc_trust.predict import Predictor  # noqa: E402
 
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd-wbc"
 OUT = ROOT / "bench_out" / "label_ceiling"
 STRENGTHS = (1.0, 10.0, 100.0)  # logistic regression's C
 
@@ -53,9 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="model file (default: the shipped one)")
     parser.add_argument("--imagenet", nargs="*", default=[], help="architectures whose ImageNet features to probe too")
+    parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "datasets" / "bccd-wbc")
     args = parser.parse_args()
     predictor = Predictor(args.model)
-    files = sorted(f for folder in sorted(BCCD.iterdir()) if folder.is_dir() for f in list_files(folder))
+    files = sorted(f for folder in sorted(args.bccd.iterdir()) if folder.is_dir() for f in list_files(folder))
     crop = predictor.batch_policy(files)
     views = torch.stack([image_to_tensor(predictor.view(f, crop).image) for f in tqdm(files, desc="cutting views")])
     labels = np.array([f.parent.name.lower() for f in files])
