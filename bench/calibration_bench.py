@@ -151,7 +151,7 @@ def set_rows(summary: dict) -> list[tuple[str, float | None, bool | None]]:
 
 
 def print_comparison(rows: list[dict], classes: list[str]) -> None:
-    """The comparison as a Markdown table (the README's)."""
+    """The comparison as a Markdown table (docs/trust.md's)."""
     print("| coverage | sets | " + " | ".join(classes) + " | mean size | ≥ 2 classes | empty | wrong top-1 in ≥ 2 |")
     print("|---" * (len(classes) + 6) + "|")
     for r in rows:

@@ -9,7 +9,7 @@ warnings ("not a white cell" on PBC's own non-white cells, "white cell from an u
 
 The curves run the code of `wbc adapt --fine-tune-steps 0` (``adapt.fit_on_features``, ``adapt.reestimate_batchnorm``)
 on features computed once per backbone (the head is all that changes between seeds); fine-tuning changes the backbone
-for every seed and is measured end to end instead (README). One end-to-end `wbc adapt` run (fine-tuning included) on
+for every seed and is measured end to end instead (docs/another-lab.md). One end-to-end `wbc adapt` run (fine-tuning included) on
 10 cells per class is timed. ``--end-to-end`` adds the curve of `wbc adapt` as a lab runs it, fine-tuning included,
 with the lab's unlabelled images (``bench/adapt_few.py`` on random selections of 5, 10 and 20 BCCD cells per class, the
 same seeds; about 2 minutes a run on 2 cores). ``--unlabelled`` uses every BCCD image, labels unread (the lab's

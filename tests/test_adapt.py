@@ -65,7 +65,7 @@ def test_adapt_on_a_few_cells_beats_the_base_model_on_the_others(
     lab: tuple[Path, Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """As a lab runs it: a few cells labelled, the rest given unlabelled; with a short fine-tuning (the default's 80
-    steps, three times over for the cross-fitted calibration, take minutes: README, "Another lab's cells")."""
+    steps, three times over for the cross-fitted calibration, take minutes: docs/another-lab.md)."""
     cells, rest, test = lab
     args = ["adapt", "--data", str(cells), "--unlabelled", str(rest), "--fine-tune-steps", "12"]
     with caplog.at_level(logging.INFO, logger="wbc_trust"):

@@ -9,7 +9,7 @@ unlabelled images, and recalibrate its trust columns on that lab.
   on 2 cores, three times over with the cross-fitted calibration). Then the classification head is re-fitted on the
   pooled features of the lab's cells (computed once, with the model's test-time views) plus the replay's, starting
   from the fine-tuned head and pulled towards it (an L2 penalty), so a handful of cells moves it only as far as they
-  justify. Fine-tuning was chosen by measurement (README "Another lab's cells": 76 % against 60 % for the head alone
+  justify. Fine-tuning was chosen by measurement (docs/another-lab.md: 76 % against 60 % for the head alone
   at 10 BCCD cells per class, and half of the answers unflagged instead of none); ``--fine-tune-steps 0`` keeps the
   backbone as it is (seconds). Before all that, the batch-norm statistics are re-estimated on the lab's labelled
   cells themselves (AdaBN, below; on the ``--unlabelled`` images where given): they are the lab's images too.
@@ -27,7 +27,7 @@ unlabelled images, and recalibrate its trust columns on that lab.
   with replay images in the home lab's colours, the batch-norm statistics are re-estimated on the lab's images
   instead (AdaBN, Li et al. 2016: every batch-norm layer averages the lab's batch statistics, momentum None, no
   gradient). On BCCD the colour transfer read fields and crops at the lab's scale 1-13 points better than AdaBN, and
-  the two together below the better of the two (README "Another lab's cells"). Without labels nothing can
+  the two together below the better of the two (docs/another-lab.md). Without labels nothing can
   recalibrate the trust columns on the lab, so they stay the base model's (and keep flagging the lab as new).
 - **The lab's class prevalence** (with ``--unlabelled``, with or without labels): the model is fitted class-balanced,
   a lab's smears are mostly neutrophils; EM on the lab's unlabelled images estimates how many of each class they
@@ -140,7 +140,7 @@ def measure_lab_scale(paths: list[Path], crop: CropPolicy, given: float | None) 
         log.warning(
             f"the lab's magnification could not be measured: {why}; so each image keeps its own scale. Pass "
             "--px-per-um if the lab knows its pixels per µm, or add a few of its smear fields: without a scale, "
-            'adapting to tight crops can read them worse than the base model (README, "Another lab\'s cells")'
+            "adapting to tight crops can read them worse than the base model (docs/another-lab.md)"
         )
         return crop, None
     log.info(f"the lab's magnification: {scale:.2f} px/µm ({why})")
@@ -269,7 +269,7 @@ def shift_to_lab_prevalence(
     views): the final bias gains T·log(C·prevalence), so the calibrated probabilities become the Bayes posteriors under
     the lab's prevalence (softmax(z/T + log C·prevalence)) in every path that runs the network (predict, count, ONNX).
     The model was fitted class-balanced, and a lab's smears are not: most of BCCD's cells are neutrophils, which the
-    balanced head gave away to eosinophils and monocytes. Measured on BCCD (README "Another lab's cells"). Reads at most
+    balanced head gave away to eosinophils and monocytes. Measured on BCCD (docs/another-lab.md). Reads at most
     ``config.ADAPT_PRIOR_IMAGES`` of the views, spread over them. Returns the prevalence (one share per class)."""
     picked = np.unique(np.linspace(0, len(images) - 1, min(len(images), config.ADAPT_PRIOR_IMAGES)).round().astype(int))
     images = images[torch.from_numpy(picked)]

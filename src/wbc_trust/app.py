@@ -344,7 +344,7 @@ def trust_warnings(prediction: Prediction) -> list[str]:
         return [
             "This looks like a white cell photographed in another lab (other stain, microscope or camera) than "
             "the images the model learned from: its answer and confidence are not reliable there. Adapt the model "
-            'to that lab with `wbc adapt` (README, "Another lab\'s cells").'
+            "to that lab with `wbc adapt` (docs/another-lab.md)."
         ]
     if prediction.flag in (FLAG_OOD, FLAG_NOT_WBC):
         return [

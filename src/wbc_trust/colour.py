@@ -7,7 +7,7 @@ the lab's statistics to those of the training lab's views (per channel: subtract
 standard deviations, add the training lab's mean) before the network. Per lab, not per image: one image's statistics
 are partly its cell's (an eosinophil's granules make its view redder), and matching each image to an average would
 remove that (``torchstain``'s Reinhard normaliser fits one image to one target image, which is the per-image
-version; measured worse in README "Another lab's cells"). RGB↔CIELAB by kornia, so the step is part of the network's
+version; measured worse in docs/another-lab.md). RGB↔CIELAB by kornia, so the step is part of the network's
 forward pass: attacks, Grad-CAM and ONNX see what predictions see. The lab statistic (``lab.py``) still reads the
 views as they were photographed.
 """

@@ -41,7 +41,7 @@ AUG_SHIFT: float = 0.1
 AUG_BRIGHTNESS: float = 0.2
 #: ``--augment cross-lab``: for images from other microscopes, stains and crops. Zoom up to 3× (other labs crop cells
 #: tighter: BCCD's fill the frame), Gaussian blur on half the images, colour jitter for stain and camera. On the default
-#: recipe it took BCCD accuracy from 8.8 % to 74.6 % and PBC's from 99.54 % to 99.01 % (README, cross-lab).
+#: recipe it took BCCD accuracy from 8.8 % to 74.6 % and PBC's from 99.54 % to 99.01 % (docs/trust.md, cross-lab).
 AUGMENTS: tuple[str, ...] = ("seed", "cross-lab", "travel")
 CROSS_LAB_ZOOM: tuple[float, float] = (0.8, 3.0)
 CROSS_LAB_BLUR_SIGMA: tuple[float, float] = (0.5, 3.0)
@@ -66,7 +66,7 @@ TRAVEL_JPEG_P: float = 0.3
 #: The ranges cover the TXL-PBC labs' fields against PBC's (CIELAB statistics of each field at 160 px, lab means: L*
 #: spread 0.48-0.91×, a* 0.96-1.10×, b* 0.77-0.85×; L* mean -17 to -5, a* -6 to +6, b* -9 to -5): BCCD's smears are
 #: pale and bluer, Raabin's darker and redder (BCD's fields, partly BCCD's resized, read like BCCD's). So BCCD, the
-#: cross-lab check, informed the ranges (README, "Another lab's look"). ColorJitter's contrast (0.7-1.3×) never
+#: cross-lab check, informed the ranges (docs/one-view.md, "Another lab's look"). ColorJitter's contrast (0.7-1.3×) never
 #: halves the spread.
 TRAVEL_LOOK_SCALE: tuple[tuple[float, float], ...] = ((0.45, 1.1), (0.85, 1.15), (0.75, 1.1))
 TRAVEL_LOOK_SHIFT: tuple[float, ...] = (18.0, 7.0, 10.0)
@@ -99,7 +99,7 @@ WEIGHT_DECAY: float = 1e-4
 LABEL_SMOOTHING: float = 0.05
 #: Mixup's α (Zhang et al. 2018, torchvision's ``v2.MixUp``): each step's batch blended with itself rolled by one,
 #: λ ~ Beta(α, α), the targets likewise; 0 = off. One of issue 13's candidates for a model that travels (Tsutsui et al.
-#: 2023 report it helping on BCCD); measured in README "One view for the model".
+#: 2023 report it helping on BCCD); measured in docs/one-view.md.
 MIXUP_ALPHA: float = 0.0
 EARLY_STOP_PATIENCE: int = 4
 #: Per-step decay of the weight average that is validated and saved (≈ 1/(1-decay) = 200 steps of memory).
@@ -235,11 +235,11 @@ ECE_BINS: int = 15
 #: the default model's validation split has 155 basophils and 155 lymphocytes), else that class joins every set.
 CONFORMAL_COVERAGE: float = 0.99
 #: Prediction sets are class-conditional (Mondrian: every class gets the coverage) with this nonconformity score
-#: (conformal.SCORES: "lac", "aps", "raps"; LAC gave the smallest sets, README "Calibration"); RAPS's penalty per rank
+#: (conformal.SCORES: "lac", "aps", "raps"; LAC gave the smallest sets, docs/trust.md, "Calibration"); RAPS's penalty per rank
 #: beyond its k_reg-th (Angelopoulos et al. 2021; the bench compares RAPS at this setting).
 CONFORMAL_SCORE: str = "lac"
 #: A class of at least this calibrated probability is always in the set, whatever its quantile: one answer in ten is
-#: hesitation a reader should see (it only adds coverage; README "Calibration" measures what it costs in set size).
+#: hesitation a reader should see (it only adds coverage; docs/trust.md, "Calibration" measures what it costs in set size).
 CONFORMAL_FLOOR: float = 0.1
 RAPS_LAMBDA: float = 0.01
 RAPS_K_REG: int = 1
@@ -375,7 +375,7 @@ ADAPT_PRIOR_IMAGES: int = 150
 #: and the head, one-cycle AdamW, each step ADAPT_FINE_TUNE_BATCH lab cells (augmented as the base model was trained,
 #: or by ADAPT_LAB_AUGMENT) plus as many replay cells (augmented as the base model was trained) weighted
 #: ADAPT_REPLAY_WEIGHT. Measured on runs/travel2 with 10 BCCD cells per class and
-#: --unlabelled (README "Another lab's cells"): the head alone 59.5 % on the other 309 cells, 80 steps 76.1 % in 266 s,
+#: --unlabelled (docs/another-lab.md): the head alone 59.5 % on the other 309 cells, 80 steps 76.1 % in 266 s,
 #: 120 steps 81.2 % in 395 s; 80 keeps `wbc adapt` of 50 cells within 5 minutes on 2 cores.
 ADAPT_FINE_TUNE_STEPS: int = 80
 ADAPT_FINE_TUNE_LR: float = 5e-4

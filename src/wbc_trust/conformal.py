@@ -4,7 +4,7 @@ true class with probability at least the chosen coverage.
 - ``MondrianConformal`` (what ``wbc calibrate`` and ``wbc train`` fit): class-conditional sets, one quantile per
   class, so each class gets the coverage, not just the average; never empty (the top class is always in); the score
   is LAC, APS or RAPS (``SCORES``; ``config.CONFORMAL_SCORE`` is the one that gave the smallest sets on the default
-  model's validation split, README "Calibration").
+  model's validation split, docs/trust.md, "Calibration").
 - ``SplitConformal``: the marginal LAC sets of model files calibrated before (metadata ``"method": "LAC"``); kept so
   that those files predict exactly as they did. Its sets may be empty and rare classes may get less than the
   coverage (monocytes got 90.6 % at 95 % on the default model's test split). ``wbc adapt`` fits it on a lab's few

@@ -272,7 +272,7 @@ def batch_policy(crop: CropPolicy, paths: Sequence[Path]) -> CropPolicy:
     """The policy for reading ``paths`` together: a cell view that knows no lab scale cuts a batch of images at the
     batch's measured magnification (``measure_scale``), since the images of one folder come from one microscope and
     the median of their rulers scatters far less than one image's (PBC held-out: 99.16 % at each image's own ruler,
-    99.32 % at one scale; README, One view for the model). Where the rulers disagree (small crops cut their red
+    99.32 % at one scale; docs/one-view.md). Where the rulers disagree (small crops cut their red
     cells, or the folder mixes labs) or too few images show red cells, each image keeps its own scale, as does a
     single image. A frame view, or a policy with its lab's scale, is returned as it is."""
     if crop.px_per_um is not None or len(paths) < config.LAB_SCALE_MIN_IMAGES:

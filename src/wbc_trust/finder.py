@@ -1,6 +1,6 @@
 """The cell finder: any microscope image (a 120 px crop or a 2,000 px smear field) → its white cells.
 
-Why this method (measured on ``txl-fields``, README "Counting a smear field"): white-cell nuclei are the darkest, most
+Why this method (measured on ``txl-fields``, docs/counting.md): white-cell nuclei are the darkest, most
 violet objects of a Romanowsky-stained smear, so a few thresholds of a violet index propose nucleus regions cheaply
 (they reach nearly every annotated white cell on all four labs), and a small learned verifier (gradient-boosted trees on
 ~35 region features) tells white-cell nuclei from platelets, stain debris and the darker red cells of some labs, and

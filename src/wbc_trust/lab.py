@@ -9,7 +9,7 @@ background, its darkest stain, its contrast) together, while a platelet photogra
 same stain keeps them. So this score is the squared Mahalanobis distance of a few colour statistics of the whole image
 (per RGB channel: mean, standard deviation and the 5th, 50th and 95th percentiles) to those of the calibration images
 (Ledoit-Wolf covariance, as in ``ood.py``), with a cross-fitted threshold that accepts ``config.LAB_ACCEPT`` of them.
-Measured in ``bench/cross_lab.py`` (README "Another lab's cells").
+Measured in ``bench/cross_lab.py`` (docs/another-lab.md).
 
 A folder of images from another lab then gets one message (``batch_notice``) instead of one flag per image.
 """
@@ -124,8 +124,8 @@ def batch_notice(n_new_lab: int, n_images: int, scale_known: bool = True) -> str
     ``scale_known`` False (a cell view that could not measure the batch's magnification: too few red cells and too
     few tight crops, ``crop.lab_scale``) adds how to give `wbc adapt` the lab's scale, without which adapting does not
     help such crops: on BCCD's 351 crops, before session 17 measured them by their frames, `wbc adapt --unlabelled`
-    read 47.9 % alone (the default 51.0 %), 78.6 % with `--px-per-um 14.67` and 79.2 % from the lab's fields (README,
-    "Another lab's cells")."""
+    read 47.9 % alone (the default 51.0 %), 78.6 % with `--px-per-um 14.67` and 79.2 % from the lab's fields
+    (docs/another-lab.md)."""
     if n_images < config.LAB_BATCH_MIN or n_new_lab < config.LAB_BATCH_SHARE * n_images:
         return None
     notice = (

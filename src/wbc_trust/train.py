@@ -171,8 +171,7 @@ def prepare_splits(cfg: TrainConfig, img_size: int, write: bool = True) -> tuple
 def home_scale(crop: CropPolicy, paths: list[Path]) -> CropPolicy:
     """The cell view at the training lab's magnification (``data.lab_magnification``). Cutting every training image at
     each one's own red-cell ruler trained on its 7.6 % scatter: with one scale, PBC's held-out accuracy (read at each
-    image's own scale) rose from 99.01 to 99.16 % and BCCD's fields with no label from 62.7 to 73.7 % (README, One
-    view for the model)."""
+    image's own scale) rose from 99.01 to 99.16 % and BCCD's fields with no label from 62.7 to 73.7 % (docs/one-view.md)."""
     scale = lab_magnification(crop, paths, "the training lab's", missing=logging.WARNING)
     return crop if scale is None else replace(crop, home_px_per_um=scale)
 
