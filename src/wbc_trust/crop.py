@@ -276,7 +276,7 @@ def central_cell(cells: list[Cell], size: tuple[int, int]) -> tuple[Cell, int]:
 
 def _touch(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     """Two boxes of one cell: they overlap by at least CROP_MERGE_OVERLAP of the smaller box (the lobes of one nucleus
-    do; two white cells side by side at most touch)."""
+    do; two white cells side by side mostly overlap less, see the constant)."""
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     if width <= 0 or height <= 0:
