@@ -310,8 +310,8 @@ CROP_CELL_UM: float = 13.2
 #: The red-cell ruler is believed where the found white cell is this many red cells across (9-20 µm cells).
 CROP_RULER_CELLS: tuple[float, float] = (1.0, 3.5)
 #: Found boxes that overlap by this share of the smaller one are one cell (the lobes of a neutrophil in a close-up
-#: crop). Two white cells side by side can overlap as much: 0.202 for two PBC pairs, which are merged. The lobes of
-#: BCCD's close-ups overlap by 0.2-0.3, so 0.3 would split them (docs/one-view.md, "Session 22").
+#: crop). Two white cells side by side can overlap as much: 0.202 for two PBC pairs, which are merged. At 0.3, 8 more
+#: BCCD crops would be flagged as several cells, at least 6 of them one neutrophil's lobes (docs/one-view.md, "Session 22").
 CROP_MERGE_OVERLAP: float = 0.2
 #: A lab's magnification (wbc adapt) is the median red-cell ruler of at least this many of its images: one image's
 #: ruler scatters by 7.6 % (coefficient of variation on 200 PBC crops, all from one microscope), the median of many
