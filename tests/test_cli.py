@@ -1,4 +1,7 @@
-"""The `wbc` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+"""The `wbc` command as a user runs it: exit codes, one-line errors, files written. Real subprocesses, except for
+the bad-input cases: those run ``cli.main`` (what the ``wbc`` script calls) with their arguments in this process,
+since each fresh interpreter spends ~7 s importing torch before it can refuse the input; one case also runs as a
+subprocess."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import CORRUPT_FILE, make_tree, pbc_files
 
+from wbc_trust.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +23,14 @@ def wbc(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "wbc_trust.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
+
+
+def wbc_here(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``wbc ARGS`` through ``cli.main`` in this process: its exit code and what it wrote to stderr."""
+    monkeypatch.setattr(sys, "argv", ["wbc", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
 
 
 def test_predict_folder_with_a_broken_file_exits_0_and_writes_csv(tmp_path: Path, tiny_run: Path) -> None:
@@ -50,8 +63,8 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
+def _bad_input_command(tmp_path: Path, case: str) -> list[str]:
+    """The command line of one BAD_INPUT case, with the folder it reads made in ``tmp_path``."""
     data = tmp_path / "data"
     data.mkdir()
     extra: list[str] = []
@@ -85,12 +98,28 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, case: str) -> None:
             "--test-views",
             "identity,rotate45",
         ]
-    result = wbc(*command)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return command
+
+
+def _assert_one_line_error(code: int | str | None, stderr: str, case: str) -> None:
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     assert BAD_INPUT[case] in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_one_line_error_exit_2(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = _bad_input_command(tmp_path, case)
+    _assert_one_line_error(*wbc_here(*command, monkeypatch=monkeypatch, capsys=capsys), case)
+
+
+def test_bad_input_in_a_fresh_process_is_one_line_too(tmp_path: Path) -> None:
+    result = wbc(*_bad_input_command(tmp_path, "missing-class"))
+    _assert_one_line_error(result.returncode, result.stderr, "missing-class")
 
 
 def test_seed_scripts_are_thin_wrappers(tmp_path: Path) -> None:
