@@ -33,26 +33,35 @@ from wbc_trust.count import run_count
 from wbc_trust.crop import CropPolicy
 from wbc_trust.data import find_dataset, image_to_tensor, read_image
 from wbc_trust.finder import CellFinder
-from wbc_trust.predict import Predictor
+from wbc_trust.predict import Prediction, Predictor
 
 DATA = ROOT.parent / "shared" / "datasets"
 OUT = ROOT / "bench_out" / "count"
 
 
-def field_accuracy(finder: CellFinder, predictor: Predictor) -> dict:
-    """Share of labelled bccd-fields whose most confident white cell is classified as the field's class."""
+def field_answers(finder: CellFinder, predictor: Predictor) -> tuple[list[Prediction], list[str]]:
+    """The answer for the most confident white cell of each labelled bccd-fields field (an answer without a
+    prediction where the finder found none), and each field's class from labels.csv."""
     with open(DATA / "bccd-fields" / "labels.csv", newline="") as f:
         labelled = [(DATA / "bccd-fields" / r["image"], r["wbc_class"]) for r in csv.DictReader(f) if r["wbc_class"]]
-    right = no_cell = 0
-    for path, truth in tqdm(labelled, desc="bccd-fields", unit="field"):
+    answers = []
+    for path, _ in tqdm(labelled, desc="bccd-fields", unit="field"):
         image = read_image(path)
         found = finder.find(image)
         if not found.cells:
-            no_cell += 1
+            answers.append(Prediction(path.name, None, None))
             continue
         view = predictor.crop.cell_view(image, found, found.cells[0])
-        right += predictor.predict_views([path.name], image_to_tensor(view)[None])[0].prediction == truth
-    return {"fields": len(labelled), "no_cell_found": no_cell, "accuracy": right / len(labelled)}
+        answers.append(predictor.predict_views([path.name], image_to_tensor(view)[None])[0])
+    return answers, [truth for _, truth in labelled]
+
+
+def field_accuracy(finder: CellFinder, predictor: Predictor) -> dict:
+    """Share of labelled bccd-fields whose most confident white cell is classified as the field's class."""
+    answers, truths = field_answers(finder, predictor)
+    right = sum(a.prediction == truth for a, truth in zip(answers, truths))
+    no_cell = sum(a.prediction is None for a in answers)
+    return {"fields": len(answers), "no_cell_found": no_cell, "accuracy": right / len(answers)}
 
 
 def crop_accuracy(predictor: Predictor, crop: CropPolicy | None = None) -> dict:

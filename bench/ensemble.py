@@ -14,7 +14,6 @@ to score. Writes bench_out/ensemble.json. The question it answers: does averagin
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import sys
@@ -24,34 +23,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from count import DATA, field_answers  # noqa: E402  (bench/count.py)
 
 from wbc_trust import config  # noqa: E402
-from wbc_trust.data import Record, find_dataset, image_to_tensor, model_split, read_image  # noqa: E402
+from wbc_trust.data import Record, find_dataset, model_split  # noqa: E402
 from wbc_trust.finder import CellFinder  # noqa: E402
+from wbc_trust.modelfile import read_metadata  # noqa: E402
 from wbc_trust.predict import Prediction, Predictor  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "datasets"
 OUT = ROOT / "bench_out" / "ensemble.json"
 
 
 def as_rows(answers: list[Prediction]) -> torch.Tensor:
-    """Calibrated probabilities N×C in ``config.CLASSES`` order (uniform where a file was unreadable or had no cell)."""
-    uniform = {c: 1.0 / len(config.CLASSES) for c in config.CLASSES}
-    return torch.tensor([[(a.probabilities or uniform)[c] for c in config.CLASSES] for a in answers])
-
-
-def field_answers(predictor: Predictor, finder: CellFinder, fields: list[Path]) -> list[Prediction]:
-    """The model's answer for each field's most confident white cell (an empty answer where none was found)."""
-    answers = []
-    for path in fields:
-        image = read_image(path)
-        found = finder.find(image)
-        if not found.cells:
-            answers.append(Prediction(path.name, None, None))
-            continue
-        view = image_to_tensor(predictor.crop.cell_view(image, found, found.cells[0]))[None]
-        answers.append(predictor.predict_views([path.name], view)[0])
-    return answers
+    """Calibrated probabilities N×C in ``config.CLASSES`` order; zeros where a file was unreadable or had no cell
+    (scored as wrong)."""
+    return torch.tensor([[a.probabilities.get(c, 0.0) for c in config.CLASSES] for a in answers])
 
 
 def main() -> None:
@@ -59,28 +47,28 @@ def main() -> None:
     parser.add_argument("models", type=Path, nargs="+", help="model files to average with the shipped default")
     args = parser.parse_args()
     models = {"shipped": None, **{path.parent.name: path for path in args.models}}
-    meta = Predictor().meta
+    meta = read_metadata(config.DEFAULT_MODEL_PATH)
     split = model_split(find_dataset(Path(meta["data"]["root"])), meta, "run this beside the model's training data")
     parts: dict[str, list[Record]] = {
         "pbc_val_calib": split["val"] + split.get("calib", []),
         "bccd_crops": find_dataset(DATA / "bccd-wbc").splits["all"],
     }
-    with open(DATA / "bccd-fields" / "labels.csv", newline="") as f:
-        fields = [(DATA / "bccd-fields" / r["image"], r["wbc_class"]) for r in csv.DictReader(f) if r["wbc_class"]]
     truth = {name: torch.tensor([r.label for r in records]) for name, records in parts.items()}
-    truth["bccd_fields"] = torch.tensor([config.CLASSES.index(c) for _, c in fields])
     finder, probs = CellFinder(), {}
     for name, path in models.items():
         predictor = Predictor(path)
         probs[name] = {part: as_rows(predictor.predict_files([r.path for r in rs])) for part, rs in parts.items()}
-        probs[name]["bccd_fields"] = as_rows(field_answers(predictor, finder, [p for p, _ in fields]))
+        answers, field_classes = field_answers(finder, predictor)
+        probs[name]["bccd_fields"] = as_rows(answers)
+        truth["bccd_fields"] = torch.tensor([config.CLASSES.index(c) for c in field_classes])
         print(f"{name}: read", flush=True)
     report = {}
     for k in range(1, len(models) + 1):
         for subset in itertools.combinations(models, k):
             row = {}
             for part, labels in truth.items():
-                right = int((torch.stack([probs[m][part] for m in subset]).mean(0).argmax(1) == labels).sum())
+                averaged = torch.stack([probs[m][part] for m in subset]).mean(0)
+                right = int(((averaged.argmax(1) == labels) & (averaged.sum(1) > 0)).sum())
                 row[part] = {"right": right, "of": len(labels), "accuracy": round(right / len(labels), 4)}
             report[" + ".join(subset)] = row
             print(" + ".join(subset), json.dumps({p: r["right"] for p, r in row.items()}), flush=True)

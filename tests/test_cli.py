@@ -25,7 +25,9 @@ def wbc(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
-def wbc_here(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def wbc_here(
+    *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int | str | None, str]:
     """``wbc ARGS`` through ``cli.main`` in this process: its exit code and what it wrote to stderr."""
     monkeypatch.setattr(sys, "argv", ["wbc", *args])
     with pytest.raises(SystemExit) as exited:
